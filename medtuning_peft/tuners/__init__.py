@@ -1,0 +1,1 @@
+"""peft tuners defined by medtuning_peft."""

@@ -1,0 +1,203 @@
+"""The peft tuner layer that wraps one transformer block and runs its Med-Adapter after it."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ...backbones import BackboneSpec
+from .modules import MedAdapter
+
+try:  # transformers 5 records ViT / DINOv2 hidden states with hooks on the block class.
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers versions record them from the layer outputs
+    _active_collector = None
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state shared by the adapters of one model (a plain object: peft saves every module).
+
+    Attributes:
+        num_slices: D given to the current forward (``num_slices=`` keyword), or None for the config's.
+        pixel_hw: (H, W) of the slices the backbone received (grid of ViT-like backbones).
+        prev: per adapter name, the A features (B*D, r, h, w) of the last inter-stage adapter.
+    """
+
+    num_slices: int | None = None
+    pixel_hw: tuple[int, int] | None = None
+    prev: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def start_backbone(self, pixel_values: Any) -> None:
+        self.prev.clear()
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4:
+            self.pixel_hw = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+
+    def end(self) -> None:
+        self.num_slices = None
+        self.prev.clear()
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Static facts about one adapted block, fixed when the adapter is created."""
+
+    spec: BackboneSpec
+    hidden_size: int
+    num_slices: int
+    prev_channels: int | None  # r_prev for an inter-stage adapter, else None
+    patch_size: Any = None  # for backbones whose grid follows from the pixel size
+
+
+class MedAdapterLayer(nn.Module, BaseTunerLayer):
+    """Wraps one transformer block: ``block(*args) -> Med-Adapter(block output)``.
+
+    Prefix tokens (CLS, registers) pass through unchanged; the last h*w tokens are the grid.
+
+    Args:
+        base_layer: the frozen block.
+        adapter_name: name of the first adapter.
+        plan: static facts of this block.
+        context: the tuner's per-forward context (shared by every layer of the model).
+        config: the adapter's MedAdapterConfig.
+    """
+
+    adapter_layer_names = ("med_adapter",)
+    other_param_names = ()
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, plan: BlockPlan, context: ForwardContext, config
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.med_adapter = nn.ModuleDict()
+        self.plans: dict[str, BlockPlan] = {}
+        self.context = context
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, plan, config)
+
+    def update_layer(self, adapter_name: str, plan: BlockPlan, config) -> None:
+        """Add the adapter ``adapter_name`` to this block."""
+        self.plans[adapter_name] = plan
+        self.med_adapter[adapter_name] = MedAdapter(
+            hidden_size=plan.hidden_size,
+            reduction_ratio=config.reduction_ratio,
+            kernel_sizes=tuple(config.kernel_sizes),
+            use_fft=config.use_fft,
+            num_slices=config.num_slices,
+            prev_channels=plan.prev_channels,
+            prev_spatial=plan.spec.hierarchical,
+            init_identity=config.init_identity,
+        )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        # Blocks have no `weight`: take the device from the block's first parameter that is not on meta.
+        # Adapters stay in float32 (float64 for a float64 model); bf16/fp16 blocks run them under autocast.
+        if adapter_name not in self.med_adapter:
+            return
+        adapter = self.med_adapter[adapter_name]
+        if any(p.device.type == "meta" for p in adapter.parameters()):
+            return
+        ref = next((p for p in self.base_layer.parameters() if p.device.type != "meta"), None)
+        if ref is None and device is None:
+            return
+        target = device if device is not None else ref.device
+        dtype = torch.float64 if ref is not None and ref.dtype == torch.float64 else None
+        adapter.to(device=target, dtype=dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.plans.pop(adapter_name, None)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "Med-Adapter cannot be merged into the base weights: it is a separate residual branch (convolutions "
+            "across slices and a spectral filter), not a weight delta. Keep the PeftModel, or use `unload()` to "
+            "get the original model back."
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("Med-Adapter is never merged, so there is nothing to unmerge.")
+
+    def _refuse_reentrant_checkpointing(self) -> None:
+        base = self.base_layer
+        if not (self.training and getattr(base, "gradient_checkpointing", False)):
+            return
+        fn = getattr(base, "_gradient_checkpointing_func", None)
+        if isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", False):
+            raise ValueError(
+                "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
+                "flow through the inter-stage features would be lost. Enable it with "
+                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_reentrant_checkpointing()
+        out = self.base_layer(*args, **kwargs)
+        if self.disable_adapters:
+            return out
+        active = [name for name in self.active_adapters if name in self.med_adapter]
+        if not active:
+            return out
+        if len(active) > 1:
+            raise ValueError(
+                f"Med-Adapter runs one adapter at a time, but {active} are active; call "
+                "`model.set_adapter(name)` with a single name."
+            )
+        hidden = out[0] if isinstance(out, tuple) else out
+        adapted = self._adapt(hidden, args, kwargs, active[0])
+        self._replace_recorded_hidden_state(hidden, adapted)
+        return (adapted, *out[1:]) if isinstance(out, tuple) else adapted
+
+    def _adapt(self, hidden: torch.Tensor, args: tuple, kwargs: dict, name: str) -> torch.Tensor:
+        adapter, plan, ctx = self.med_adapter[name], self.plans[name], self.context
+        h, w = plan.spec.grid(args, kwargs, ctx.pixel_hw, plan.patch_size)
+        num_slices = ctx.num_slices or plan.num_slices
+        n, num_tokens, _ = hidden.shape
+        if n % num_slices:
+            raise ValueError(
+                f"The slice batch has {n} slices, which is not a whole number of volumes of num_slices="
+                f"{num_slices} slices. Pass the slices volume-major as (B*D, C, H, W) and call the model with "
+                "`num_slices=D` (or set MedAdapterConfig.num_slices)."
+            )
+        prefix = num_tokens - h * w
+        if prefix < 0:
+            raise ValueError(
+                f"{type(self.base_layer).__name__} returned {num_tokens} tokens, fewer than its {h}x{w} token grid."
+            )
+        dtype = adapter.down.weight.dtype
+        prev = ctx.prev.get(name) if adapter.is_inter_stage else None
+        out, a = adapter(hidden[:, prefix:].to(dtype), (h, w), num_slices, prev)
+        if a is not None:
+            ctx.prev[name] = a
+        out = out.to(hidden.dtype)
+        if prefix:
+            out = torch.cat([hidden[:, :prefix], out], dim=1)  # prefix tokens bypass the adapter
+        return out
+
+    @staticmethod
+    def _replace_recorded_hidden_state(old: torch.Tensor, new: torch.Tensor) -> None:
+        # transformers 5 records `output_hidden_states` of ViT / DINOv2 with a forward hook on the inner block
+        # class, i.e. before the adapter: swap the recorded tensor for the adapted one.
+        if _active_collector is None:
+            return
+        collected = _active_collector.get()
+        if not collected or "hidden_states" not in collected:
+            return
+        states = collected["hidden_states"]
+        if states and states[-1] is old:
+            states[-1] = new
+
+    def __repr__(self) -> str:
+        return "med_adapter." + super().__repr__()

@@ -1,0 +1,228 @@
+"""The peft ``BaseTuner`` for Med-Adapter: finds the blocks, plans the stages, wraps the blocks."""
+
+from __future__ import annotations
+
+import re
+
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from ...backbones import (
+    BACKBONE_SPECS,
+    BackboneSpec,
+    find_spec,
+    hidden_size_of_block,
+    owning_backbone,
+    spec_for_block,
+    supported_model_types,
+)
+from .config import MedAdapterConfig
+from .layer import BlockPlan, ForwardContext, MedAdapterLayer
+
+
+class MedAdapterModel(BaseTuner):
+    """Med-Adapter (Med-Tuning, Shen, Wang et al., MIDL 2024) as a peft tuner.
+
+    Created by ``peft.get_peft_model(model, MedAdapterConfig(...))`` once ``medtuning_peft`` is imported.
+    The model sees slices ``(B*D, C, H, W)``, volume-major; the slice count D is ``num_slices=`` on the
+    forward call, else ``MedAdapterConfig.num_slices``.
+
+    A forward pre-hook on the base model (and on the transformers backbone inside it, when the two
+    differ) pops the ``num_slices`` keyword and resets the per-forward context that carries the
+    inter-stage features from stage to stage.
+
+    Example:
+        >>> import medtuning_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(swin, medtuning_peft.MedAdapterConfig(num_slices=64))
+        >>> out = model(pixel_values=slices, num_slices=64)
+    """
+
+    prefix: str = "med_adapter"
+    tuner_layer_cls = MedAdapterLayer
+    target_module_mapping = {model_type: spec.target_regex for model_type, spec in BACKBONE_SPECS.items()}
+    # The layers share the per-forward context and the hooks live on this tuner: direct injection with
+    # `inject_adapter_in_model` would lose both.
+    uses_shared_state = True
+
+    def _pre_injection_hook(self, model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
+        if "_context" not in self.__dict__:
+            self._context = ForwardContext()
+            self._plans: dict[str, dict[str, BlockPlan]] = {}
+            self._pending_plans: dict[str, BlockPlan] = {}
+            self._hook_handles: list = []
+
+    def _prepare_adapter_config(self, peft_config: MedAdapterConfig, model_config: dict) -> MedAdapterConfig:
+        # Targets are found from the module tree in `_prepare_model`, which sees the model: a backbone may
+        # sit inside a task model (UperNet, a volumetric segmenter) whose own model_type says nothing.
+        return peft_config
+
+    def _prepare_model(self, peft_config: MedAdapterConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = find_spec(model).target_regex
+        blocks = self._targeted_blocks(peft_config, model)
+        inter = self._inter_stage_blocks(peft_config, blocks)
+        plans: dict[str, BlockPlan] = {}
+        prev_r: int | None = None
+        for name, (spec, _stage, _index, module) in blocks.items():
+            hidden = hidden_size_of_block(module)
+            r = hidden // peft_config.reduction_ratio
+            prev_channels = None
+            if name in inter:
+                # The first inter-stage adapter fuses zeros: (r/2, 2h, 2w) on hierarchical backbones, as the
+                # reference; (r, h, w) on plain ones.
+                prev_channels = prev_r if prev_r is not None else (max(1, r // 2) if spec.hierarchical else r)
+                prev_r = r
+            patch_size = None
+            if not spec.hierarchical:
+                patch_size = owning_backbone(model, name)[1].config.patch_size
+            plans[name] = BlockPlan(spec, hidden, peft_config.num_slices, prev_channels, patch_size)
+        # inject_adapter calls _create_and_replace for this adapter right after this method.
+        self._pending_plans = plans
+
+    @staticmethod
+    def _targeted_blocks(
+        peft_config: MedAdapterConfig, model: nn.Module
+    ) -> dict[str, tuple[BackboneSpec, int, int, nn.Module]]:
+        blocks = {}
+        for name, module in model.named_modules():
+            if not name or name.endswith(".base_layer") or f".{MedAdapterModel.prefix}." in f".{name}.":
+                continue
+            if not check_target_module_exists(peft_config, name):
+                continue
+            spec = spec_for_block(module)
+            indices = spec.parse(name) if spec is not None else None
+            if indices is None:
+                known = sorted(s.block_class for s in BACKBONE_SPECS.values())
+                raise ValueError(
+                    f"MedAdapterConfig.target_modules matched {name!r}, a {type(module).__name__}, which is not a "
+                    f"transformer block Med-Adapter knows ({known}). Target whole blocks, or leave "
+                    "target_modules=None to adapt every block of a supported backbone."
+                )
+            blocks[name] = (spec, *indices, module)
+        if not blocks:
+            raise ValueError(
+                f"MedAdapterConfig.target_modules={peft_config.target_modules!r} matched no transformer block of "
+                f"{type(model).__name__}. Supported backbones: {supported_model_types()}."
+            )
+        return blocks
+
+    @staticmethod
+    def _inter_stage_blocks(peft_config: MedAdapterConfig, blocks: dict) -> set[str]:
+        if not peft_config.inter_stage:
+            return set()
+        selected = peft_config.inter_stage_modules
+        if selected is None:
+            chosen = []
+            names = list(blocks)
+            for i, name in enumerate(names):
+                spec, stage, index, _ = blocks[name]
+                if spec.hierarchical:
+                    last_of_stage = i + 1 == len(names) or blocks[names[i + 1]][1] != stage
+                    if last_of_stage:
+                        chosen.append(name)
+                elif (index + 1) % spec.inter_stage_every == 0:
+                    chosen.append(name)
+            peft_config.inter_stage_modules = chosen
+            return set(chosen)
+        if isinstance(selected, str):
+            chosen = {name for name in blocks if re.fullmatch(selected, name)}
+        else:
+            chosen = {name for name in blocks if any(name == s or name.endswith("." + s) for s in selected)}
+        if not chosen:
+            raise ValueError(
+                f"MedAdapterConfig.inter_stage_modules={selected!r} matched none of the adapted blocks; pick "
+                f"names among {list(blocks)[:4]}..., or leave it None for the per-backbone default."
+            )
+        return chosen
+
+    def _create_and_replace(
+        self,
+        peft_config: MedAdapterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        plan = self._pending_plans[current_key]
+        self._plans.setdefault(adapter_name, {})[current_key] = plan
+        if isinstance(target, MedAdapterLayer):
+            target.update_layer(adapter_name, plan, peft_config)
+            return
+        new_module = MedAdapterLayer(target, adapter_name, plan, self._context, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        # peft's default copies `child.weight`; transformer blocks have none. Device placement of a new
+        # adapter happens in MedAdapterLayer.update_layer.
+        setattr(parent, child_name, new_module)
+
+    def _post_injection_hook(self, model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
+        if self._hook_handles:
+            return
+        ctx = self._context
+
+        def pop_num_slices(kwargs: dict) -> None:
+            num_slices = kwargs.pop("num_slices", None)
+            if num_slices is not None:
+                if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+                    raise ValueError(
+                        f"num_slices must be a positive int (slices per volume), got {num_slices!r}"
+                    )
+                ctx.num_slices = num_slices
+
+        def root_pre_hook(module, args, kwargs):
+            ctx.end()
+            pop_num_slices(kwargs)
+            return args, kwargs
+
+        def backbone_pre_hook(module, args, kwargs):
+            pop_num_slices(kwargs)
+            ctx.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
+            return args, kwargs
+
+        def root_post_hook(module, args, kwargs, output):
+            ctx.end()
+
+        backbones = {}
+        for plans in self._plans.values():
+            for name in plans:
+                owner_name, owner = owning_backbone(model, name)
+                backbones[owner_name] = owner
+        handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True, prepend=True)]
+        for owner in backbones.values():
+            # Appended, so that on a bare backbone (owner is model) it runs after root_pre_hook.
+            handles.append(owner.register_forward_pre_hook(backbone_pre_hook, with_kwargs=True))
+        handles.append(model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True))
+        self._hook_handles = handles
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(
+            "Med-Adapter cannot be merged into the base weights (it is not a weight delta: it mixes slices with "
+            "convolutions and a spectral filter). Keep the PeftModel for inference, or call `unload()` to get the "
+            "unchanged base model back."
+        )
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge=False, adapter_names=None
+    ) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        self._context.end()
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Adapter weights sit at `<block>.med_adapter.<adapter_name>.<sub>.<param>`; peft's default only strips
+        # the name when it is one of the last two parts.
+        return key.replace(f".{cls.prefix}.{adapter_name}.", f".{cls.prefix}.", 1)
