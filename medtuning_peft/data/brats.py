@@ -1,0 +1,186 @@
+"""BraTS 2019 / 2020 reader: four MRI modalities (flair, t1, t1ce, t2) and a segmentation per case.
+
+Layouts (either may sit one or two folders below ``data_dir``):
+
+- 2019: ``HGG/BraTS19_<id>/BraTS19_<id>_{flair,t1,t1ce,t2,seg}.nii.gz`` (and ``LGG/``).
+- 2020: ``BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii``; validation cases
+  (``BraTS20_Validation_NNN``) have no ``seg`` and are prediction-only.
+
+Files are matched by their modality suffix, ``.nii`` or ``.nii.gz``, case-insensitively, not by the
+folder name, because the official releases are irregular: BraTS20_Training_355's segmentation is
+``W39_1998.09.19_Segm.nii``. A ``*_Segm.nii(.gz)`` file, or failing that the only other NIfTI whose
+name contains "seg", is taken as the segmentation.
+
+Channels are stacked in the fixed order (flair, t1, t1ce, t2). Labels: 0 background, 1 necrotic /
+non-enhancing tumour core, 2 peritumoral edema, 4 enhancing tumour (the datasets in ``transforms.py``
+turn them into class indices 0-3). Default preprocessing: per-modality z-score inside the brain mask
+(voxels non-zero in any modality), background 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error
+from .nifti import load_case
+from .preprocessing import Preprocessing
+
+BRATS_MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+BRATS_LABELS: dict[int, str] = {
+    0: "background",
+    1: "necrotic and non-enhancing tumor core",
+    2: "peritumoral edema",
+    4: "enhancing tumor",
+}
+_ROLE_PATTERN = re.compile(r"_(flair|t1ce|t1|t2|seg|segm)\.nii(\.gz)?$", re.IGNORECASE)
+_NIFTI_PATTERN = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_SEARCH_DEPTH = 3  # data_dir/<release>/<HGG|LGG>/<case>
+
+
+def _role(name: str) -> str | None:
+    match = _ROLE_PATTERN.search(name)
+    if match is None:
+        return None
+    role = match.group(1).lower()
+    return "seg" if role == "segm" else role
+
+
+def brats_case_files(case_dir: str | Path, *, require_label: bool = False) -> CaseFiles:
+    """Describes one BraTS case folder.
+
+    Args:
+        case_dir: Folder holding the case's NIfTI files.
+        require_label: Raise if the segmentation is missing instead of treating the case as
+            prediction-only.
+
+    Returns:
+        :class:`CaseFiles` with the four modalities in (flair, t1, t1ce, t2) order; a missing modality
+        is listed under its expected name and reported when loading.
+
+    Raises:
+        CaseLoadError: If two files claim the same modality (e.g. both ``.nii`` and ``.nii.gz``).
+        CaseFileMissingError: If ``require_label`` and no segmentation is found.
+    """
+    case_dir = Path(case_dir)
+    case_id = case_dir.name
+    found: dict[str, list[Path]] = {}
+    unmatched: list[Path] = []
+    for path in sorted(case_dir.iterdir()):
+        if not path.is_file() or not _NIFTI_PATTERN.search(path.name) or path.name.startswith("._"):
+            continue
+        role = _role(path.name)
+        if role is None:
+            unmatched.append(path)
+        else:
+            found.setdefault(role, []).append(path)
+    if "seg" not in found:
+        guesses = [p for p in unmatched if "seg" in p.name.lower()]
+        if len(guesses) == 1:
+            found["seg"] = guesses
+    for role, paths in found.items():
+        if len(paths) > 1:
+            raise CaseLoadError(
+                case_error(
+                    case_id,
+                    paths[0],
+                    f"{len(paths)} files claim the {role} role: {[p.name for p in paths]}",
+                    "keep one file per modality in the case folder",
+                )
+            )
+    label = found.get("seg", [None])[0]
+    if label is None and require_label:
+        raise CaseFileMissingError(
+            case_error(
+                case_id,
+                case_dir / f"{case_id}_seg.nii.gz",
+                "segmentation file is missing (require_label=True)",
+                "restore the *_seg.nii(.gz) file, or pass require_label=False for prediction-only cases",
+            )
+        )
+    images = tuple(found.get(m, [case_dir / f"{case_id}_{m}.nii.gz"])[0] for m in BRATS_MODALITIES)
+    return CaseFiles(
+        case_id=case_id,
+        images=images,
+        label=label,
+        channel_names=BRATS_MODALITIES,
+        label_values=tuple(BRATS_LABELS),
+        label_names=dict(BRATS_LABELS),
+        modality="MRI",
+        dataset="brats",
+    )
+
+
+def _is_case_dir(path: Path) -> bool:
+    try:
+        return any(_role(p.name) in BRATS_MODALITIES for p in path.iterdir() if p.is_file())
+    except OSError:
+        return False
+
+
+def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> list[CaseFiles]:
+    """Finds BraTS 2019 (``HGG/``, ``LGG/``) or 2020 case folders under ``data_dir``.
+
+    A case folder is any folder up to three levels below ``data_dir`` holding a file named
+    ``*_{flair,t1,t1ce,t2}.nii(.gz)``.
+
+    Args:
+        data_dir: Release folder (e.g. ``MICCAI_BraTS2020_TrainingData``) or a folder above it.
+        require_label: Raise for a case without segmentation instead of listing it as prediction-only.
+
+    Returns:
+        One :class:`CaseFiles` per case, sorted by case id.
+
+    Raises:
+        FileNotFoundError: If ``data_dir`` does not exist.
+        CaseLoadError: If no case folder is found or two case folders share a name.
+        CaseFileMissingError: If ``require_label`` and a case has no segmentation.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"BraTS data_dir '{data_dir}' does not exist; pass the release folder.")
+    case_dirs: list[Path] = []
+    base_depth = len(data_dir.parts)
+    for root, dirs, _ in os.walk(data_dir):
+        root_path = Path(root)
+        dirs.sort()
+        if _is_case_dir(root_path):
+            case_dirs.append(root_path)
+            dirs.clear()  # a case folder holds no cases
+        elif len(root_path.parts) - base_depth >= _SEARCH_DEPTH:
+            dirs.clear()
+    if not case_dirs:
+        raise CaseLoadError(
+            f"BraTS data_dir '{data_dir}' holds no case folder (a folder with *_flair.nii(.gz), "
+            "*_t1.nii(.gz), ...). Fix: pass the release folder, e.g. MICCAI_BraTS2020_TrainingData."
+        )
+    names: dict[str, Path] = {}
+    for path in case_dirs:
+        if path.name in names:
+            raise CaseLoadError(
+                f"BraTS case '{path.name}' appears twice: '{names[path.name]}' and '{path}'. "
+                "Fix: keep one copy of each case under data_dir."
+            )
+        names[path.name] = path
+    return [brats_case_files(names[n], require_label=require_label) for n in sorted(names)]
+
+
+def load_brats_case(case: str | Path | CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:
+    """Loads one BraTS case in canonical orientation.
+
+    Args:
+        case: A case folder or its :class:`CaseFiles`.
+        preprocessing: Default ``MRIPreprocessing(mask="any")`` (z-score inside the brain mask).
+
+    Returns:
+        :class:`VolumeCase`: ``image`` ``(4, D, H, W)`` float32 (flair, t1, t1ce, t2), ``label``
+        ``(D, H, W)`` uint8 in {0, 1, 2, 4} or ``None``.
+
+    Raises:
+        CaseFileMissingError: If a modality file is missing (the message names it).
+        CaseLoadError: For an unreadable file, a non-3D volume, NaN/Inf, modalities or segmentation on
+            different grids (shape or affine), or label values outside {0, 1, 2, 4}.
+    """
+    files = case if isinstance(case, CaseFiles) else brats_case_files(case)
+    return load_case(files, preprocessing)

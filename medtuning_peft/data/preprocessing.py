@@ -1,0 +1,180 @@
+"""Intensity normalization and target spacing: CT (HU window + z-score) and MRI (z-score inside a mask).
+
+Both configs are frozen dataclasses whose :meth:`to_dict` enters the cache key, so changing a
+parameter can never return stale cached arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# nnU-Net's KiTS19 statistics (Isensee & Maier-Hein, "An attempt at beating the 3D U-Net", 2019):
+# HU clipped to the 0.5 / 99.5 percentiles of foreground voxels, then z-scored with the foreground
+# mean and standard deviation of the training set.
+KITS19_HU_WINDOW: tuple[float, float] = (-79.0, 304.0)
+KITS19_HU_MEAN: float = 101.0
+KITS19_HU_STD: float = 76.9
+
+
+def _check_target_spacing(name: str, target_spacing: tuple[float, float, float] | None) -> None:
+    if target_spacing is None:
+        return
+    if len(target_spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in target_spacing):
+        raise ValueError(
+            f"{name}.target_spacing={target_spacing!r}; pass three positive mm values along (D, H, W), "
+            "e.g. (3.0, 1.5, 1.5), or None to keep the file's spacing."
+        )
+
+
+@dataclass(frozen=True)
+class CTPreprocessing:
+    """CT: clip to an HU window, then z-score.
+
+    The default reproduces nnU-Net's KiTS19 recipe: clip to [-79, 304] HU, subtract 101, divide by
+    76.9 (fixed dataset statistics, so a given HU maps to the same value in every case). With
+    ``mean=None`` and ``std=None`` each volume is z-scored with its own statistics after clipping.
+
+    Attributes:
+        window: ``(low, high)`` HU clip, or ``None`` for no clipping.
+        mean: HU subtracted after clipping, or ``None`` for the volume mean.
+        std: HU divisor after subtracting, or ``None`` for the volume standard deviation.
+        target_spacing: Resample to these mm along ``(D, H, W)`` (image trilinear, label nearest), or
+            ``None`` to keep the file's grid.
+    """
+
+    window: tuple[float, float] | None = KITS19_HU_WINDOW
+    mean: float | None = KITS19_HU_MEAN
+    std: float | None = KITS19_HU_STD
+    target_spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and not (len(self.window) == 2 and self.window[0] < self.window[1]):
+            raise ValueError(
+                f"CTPreprocessing.window={self.window!r}; pass (low, high) HU with low < high, "
+                "e.g. (-79, 304), or None."
+            )
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                f"CTPreprocessing mean={self.mean!r}, std={self.std!r}: set both (fixed statistics) or "
+                "neither (per-volume z-score)."
+            )
+        if self.std is not None and not self.std > 0:
+            raise ValueError(f"CTPreprocessing.std={self.std!r}; pass a positive HU value, e.g. 76.9.")
+        _check_target_spacing("CTPreprocessing", self.target_spacing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible parameters (part of the cache key)."""
+        return {"kind": "ct", **asdict(self)}
+
+    def normalize(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Applies the window and z-score.
+
+        Args:
+            image: ``(C, D, H, W)`` HU.
+
+        Returns:
+            ``(C, D, H, W)`` float32 normalized image and the normalized value of air / the lower
+            window bound (used as the background and padding value).
+        """
+        image = image.astype(np.float32, copy=True)
+        if self.window is not None:
+            np.clip(image, self.window[0], self.window[1], out=image)
+        mean = float(image.mean()) if self.mean is None else float(self.mean)
+        std = float(image.std()) if self.std is None else float(self.std)
+        std = std if std > 0 else 1.0
+        low = float(image.min()) if self.window is None else float(self.window[0])
+        image -= mean
+        image /= std
+        return image, (low - mean) / std
+
+
+@dataclass(frozen=True)
+class MRIPreprocessing:
+    """MRI: z-score each channel over its non-zero voxels; zero voxels stay 0.
+
+    MRI has no absolute intensity scale, so each channel of each volume is standardized with the mean
+    and standard deviation of the voxels inside a mask; voxels outside the mask are set to 0 (the
+    background value). ``mask="channel"`` uses each channel's own non-zero voxels (MSD);
+    ``mask="any"`` uses the voxels non-zero in any channel, i.e. the skull-stripped brain (BraTS).
+
+    Attributes:
+        mask: ``"channel"`` or ``"any"``.
+        target_spacing: Resample to these mm along ``(D, H, W)``, or ``None``.
+    """
+
+    mask: str = "channel"
+    target_spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask not in ("channel", "any"):
+            raise ValueError(f"MRIPreprocessing.mask={self.mask!r}; use 'channel' or 'any'.")
+        _check_target_spacing("MRIPreprocessing", self.target_spacing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible parameters (part of the cache key)."""
+        return {"kind": "mri", **asdict(self)}
+
+    def normalize(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Z-scores each channel inside the mask.
+
+        Args:
+            image: ``(C, D, H, W)`` raw intensities (any numeric dtype).
+
+        Returns:
+            ``(C, D, H, W)`` float32 image (0 outside the mask) and the background value 0.
+        """
+        image = image.astype(np.float32, copy=True)
+        union = np.any(image != 0, axis=0)  # (C, D, H, W) -> (D, H, W)
+        for c in range(image.shape[0]):
+            mask = union if self.mask == "any" else image[c] != 0
+            values = image[c][mask]
+            if values.size == 0:
+                image[c] = 0.0
+                continue
+            std = float(values.std())
+            image[c] = np.where(mask, (image[c] - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
+        return image, 0.0
+
+
+Preprocessing = CTPreprocessing | MRIPreprocessing
+
+
+# Defaults per (dataset, modality); anything else falls back to the modality's entry under "".
+# MSD CT tasks (liver, lung, pancreas, ...) need other windows than KiTS19: a wide window and a
+# per-volume z-score are a safe default there. BraTS volumes are skull-stripped, so the brain mask is
+# the voxels non-zero in any modality.
+DEFAULT_PREPROCESSING: dict[tuple[str, str], CTPreprocessing | MRIPreprocessing] = {
+    ("", "CT"): CTPreprocessing(),
+    ("", "MRI"): MRIPreprocessing(),
+    ("msd", "CT"): CTPreprocessing(window=(-1000.0, 1000.0), mean=None, std=None),
+    ("brats", "MRI"): MRIPreprocessing(mask="any"),
+}
+
+
+def default_preprocessing(modality: str, dataset: str = "") -> Preprocessing:
+    """The default preprocessing of a dataset and modality (see ``DEFAULT_PREPROCESSING``).
+
+    Args:
+        modality: ``"CT"`` or ``"MRI"``.
+        dataset: ``CaseFiles.dataset`` (``"kits19"``, ``"msd"``, ``"brats"``), or ``""``.
+
+    Raises:
+        ValueError: For an unknown modality.
+    """
+    if modality not in ("CT", "MRI"):
+        raise ValueError(f"modality={modality!r}; use 'CT' or 'MRI'.")
+    return DEFAULT_PREPROCESSING.get((dataset, modality), DEFAULT_PREPROCESSING[("", modality)])
+
+
+def target_shape(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    target_spacing: tuple[float, float, float],
+) -> tuple[int, int, int]:
+    """Grid shape ``(D, H, W)`` that covers the same extent at ``target_spacing`` (at least 1 voxel)."""
+    return tuple(  # type: ignore[return-value]
+        max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing)
+    )

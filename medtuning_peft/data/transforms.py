@@ -1,0 +1,244 @@
+"""Training crops and validation volumes as torch datasets, built from MONAI dictionary transforms.
+
+Training pipeline per item: pad to at least the crop size (image with the case's background value,
+label with 0) -> foreground-biased random crop (``RandCropByPosNegLabeld``, or
+``RandCropByLabelClassesd`` with per-class ratios) -> independent random flips per axis
+(``RandFlipd``) -> intensity scale and shift (``RandScaleIntensityd``, ``RandShiftIntensityd``).
+
+Randomness is seeded per item from ``(seed, epoch, index)``, so an epoch is reproducible whatever the
+number of ``DataLoader`` workers; call :meth:`CropDataset.set_epoch` each epoch for fresh crops.
+
+Labels leave the datasets as *class indices*: the position of each voxel's value in the case's
+``label_values`` (identity for KiTS19/MSD; BraTS 0, 1, 2, 4 -> 0, 1, 2, 3). Use
+:func:`classes_to_labels` to map predictions back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+from monai.utils.type_conversion import convert_to_tensor
+from torch.utils.data import Dataset
+
+from .case import VolumeCase
+
+
+def labels_to_classes(label: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
+    """Maps label values to class indices (their position in ``label_values``).
+
+    Args:
+        label: ``(D, H, W)`` integer label map with values in ``label_values``.
+        label_values: Sorted allowed values, e.g. ``(0, 1, 2, 4)``.
+
+    Returns:
+        ``(D, H, W)`` int64 class indices in ``[0, len(label_values))``.
+    """
+    values = np.asarray(label_values, dtype=np.int64)
+    if np.array_equal(values, np.arange(len(values))):
+        return np.asarray(label, dtype=np.int64)
+    return np.searchsorted(values, np.asarray(label)).astype(np.int64)
+
+
+def classes_to_labels(classes: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`labels_to_classes`: ``(D, H, W)`` class indices -> uint8 label values."""
+    return np.asarray(label_values, dtype=np.uint8)[np.asarray(classes, dtype=np.int64)]
+
+
+def _check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
+    if len(crop_size) != 3 or any(int(s) < 1 for s in crop_size):
+        raise ValueError(f"crop_size={tuple(crop_size)!r}; pass three positive voxel counts (D, H, W).")
+    return tuple(int(s) for s in crop_size)  # type: ignore[return-value]
+
+
+def build_train_transforms(
+    crop_size: Sequence[int],
+    *,
+    foreground_probability: float = 0.67,
+    class_ratios: Sequence[float] | None = None,
+    flip_axes: Sequence[int] = (0, 1, 2),
+    flip_prob: float = 0.5,
+    intensity_scale: float = 0.1,
+    intensity_shift: float = 0.1,
+    intensity_prob: float = 0.5,
+) -> Compose:
+    """The random part of the training pipeline (after padding), on ``{"image", "label"}`` dicts.
+
+    Args:
+        crop_size: ``(D, H, W)`` of the crops.
+        foreground_probability: Chance that a crop is centred on a foreground (label > 0) voxel
+            (``pos / (pos + neg)`` of ``RandCropByPosNegLabeld``); nnU-Net uses 0.33, 0.67 favours the
+            small KiTS19 structures. Ignored if ``class_ratios`` is given.
+        class_ratios: Relative chance of centring a crop on each class index (e.g. ``(1, 1, 2)`` for
+            background, kidney, tumor); uses ``RandCropByLabelClassesd``.
+        flip_axes: Spatial axes (0 = D, 1 = H, 2 = W) flipped independently.
+        flip_prob: Chance of each flip.
+        intensity_scale: ``RandScaleIntensityd`` factor range ``±intensity_scale``.
+        intensity_shift: ``RandShiftIntensityd`` offset range ``±intensity_shift``.
+        intensity_prob: Chance of each intensity transform.
+
+    Returns:
+        A MONAI ``Compose``; input image ``(C, D, H, W)`` and label ``(1, D, H, W)`` at least
+        ``crop_size``; output a one-element list of dicts cropped to ``crop_size``.
+
+    Raises:
+        ValueError: For an invalid crop size, probability or axis.
+    """
+    crop_size = _check_crop_size(crop_size)
+    for name, value in (
+        ("foreground_probability", foreground_probability),
+        ("flip_prob", flip_prob),
+        ("intensity_prob", intensity_prob),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value!r}; pass a probability in [0, 1].")
+    if any(a not in (0, 1, 2) for a in flip_axes):
+        raise ValueError(f"flip_axes={tuple(flip_axes)!r}; spatial axes are 0 (D), 1 (H), 2 (W).")
+    keys = ["image", "label"]
+    if class_ratios is not None:
+        if len(class_ratios) < 2 or min(class_ratios) < 0 or sum(class_ratios) <= 0:
+            raise ValueError(
+                f"class_ratios={tuple(class_ratios)!r}; pass one non-negative weight per class index "
+                "(at least 2, not all zero), e.g. (1, 1, 2)."
+            )
+        crop = RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=crop_size,
+            ratios=list(class_ratios),
+            num_classes=len(class_ratios),
+            num_samples=1,
+            warn=False,
+        )
+    else:
+        crop = RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=crop_size,
+            pos=foreground_probability,
+            neg=1.0 - foreground_probability,
+            num_samples=1,
+        )
+    transforms: list[Any] = [crop]
+    transforms += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
+    if intensity_scale > 0:
+        transforms.append(RandScaleIntensityd("image", factors=intensity_scale, prob=intensity_prob))
+    if intensity_shift > 0:
+        transforms.append(RandShiftIntensityd("image", offsets=intensity_shift, prob=intensity_prob))
+    return Compose(transforms)
+
+
+class CropDataset(Dataset):
+    """Random training crops from preprocessed cases.
+
+    Item ``i`` is a crop of case ``i % len(cases)``; ``len = len(cases) * samples_per_case``.
+
+    Args:
+        cases: Labelled cases (e.g. from :class:`~medtuning_peft.data.cache.CaseCache`).
+        crop_size: ``(D, H, W)`` of every crop; smaller volumes are padded.
+        samples_per_case: Crops per case per epoch.
+        seed: Base seed; item randomness derives from ``(seed, epoch, index)``.
+        **transform_options: Passed to :func:`build_train_transforms` (``foreground_probability``,
+            ``class_ratios``, ``flip_axes``, ``flip_prob``, ``intensity_*``).
+
+    Items:
+        ``{"image": float32 (C, D, H, W), "label": int64 (D, H, W) class indices, "case_id": str}``.
+
+    Raises:
+        ValueError: If ``cases`` is empty, a case has no label, or cases differ in channel count.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[VolumeCase],
+        crop_size: Sequence[int],
+        *,
+        samples_per_case: int = 1,
+        seed: int = 0,
+        **transform_options: Any,
+    ) -> None:
+        if not cases:
+            raise ValueError("cases is empty; pass at least one labelled VolumeCase.")
+        unlabelled = [c.case_id for c in cases if c.label is None]
+        if unlabelled:
+            raise ValueError(
+                f"cases {unlabelled[:5]} have no label; training crops need labels (use VolumeDataset "
+                "for prediction-only cases)."
+            )
+        if len({c.num_channels for c in cases}) != 1:
+            raise ValueError(
+                f"cases have different channel counts {sorted({c.num_channels for c in cases})}; "
+                "load them with the same dataset reader."
+            )
+        if samples_per_case < 1:
+            raise ValueError(f"samples_per_case={samples_per_case}; pass a positive integer.")
+        self.cases = list(cases)
+        self.crop_size = _check_crop_size(crop_size)
+        self.samples_per_case = samples_per_case
+        self.seed = seed
+        self.epoch = 0
+        self.transforms = build_train_transforms(self.crop_size, **transform_options)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose crops ``__getitem__`` returns (deterministic per epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.samples_per_case
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index % len(self.cases)]
+        sample = {
+            "image": np.array(case.image, dtype=np.float32),  # copy: cached arrays are read-only mmaps
+            "label": labels_to_classes(case.label, case.label_values)[None],  # (D, H, W) -> (1, D, H, W)
+        }
+        sample = SpatialPadd("image", self.crop_size, value=float(case.background_value))(sample)
+        sample = SpatialPadd("label", self.crop_size, value=0)(sample)
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        self.transforms.set_random_state(seed=int(state))
+        crop = self.transforms(sample)[0]
+        return {
+            "image": convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False),
+            "label": convert_to_tensor(crop["label"], dtype=torch.int64, track_meta=False)[0],
+            "case_id": case.case_id,
+        }
+
+
+class VolumeDataset(Dataset):
+    """Whole preprocessed volumes for validation and prediction (use with ``batch_size=1``).
+
+    Args:
+        cases: Cases, labelled or prediction-only.
+
+    Items:
+        ``{"image": float32 (C, D, H, W), "label": int64 (D, H, W) class indices, "case_id": str}``;
+        ``"label"`` is absent for prediction-only cases. ``dataset.cases[i].geometry`` maps a
+        prediction back onto the original file.
+    """
+
+    def __init__(self, cases: Sequence[VolumeCase]) -> None:
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(np.array(case.image, dtype=np.float32)),
+            "case_id": case.case_id,
+        }
+        if case.label is not None:
+            item["label"] = torch.from_numpy(labels_to_classes(case.label, case.label_values))
+        return item

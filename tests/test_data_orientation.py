@@ -1,0 +1,171 @@
+"""Canonical orientation comes from the affine, and geometry maps arrays back onto the file exactly."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medtuning_peft.data import CaseFiles, CTPreprocessing, VolumeGeometry, load_case
+
+IDENTITY_CT = CTPreprocessing(window=None, mean=0.0, std=1.0)
+
+
+def _affine(columns, origin=(10.0, -20.0, 30.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(columns, dtype=float).T  # one column per file axis
+    affine[:3, 3] = origin
+    return affine
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rotation
+
+
+# Each layout: file shape, affine columns (world RAS+ direction of each file axis, in mm), and the
+# expected canonical array written out by hand (D = inferior->superior, H = anterior->posterior,
+# W = patient right->left), and the expected (D, H, W) spacing.
+LAYOUTS = {
+    # KiTS19: slice axis first, every axis flipped (codes I, P, L).
+    "kits19_IPL": ((10, 20, 30), [(0, 0, -3), (0, -1.5, 0), (-2, 0, 0)], lambda a: a[::-1], (3, 1.5, 2)),
+    # MSD / NIfTI-canonical RAS: x right, y anterior, z superior.
+    "RAS": (
+        (30, 20, 10),
+        [(2, 0, 0), (0, 1.5, 0), (0, 0, 3)],
+        lambda a: a.transpose(2, 1, 0)[:, ::-1, ::-1],
+        (3, 1.5, 2),
+    ),
+    # DICOM-like LPS (BraTS-style): x left, y posterior, z superior.
+    "LPS": ((30, 20, 10), [(-2, 0, 0), (0, -1.5, 0), (0, 0, 3)], lambda a: a.transpose(2, 1, 0), (3, 1.5, 2)),
+    # Fully permuted: axis 0 anterior, axis 1 superior, axis 2 right.
+    "ASR": (
+        (20, 10, 30),
+        [(0, 1.5, 0), (0, 0, 3), (2, 0, 0)],
+        lambda a: a.transpose(1, 0, 2)[:, ::-1, ::-1],
+        (3, 1.5, 2),
+    ),
+}
+
+
+def _write_case(tmp_path, shape, affine, rng) -> tuple[CaseFiles, np.ndarray, np.ndarray]:
+    image = rng.normal(0, 100, size=shape).astype(np.float32)
+    label = rng.integers(0, 3, size=shape).astype(np.uint8)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label.nii.gz")
+    files = CaseFiles(
+        case_id="case_x",
+        images=(tmp_path / "image.nii.gz",),
+        label=tmp_path / "label.nii.gz",
+        channel_names=("CT",),
+        label_values=(0, 1, 2),
+    )
+    return files, image, label
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_canonical_orientation_follows_the_affine_not_the_axis_order(tmp_path, layout):
+    shape, columns, expected, spacing = LAYOUTS[layout]
+    files, image, label = _write_case(tmp_path, shape, _affine(columns), np.random.default_rng(0))
+    case = load_case(files, IDENTITY_CT)
+    np.testing.assert_array_equal(case.label, expected(label))
+    np.testing.assert_allclose(case.image[0], expected(image), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(case.spacing, spacing)
+    assert nib.aff2axcodes(case.geometry.affine) == ("S", "P", "L")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_to_original_restores_the_exact_file_array(tmp_path, layout):
+    shape, columns, _, _ = LAYOUTS[layout]
+    files, _, label = _write_case(tmp_path, shape, _affine(columns), np.random.default_rng(1))
+    case = load_case(files, IDENTITY_CT)
+    restored = case.geometry.to_original(case.label)
+    assert restored.shape == label.shape and restored.dtype == np.uint8
+    np.testing.assert_array_equal(restored, label)
+    np.testing.assert_array_equal(case.geometry.to_canonical(label), case.label)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_canonical_voxels_map_to_the_same_world_points(tmp_path, layout):
+    shape, columns, _, _ = LAYOUTS[layout]
+    affine = _affine(columns)
+    # Each file voxel stores its own flat index, so the loaded image tells where each voxel came from.
+    flat_index = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    nib.save(nib.Nifti1Image(flat_index, affine), tmp_path / "image.nii.gz")
+    files = CaseFiles("c", (tmp_path / "image.nii.gz",), None, ("CT",), (0, 1))
+    case = load_case(files, IDENTITY_CT)
+    source = np.stack(np.unravel_index(case.image[0].astype(np.int64).ravel(), shape), -1)  # (N, 3)
+    canonical = np.indices(case.shape).reshape(3, -1).T  # (N, 3) in the same C order
+    np.testing.assert_allclose(
+        nib.affines.apply_affine(case.geometry.affine, canonical),
+        nib.affines.apply_affine(affine, source),
+        atol=1e-6,
+    )
+
+
+def test_oblique_affine_uses_the_nearest_axes(tmp_path):
+    shape, columns, expected, _ = LAYOUTS["kits19_IPL"]
+    affine = _rotation_z(12.0) @ _affine(columns)
+    files, _, label = _write_case(tmp_path, shape, affine, np.random.default_rng(3))
+    case = load_case(files, IDENTITY_CT)
+    np.testing.assert_array_equal(case.label, expected(label))
+    np.testing.assert_array_equal(case.geometry.to_original(case.label), label)
+
+
+def test_saved_prediction_has_the_original_grid_affine_and_header(tmp_path):
+    shape, columns, _, _ = LAYOUTS["kits19_IPL"]
+    affine = _affine(columns)
+    files, _, label = _write_case(tmp_path, shape, affine, np.random.default_rng(4))
+    case = load_case(files, IDENTITY_CT)
+    out = case.geometry.save_nifti(case.label, tmp_path / "prediction.nii.gz")
+    saved = nib.load(out)
+    assert saved.shape == shape and saved.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(saved.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), label)
+    assert int(saved.header["sform_code"]) == int(nib.load(files.images[0]).header["sform_code"])
+
+
+def test_resampled_case_maps_back_to_the_original_shape(tmp_path):
+    shape = (12, 40, 36)  # I, P, L at 3 x 1 x 1 mm
+    affine = _affine([(0, 0, -3), (0, -1, 0), (-1, 0, 0)])
+    grid = np.indices(shape).astype(float)
+    blob = ((grid[0] - 6) * 3) ** 2 + (grid[1] - 15) ** 2 + (grid[2] - 22) ** 2 < 10**2
+    label = blob.astype(np.uint8)
+    image = np.where(blob, 200.0, 0.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label.nii.gz")
+    files = CaseFiles("c", (tmp_path / "image.nii.gz",), tmp_path / "label.nii.gz", ("CT",), (0, 1))
+    case = load_case(files, CTPreprocessing(window=None, mean=0.0, std=1.0, target_spacing=(2.0, 2.0, 2.0)))
+    assert case.shape == (18, 20, 18)
+    np.testing.assert_allclose(case.spacing, (2.0, 2.0, 2.0))
+    assert case.geometry.is_resampled
+    restored = case.geometry.to_original(case.label)
+    assert restored.shape == shape
+    dice = 2 * np.sum(restored & label) / (restored.sum() + label.sum())
+    assert dice > 0.9
+    # The resampled grid covers the same physical extent: the blob centre stays put.
+    centre_world = nib.affines.apply_affine(affine, np.argwhere(label).mean(0))
+    centre_case = nib.affines.apply_affine(case.geometry.affine, np.argwhere(case.label).mean(0))
+    np.testing.assert_allclose(centre_case, centre_world, atol=1.0)
+
+
+def test_geometry_survives_json(tmp_path):
+    shape, columns, _, _ = LAYOUTS["ASR"]
+    files, _, label = _write_case(tmp_path, shape, _affine(columns), np.random.default_rng(5))
+    geometry = load_case(files, IDENTITY_CT).geometry
+    again = VolumeGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
+    np.testing.assert_array_equal(again.original_affine, geometry.original_affine)
+    assert again.header == geometry.header and again.shape == geometry.shape
+    np.testing.assert_array_equal(again.to_original(again.to_canonical(label)), label)
+
+
+def test_wrong_shape_for_to_original_names_the_expected_grid(tmp_path):
+    shape, columns, _, _ = LAYOUTS["RAS"]
+    files, _, _ = _write_case(tmp_path, shape, _affine(columns), np.random.default_rng(6))
+    geometry = load_case(files, IDENTITY_CT).geometry
+    with pytest.raises(ValueError, match=r"\(10, 20, 30\)"):
+        geometry.to_original(np.zeros((30, 20, 10), np.uint8))
