@@ -1,0 +1,925 @@
+"""Volumetric segmentation with a 2D transformers backbone: (B, C, D, H, W) in, (B, K, D, H, W) out.
+
+The slices of each volume go through the backbone as one batch ``(B*D, C, H, W)``, volume-major (all D
+slices of volume 0, then volume 1, ...), so that Med-Adapters inside the backbone can fold them back into
+volumes. Multi-scale feature maps of the slices feed a 2D decoder (:mod:`medtuning_peft.decoders`).
+
+What each architecture needs (how to get four feature maps, their widths, where the patch embedding is,
+which linear layers are the attention projections) is data in :data:`FEATURE_SPECS`, keyed by
+``config.model_type``.
+
+Typical use::
+
+    model = build_segmenter("microsoft/swin-tiny-patch4-window7-224", in_channels=4, num_classes=4,
+                            decoder="upernet", method="med_adapter", num_slices=128)
+    logits = model(volumes)                      # (B, 4, D, H, W)
+    model.save_pretrained("out/")
+    model = from_pretrained("out/")              # or a Hub id; eval mode
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .decoders import build_decoder
+
+__all__ = [
+    "FEATURE_SPECS",
+    "METHODS",
+    "TINY_BACKBONES",
+    "FeatureSpec",
+    "VolumetricSegmenter",
+    "adapt_input_channels",
+    "build_segmenter",
+    "extract_features",
+    "feature_channels",
+    "from_pretrained",
+    "load_backbone",
+    "slices_to_volume",
+    "volume_to_slices",
+]
+
+SEGMENTER_CONFIG_NAME = "segmenter_config.json"
+WEIGHTS_NAME = "model.safetensors"
+BACKBONE_SUBFOLDER = "backbone"
+FORMAT_VERSION = 1
+_MED_ADAPTER_PACKAGE = "medtuning_peft.tuners.med_adapter"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout converters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def volume_to_slices(volumes: torch.Tensor) -> torch.Tensor:
+    """Volumes to a volume-major slice batch.
+
+    Args:
+        volumes: ``(B, C, D, H, W)``.
+
+    Returns:
+        ``(B*D, C, H, W)``: slice d of volume b at row ``b*D + d``.
+
+    Raises:
+        ValueError: when ``volumes`` is not 5-D.
+    """
+    if volumes.ndim != 5:
+        raise ValueError(
+            f"Expected volumes of shape (B, C, D, H, W), got shape {tuple(volumes.shape)}; add the missing "
+            f"batch / channel axis, e.g. x[None] or x[:, None]."
+        )
+    B, C, D, H, W = volumes.shape
+    volumes = volumes.permute(0, 2, 1, 3, 4)  # (B, C, D, H, W) -> (B, D, C, H, W)
+    return volumes.reshape(B * D, C, H, W)  # (B, D, C, H, W) -> (B*D, C, H, W)
+
+
+def slices_to_volume(slices: torch.Tensor, num_volumes: int) -> torch.Tensor:
+    """Inverse of :func:`volume_to_slices`.
+
+    Args:
+        slices: ``(B*D, K, H, W)``, volume-major.
+        num_volumes: B.
+
+    Returns:
+        ``(B, K, D, H, W)``.
+
+    Raises:
+        ValueError: when the slice count is not a multiple of ``num_volumes``.
+    """
+    BD, K, H, W = slices.shape
+    if num_volumes < 1 or BD % num_volumes:
+        raise ValueError(f"Cannot split {BD} slices into num_volumes={num_volumes} volumes of equal depth.")
+    D = BD // num_volumes
+    volumes = slices.reshape(num_volumes, D, K, H, W)  # (B*D, K, H, W) -> (B, D, K, H, W)
+    return volumes.permute(0, 2, 1, 3, 4)  # (B, D, K, H, W) -> (B, K, D, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-architecture feature extraction
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _swin_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> list[torch.Tensor]:
+    if getattr(model, "out_features", None) is not None:
+        # SwinBackbone: per-stage maps with its stage norms, each (B*D, C_i, h_i, w_i).
+        return list(model(pixel_values=pixel_values, **kwargs).feature_maps)
+    # SwinModel. always_partition=True pads to whole windows instead of shrinking the window on grids smaller
+    # than it (transformers 5 shrinks the window but not the relative position bias, and fails); this is
+    # what SwinBackbone does. Before-downsampling maps give strides 4, 8, 16, 32.
+    out = model(
+        pixel_values=pixel_values,
+        output_hidden_states=True,
+        output_hidden_states_before_downsampling=True,
+        always_partition=True,
+        **kwargs,
+    )
+    return list(out.reshaped_hidden_states[1:])  # drop the stem; each (B*D, C_i, h_i, w_i)
+
+
+def _segformer_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> list[torch.Tensor]:
+    maps = list(model(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states)
+    last = maps[-1]
+    if last.ndim == 3:  # reshape_last_stage=False: tokens (B*D, h*w, C); overlap patch embedding of stride 2
+        h, w = -(-maps[-2].shape[-2] // 2), -(-maps[-2].shape[-1] // 2)
+        last = last.transpose(1, 2)  # (B*D, h*w, C) -> (B*D, C, h*w)
+        maps[-1] = last.reshape(last.shape[0], last.shape[1], h, w)  # (B*D, C, h*w) -> (B*D, C, h, w)
+    return maps
+
+
+def plain_taps(num_blocks: int, num_levels: int = 4) -> list[int]:
+    """Blocks tapped on a plain backbone: every ``num_blocks / num_levels``-th, ending at the last block.
+
+    12 blocks give 2, 5, 8, 11 (as in ViT-UperNet); fewer blocks give evenly spaced ones (4 give 0, 1, 2,
+    3; 2 give 0, 0, 1, 1).
+    """
+    return [max((i + 1) * num_blocks // num_levels - 1, 0) for i in range(num_levels)]
+
+
+def _plain_features(
+    model: nn.Module, pixel_values: torch.Tensor, *, block_list: str, **kwargs: Any
+) -> list[torch.Tensor]:
+    # Record block outputs with hooks on the module at each block's path: when a tuner wraps a block, the
+    # wrapper sits there, so the recorded tokens include its adapter (output_hidden_states would not).
+    blocks = model.get_submodule(block_list)
+    taps = plain_taps(len(blocks))
+    captured: dict[int, torch.Tensor] = {}
+
+    def record(index: int, module: nn.Module, args: Any, output: Any) -> None:
+        captured[index] = output[0] if isinstance(output, tuple) else output
+
+    handles = [blocks[i].register_forward_hook(partial(record, i)) for i in sorted(set(taps))]
+    try:
+        model(pixel_values=pixel_values, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    patch = model.config.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    h, w = pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
+    maps = []
+    for i in taps:
+        tokens = captured[i]  # (B*D, N, C), N = prefix (CLS, registers) + h*w
+        grid = tokens[:, tokens.shape[1] - h * w :]  # (B*D, N, C) -> (B*D, h*w, C)
+        grid = grid.transpose(1, 2)  # (B*D, h*w, C) -> (B*D, C, h*w)
+        maps.append(grid.reshape(grid.shape[0], grid.shape[1], h, w))  # (B*D, C, h*w) -> (B*D, C, h, w)
+    return maps
+
+
+def _swin_channels(model: nn.Module) -> list[int]:
+    if getattr(model, "out_features", None) is not None:  # SwinBackbone
+        return list(model.channels)
+    return [model.config.embed_dim * 2**i for i in range(len(model.config.depths))]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How to get multi-scale feature maps from one transformers architecture.
+
+    Attributes:
+        model_class: transformers class loaded for a Hub id or local directory of this ``model_type``.
+        extract: ``(model, pixel_values (B*D, C, H, W), **kwargs) -> [(B*D, C_i, h_i, w_i)]``, finest first.
+        channels: ``model -> [C_i]``, the widths of the maps ``extract`` returns.
+        patch_embedding: name (suffix) of the first patch embedding module, which holds the input Conv2d.
+        simple_pyramid: True for plain backbones (one resolution): the decoder builds a pyramid.
+        attention_projections: names of the attention input projections (LoRA targets).
+    """
+
+    model_class: str
+    extract: Callable[..., list[torch.Tensor]]
+    channels: Callable[[nn.Module], list[int]]
+    patch_embedding: str
+    simple_pyramid: bool
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+
+
+FEATURE_SPECS: dict[str, FeatureSpec] = {
+    "swin": FeatureSpec("SwinModel", _swin_features, _swin_channels, "embeddings.patch_embeddings", False),
+    "segformer": FeatureSpec(
+        "SegformerModel",
+        _segformer_features,
+        lambda model: list(model.config.hidden_sizes),
+        "stages.0.patch_embeddings",
+        False,
+    ),
+    "vit": FeatureSpec(
+        "ViTModel",
+        partial(_plain_features, block_list="layers", interpolate_pos_encoding=True),
+        lambda model: [model.config.hidden_size] * 4,
+        "embeddings.patch_embeddings",
+        True,
+    ),
+    "dinov2": FeatureSpec(
+        "Dinov2Model",
+        partial(_plain_features, block_list="encoder.layer"),
+        lambda model: [model.config.hidden_size] * 4,
+        "embeddings.patch_embeddings",
+        True,
+    ),
+    "dinov2_with_registers": FeatureSpec(
+        "Dinov2WithRegistersModel",
+        partial(_plain_features, block_list="encoder.layer"),
+        lambda model: [model.config.hidden_size] * 4,
+        "embeddings.patch_embeddings",
+        True,
+    ),
+}
+
+
+def _unknown(kind: str, value: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=2)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"Unknown {kind} {value!r}; known: {sorted(known)}.{hint}"
+
+
+def feature_spec(backbone: nn.Module) -> FeatureSpec:
+    """The :class:`FeatureSpec` of a transformers backbone, from ``backbone.config.model_type``.
+
+    Raises:
+        ValueError: when the backbone has no ``config`` or its ``model_type`` is not supported.
+    """
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"Expected a transformers vision backbone with a `config`, got {type(backbone).__name__}; pass a "
+            f"model of one of the types {sorted(FEATURE_SPECS)}."
+        )
+    if model_type not in FEATURE_SPECS:
+        raise ValueError(_unknown("backbone model_type", model_type, FEATURE_SPECS))
+    return FEATURE_SPECS[model_type]
+
+
+def extract_features(backbone: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> list[torch.Tensor]:
+    """Multi-scale feature maps of a slice batch.
+
+    Args:
+        backbone: a supported transformers backbone (possibly carrying tuner layers).
+        pixel_values: ``(B*D, C, H, W)``.
+        **kwargs: passed to the backbone's forward, e.g. ``num_slices=D`` for Med-Adapters.
+
+    Returns:
+        Maps ``[(B*D, C_i, h_i, w_i)]``, finest first: four stages of a hierarchical backbone, or four
+        tapped blocks (same resolution, prefix tokens dropped) of a plain one.
+    """
+    return feature_spec(backbone).extract(backbone, pixel_values, **kwargs)
+
+
+def feature_channels(backbone: nn.Module) -> list[int]:
+    """Widths ``[C_i]`` of the maps :func:`extract_features` returns for ``backbone``."""
+    return feature_spec(backbone).channels(backbone)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input channels
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _patch_embeddings(model: nn.Module, suffix: str) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+
+
+def adapt_input_channels(model: PreTrainedModel, in_channels: int) -> PreTrainedModel:
+    """Give a 3-channel backbone's patch embedding ``in_channels`` inputs, keeping the pretrained filters.
+
+    Each filter is averaged over RGB, repeated ``in_channels`` times and scaled by ``3 / in_channels``, so a
+    constant image gives the same embedding as with the original 3-channel filters. ``num_channels`` is
+    updated on the patch embedding module(s) that have it and on ``model.config``. Done in place.
+
+    Args:
+        model: a supported transformers backbone (Swin, ViT, DINOv2, SegFormer: first stage).
+        in_channels: input channels C (1 for CT, 4 for BraTS MRI).
+
+    Returns:
+        ``model``. Unchanged when its patch embedding already takes ``in_channels``.
+
+    Raises:
+        ValueError: for ``in_channels < 1``, when no patch embedding is found, or when it takes neither 3 nor
+            ``in_channels`` channels.
+        TypeError: when the patch projection is not a plain ``nn.Conv2d`` (e.g. already wrapped by a tuner).
+    """
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int (1 for CT, 4 for BraTS), got {in_channels!r}.")
+    spec = feature_spec(model)
+    found = _patch_embeddings(model, spec.patch_embedding)
+    if not found:
+        raise ValueError(
+            f"No patch embedding named '{spec.patch_embedding}' in {type(model).__name__}; adapt the input "
+            f"channels of the bare transformers backbone before wrapping it."
+        )
+    for name, embedding in found:
+        convs = [(n, m) for n, m in embedding.named_children() if isinstance(m, nn.Conv2d)]
+        if len(convs) != 1:
+            raise TypeError(
+                f"Expected one nn.Conv2d in the patch embedding '{name}', got "
+                f"{[type(m).__name__ for m in embedding.children()]}; adapt input channels before applying a "
+                f"PEFT method."
+            )
+        conv_name, conv = convs[0]
+        if conv.in_channels != in_channels:
+            if conv.in_channels != 3:
+                raise ValueError(
+                    f"Patch embedding '{name}' takes {conv.in_channels} channels; only a 3-channel (RGB) "
+                    f"embedding can be adapted, not to in_channels={in_channels}. Start from the 3-channel "
+                    f"pretrained backbone."
+                )
+            new = nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                kernel_size=conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+                padding_mode=conv.padding_mode,
+                device=conv.weight.device,
+                dtype=conv.weight.dtype,
+            )
+            with torch.no_grad():
+                mean = conv.weight.mean(dim=1, keepdim=True)  # (E, 3, k, k) -> (E, 1, k, k)
+                new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3.0 / in_channels))  # -> (E, C, k, k)
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+            new.requires_grad_(conv.weight.requires_grad)
+            setattr(embedding, conv_name, new)
+        for module in embedding.modules():
+            if hasattr(module, "num_channels"):
+                module.num_channels = in_channels
+    model.config.num_channels = in_channels
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backbones
+# ---------------------------------------------------------------------------------------------------------
+
+_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+TINY_BACKBONES: dict[str, tuple[str, Callable[[], PretrainedConfig]]] = {
+    "tiny-swin": (
+        "SwinModel",
+        lambda: transformers.SwinConfig(
+            image_size=64,
+            patch_size=4,
+            embed_dim=24,
+            depths=[2, 2, 2, 2],
+            num_heads=[1, 2, 2, 4],
+            window_size=4,
+        ),
+    ),
+    "tiny-swin-backbone": (
+        "SwinBackbone",
+        lambda: transformers.SwinConfig(
+            image_size=64,
+            patch_size=4,
+            embed_dim=24,
+            depths=[2, 2, 2, 2],
+            num_heads=[1, 2, 2, 4],
+            window_size=4,
+            out_features=_STAGES,
+        ),
+    ),
+    "tiny-vit": (
+        "ViTModel",
+        lambda: transformers.ViTConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=96,
+        ),
+    ),
+    "tiny-dinov2": (
+        "Dinov2Model",
+        lambda: transformers.Dinov2Config(
+            image_size=64,
+            patch_size=8,
+            hidden_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            mlp_ratio=2,
+        ),
+    ),
+    "tiny-dinov2-registers": (
+        "Dinov2WithRegistersModel",
+        lambda: transformers.Dinov2WithRegistersConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            num_register_tokens=2,
+        ),
+    ),
+    "tiny-segformer": (
+        "SegformerModel",
+        lambda: transformers.SegformerConfig(
+            hidden_sizes=[12, 24, 48, 96],
+            depths=[1, 1, 1, 1],
+            num_attention_heads=[1, 2, 2, 4],
+            decoder_hidden_size=48,
+        ),
+    ),
+}
+"""Named tiny configurations (3-channel, random init) for tests and offline use: name -> (class, config)."""
+
+
+def _model_class(name: str) -> type[PreTrainedModel]:
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ValueError(f"backbone_class {name!r} is not a transformers model class (e.g. 'SwinModel').")
+    return cls
+
+
+def load_backbone(
+    source: str, revision: str | None = None, with_weights: bool = True
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Load a transformers backbone by tiny name, local directory or Hub id (safetensors only).
+
+    Args:
+        source: a key of :data:`TINY_BACKBONES` (random init), a local directory, or a Hub id.
+        revision: Hub revision (branch, tag or commit).
+        with_weights: False builds the architecture from the config only (random init), e.g. when the
+            weights come from elsewhere.
+
+    Returns:
+        ``(model, info)``; ``info`` holds ``backbone``, ``backbone_class``, ``backbone_revision`` and
+        ``backbone_reloadable`` (True only for a Hub id: the weights need not be saved with an adapter).
+
+    Raises:
+        ValueError: for an unsupported ``model_type``.
+    """
+    if source in TINY_BACKBONES:
+        class_name, make_config = TINY_BACKBONES[source]
+        model = _model_class(class_name)(make_config())
+        info = {"backbone": source, "backbone_class": class_name, "backbone_revision": None}
+        return model, {**info, "backbone_reloadable": False}
+    config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+    if config.model_type not in FEATURE_SPECS:
+        raise ValueError(_unknown(f"backbone model_type of {source!r}:", config.model_type, FEATURE_SPECS))
+    class_name = FEATURE_SPECS[config.model_type].model_class
+    cls = _model_class(class_name)
+    model = (
+        cls.from_pretrained(source, revision=revision, use_safetensors=True) if with_weights else cls(config)
+    )
+    local = Path(source).is_dir()
+    info = {
+        "backbone": source,
+        "backbone_class": class_name,
+        "backbone_revision": None if local else (getattr(config, "_commit_hash", None) or revision),
+        "backbone_reloadable": not local,
+    }
+    return model, info
+
+
+def _object_info(model: PreTrainedModel) -> dict[str, Any]:
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or ""
+    reloadable = bool(name) and name not in TINY_BACKBONES and not Path(name).exists()
+    return {
+        "backbone": name or None,
+        "backbone_class": type(model).__name__,
+        "backbone_revision": getattr(model.config, "_commit_hash", None) if reloadable else None,
+        "backbone_reloadable": reloadable,
+    }
+
+
+def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """State dict of ``module`` as it was before tuner layers were injected (adapters dropped)."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    state = {prefix + n: p for n, p in module._parameters.items() if p is not None}
+    state.update(
+        {
+            prefix + n: b
+            for n, b in module._buffers.items()
+            if b is not None and n not in module._non_persistent_buffers_set
+        }
+    )
+    for name, child in module._modules.items():
+        if child is not None:
+            state.update(_base_state_dict(child, f"{prefix}{name}."))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _carries_med_adapter(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, BaseTunerLayer) and type(m).__module__.startswith(_MED_ADAPTER_PACKAGE)
+        for m in module.modules()
+    )
+
+
+class VolumetricSegmenter(nn.Module):
+    """A 2D transformers backbone + 2D decoder applied slice-wise to volumes.
+
+    Build one with :func:`build_segmenter`, load one with :func:`from_pretrained`. With a PEFT method the
+    segmenter is wrapped in place by a ``peft.PeftModel`` (adapters injected into ``backbone``, ``decoder``
+    in ``modules_to_save``); that ``PeftModel`` is :attr:`peft_model`, and calling the segmenter directly is
+    equivalent to calling it.
+
+    Args:
+        backbone: a supported transformers backbone with ``config.num_channels`` = C.
+        decoder: a decoder ``([(B*D, C_i, h_i, w_i)], (H, W)) -> (B*D, K, H, W)``.
+        segmenter_config: everything needed to rebuild the model (written to ``segmenter_config.json``).
+    """
+
+    def __init__(
+        self, backbone: PreTrainedModel, decoder: nn.Module, segmenter_config: dict | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.segmenter_config: dict[str, Any] = dict(segmenter_config or {})
+        # A plain attribute, not a submodule: the PeftModel wraps this module.
+        object.__setattr__(self, "_peft_model", None)
+
+    @property
+    def peft_model(self) -> peft.PeftModel | None:
+        """The ``PeftModel`` wrapping this segmenter (``med_adapter``, ``lora``), else None."""
+        return self._peft_model
+
+    def _attach_peft_model(self, peft_model: peft.PeftModel | None) -> None:
+        object.__setattr__(self, "_peft_model", peft_model)
+
+    @property
+    def method(self) -> str | None:
+        """The training method: ``med_adapter``, ``lora``, ``full`` or ``decoder_only``."""
+        return self.segmenter_config.get("method")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Segment volumes slice by slice.
+
+        Args:
+            pixel_values: ``(B, C, D, H, W)``.
+
+        Returns:
+            Logits ``(B, K, D, H, W)``.
+
+        Raises:
+            ValueError: when ``pixel_values`` is not 5-D or has the wrong number of channels.
+        """
+        slices = volume_to_slices(pixel_values)  # (B, C, D, H, W) -> (B*D, C, H, W)
+        B, C, D, H, W = pixel_values.shape
+        expected = getattr(self.backbone.config, "num_channels", C)
+        if expected != C:
+            raise ValueError(
+                f"pixel_values has C={C} channels (shape (B, C, D, H, W) = {tuple(pixel_values.shape)}) but "
+                f"the backbone takes {expected}; build the segmenter with in_channels={C} or fix the channel "
+                f"axis."
+            )
+        kwargs = {"num_slices": D} if _carries_med_adapter(self.backbone) else {}
+        features = extract_features(self.backbone, slices, **kwargs)  # [(B*D, C_i, h_i, w_i)]
+        logits = self.decoder(features, (H, W))  # (B*D, K, H, W)
+        return slices_to_volume(logits, B)  # (B*D, K, H, W) -> (B, K, D, H, W)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Save what is needed to rebuild this model with :func:`from_pretrained`; safetensors and JSON only.
+
+        Writes ``segmenter_config.json``; for ``med_adapter`` / ``lora`` peft's ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (adapters + decoder); for ``full`` / ``decoder_only`` a
+        ``model.safetensors`` of what was trained; and, only when the backbone cannot be re-loaded by Hub
+        id (tiny / random init / local directory), the base backbone in ``backbone/`` (its config only for
+        ``full``). The files are written to a temporary directory next to ``save_directory`` and renamed
+        into place, so an interrupted save leaves no half-written model directory.
+
+        Args:
+            save_directory: target directory; replaced if it holds an earlier save.
+
+        Raises:
+            FileExistsError: when ``save_directory`` exists and is not empty nor an earlier save.
+            ValueError: when ``segmenter_config`` lacks the method.
+        """
+        method = self.method
+        if method not in METHODS:
+            raise ValueError(_unknown("segmenter_config['method']", method, METHODS))
+        config = dict(self.segmenter_config)
+        save_backbone = not config.get("backbone_reloadable", False)
+        config["backbone_weights"] = BACKBONE_SUBFOLDER if save_backbone else "hub"
+        with _atomic_directory(Path(save_directory)) as tmp:
+            if self.peft_model is not None:
+                self.peft_model.save_pretrained(str(tmp))
+            elif method == "full":
+                save_file(_contiguous(self.state_dict()), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            else:
+                state = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
+                save_file(_contiguous(state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if save_backbone:
+                if method == "full":  # the weights are in model.safetensors
+                    self.backbone.config.save_pretrained(str(tmp / BACKBONE_SUBFOLDER))
+                else:
+                    self.backbone.save_pretrained(
+                        str(tmp / BACKBONE_SUBFOLDER), state_dict=_base_state_dict(self.backbone)
+                    )
+            (tmp / SEGMENTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` by rename."""
+    target = target.expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"save_directory {str(target)!r} exists and is a file; choose a directory.")
+        if any(target.iterdir()) and not (target / SEGMENTER_CONFIG_NAME).exists():
+            raise FileExistsError(
+                f"save_directory {str(target)!r} is not empty and holds no saved segmenter; choose a new "
+                f"or empty directory."
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _modules_to_save(kwargs: dict[str, Any]) -> list[str]:
+    extra = list(kwargs.pop("modules_to_save", None) or [])
+    return ["decoder", *[m for m in extra if m != "decoder"]]
+
+
+def _apply_med_adapter(segmenter: VolumetricSegmenter, **kwargs: Any) -> peft.PeftModel:
+    package = importlib.import_module("medtuning_peft")
+    config_cls = getattr(package, "MedAdapterConfig", None)
+    if config_cls is None:
+        raise ImportError(
+            "method='med_adapter' needs medtuning_peft.MedAdapterConfig, which this installation does not "
+            "provide; update medtuning_peft, or use method='lora', 'full' or 'decoder_only'."
+        )
+    config = config_cls(modules_to_save=_modules_to_save(kwargs), **kwargs)
+    return peft.get_peft_model(segmenter, config)
+
+
+def _apply_lora(segmenter: VolumetricSegmenter, **kwargs: Any) -> peft.PeftModel:
+    kwargs.pop("num_slices", None)
+    projections = "|".join(feature_spec(segmenter.backbone).attention_projections)
+    kwargs.setdefault("target_modules", rf"backbone\..*\.({projections})")
+    kwargs.setdefault("r", 8)
+    kwargs.setdefault("lora_alpha", 16)
+    config = peft.LoraConfig(modules_to_save=_modules_to_save(kwargs), **kwargs)
+    return peft.get_peft_model(segmenter, config)
+
+
+def _no_options(method: str, kwargs: dict[str, Any]) -> None:
+    kwargs.pop("num_slices", None)
+    if kwargs:
+        raise ValueError(f"method={method!r} takes no options, got {sorted(kwargs)}; remove them.")
+
+
+def _apply_full(segmenter: VolumetricSegmenter, **kwargs: Any) -> None:
+    _no_options("full", kwargs)
+    segmenter.requires_grad_(True)
+
+
+def _apply_decoder_only(segmenter: VolumetricSegmenter, **kwargs: Any) -> None:
+    _no_options("decoder_only", kwargs)
+    segmenter.backbone.requires_grad_(False)
+    segmenter.decoder.requires_grad_(True)
+
+
+METHODS: dict[str, Callable[..., peft.PeftModel | None]] = {
+    "med_adapter": _apply_med_adapter,
+    "lora": _apply_lora,
+    "full": _apply_full,
+    "decoder_only": _apply_decoder_only,
+}
+"""Training methods: name -> ``(segmenter, num_slices=..., **options) -> PeftModel | None``."""
+
+
+def _check_json(field: str, value: Any) -> None:
+    try:
+        json.dumps(value)
+    except TypeError as e:
+        raise ValueError(
+            f"{field} must be JSON-serializable (it is saved in {SEGMENTER_CONFIG_NAME}): {e}"
+        ) from e
+
+
+def build_segmenter(
+    backbone: str | PreTrainedModel,
+    in_channels: int,
+    num_classes: int,
+    decoder: str = "upernet",
+    method: str = "med_adapter",
+    num_slices: int | None = None,
+    label_names: Sequence[str] | None = None,
+    decoder_kwargs: dict[str, Any] | None = None,
+    crop_size: Sequence[int] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    revision: str | None = None,
+    **method_kwargs: Any,
+) -> VolumetricSegmenter:
+    """Build a volumetric segmenter: backbone, input-channel adaptation, decoder, training method.
+
+    Args:
+        backbone: a Hub id, a local directory, a key of :data:`TINY_BACKBONES` (random init), or a
+            transformers backbone object.
+        in_channels: input channels C (the 3-channel patch embedding is adapted).
+        num_classes: classes K, background included.
+        decoder: ``"upernet"`` (paper), ``"fpn"`` or ``"segformer"``.
+        method: ``"med_adapter"`` (adapters + decoder trained), ``"lora"`` (LoRA on the attention
+            projections + decoder), ``"full"`` (everything) or ``"decoder_only"`` (backbone frozen).
+        num_slices: slices per volume D of the training crops (the Med-Adapter spectral filter size);
+            defaults to ``crop_size[0]``, else the method's default.
+        label_names: K class names, saved with the model.
+        decoder_kwargs: decoder options, e.g. ``{"channels": 256}``.
+        crop_size: training crop ``(D, H, W)``, saved with the model.
+        preprocessing: JSON-serializable preprocessing settings, saved with the model.
+        revision: Hub revision of ``backbone``.
+        **method_kwargs: options of the method's peft config (``MedAdapterConfig`` / ``LoraConfig``).
+
+    Returns:
+        The segmenter, in training mode, with ``requires_grad`` set by the method.
+
+    Raises:
+        ValueError: for an unknown decoder, method or backbone type, ``label_names`` of the wrong length,
+            or non-JSON ``preprocessing``.
+    """
+    if method not in METHODS:
+        raise ValueError(_unknown("method", method, METHODS))
+    if isinstance(backbone, str):
+        model, info = load_backbone(backbone, revision=revision)
+    elif isinstance(backbone, PreTrainedModel):
+        model, info = backbone, _object_info(backbone)
+    else:
+        raise TypeError(
+            f"backbone must be a Hub id, a local directory, one of {sorted(TINY_BACKBONES)} or a "
+            f"transformers model, got {type(backbone).__name__}."
+        )
+    spec = feature_spec(model)
+    adapt_input_channels(model, in_channels)
+    label_names = list(label_names) if label_names is not None else [f"class_{k}" for k in range(num_classes)]
+    if len(label_names) != num_classes:
+        raise ValueError(
+            f"label_names has {len(label_names)} names {label_names} but num_classes={num_classes}; give one "
+            f"name per class, background included."
+        )
+    if crop_size is not None:
+        crop_size = [int(s) for s in crop_size]
+        if len(crop_size) != 3:
+            raise ValueError(f"crop_size must be (D, H, W), got {crop_size}.")
+    if num_slices is None and crop_size is not None:
+        num_slices = crop_size[0]
+    decoder_kwargs = {"simple_pyramid": spec.simple_pyramid, **(decoder_kwargs or {})}
+    _check_json("decoder_kwargs", decoder_kwargs)
+    _check_json("preprocessing", preprocessing)
+    _check_json("method_kwargs", method_kwargs)
+    head = build_decoder(decoder, feature_channels(model), num_classes, **decoder_kwargs)
+    config = {
+        "format_version": FORMAT_VERSION,
+        **info,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "label_names": label_names,
+        "decoder": decoder,
+        "decoder_kwargs": decoder_kwargs,
+        "method": method,
+        "num_slices": num_slices,
+        "crop_size": crop_size,
+        "preprocessing": preprocessing,
+        "versions": {"transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    segmenter = VolumetricSegmenter(model, head, config)
+    options = dict(method_kwargs)
+    if num_slices is not None:
+        options["num_slices"] = num_slices
+    segmenter._attach_peft_model(METHODS[method](segmenter, **options))
+    return segmenter
+
+
+def _resolve(model_id_or_path: str | os.PathLike, revision: str | None) -> Path:
+    path = Path(model_id_or_path).expanduser()
+    if path.is_dir():
+        return path
+    return Path(
+        snapshot_download(
+            repo_id=str(model_id_or_path),
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.md"],
+        )
+    )
+
+
+def from_pretrained(
+    model_id_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    is_trainable: bool = False,
+) -> VolumetricSegmenter:
+    """Load a segmenter saved by :meth:`VolumetricSegmenter.save_pretrained`, ready for inference.
+
+    Args:
+        model_id_or_path: a local directory or a Hub id (downloaded with ``snapshot_download``, safetensors
+            and JSON only).
+        device: where to put the model.
+        revision: Hub revision of the saved model.
+        is_trainable: set ``requires_grad`` as the saved method does (to continue training) instead of
+            freezing everything.
+
+    Returns:
+        The segmenter in eval mode.
+
+    Raises:
+        FileNotFoundError: when the directory holds no ``segmenter_config.json``.
+        ValueError: for an unknown format version or method.
+    """
+    path = _resolve(model_id_or_path, revision)
+    config_file = path / SEGMENTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"No {SEGMENTER_CONFIG_NAME} in {str(path)!r}; save the model with "
+            f"VolumetricSegmenter.save_pretrained (a bare peft adapter loads with "
+            f"peft.PeftModel.from_pretrained instead)."
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{SEGMENTER_CONFIG_NAME} has format_version={config.get('format_version')!r}; this "
+            f"medtuning_peft reads {FORMAT_VERSION}. Install the version that saved it."
+        )
+    method = config["method"]
+    if method not in METHODS:
+        raise ValueError(_unknown(f"method in {SEGMENTER_CONFIG_NAME}", method, METHODS))
+
+    with_weights = method != "full"
+    if config.get("backbone_weights") == BACKBONE_SUBFOLDER:
+        cls = _model_class(config["backbone_class"])
+        folder = str(path / BACKBONE_SUBFOLDER)
+        backbone = (
+            cls.from_pretrained(folder, use_safetensors=True)
+            if with_weights
+            else cls(cls.config_class.from_pretrained(folder))
+        )
+    else:
+        backbone, _ = load_backbone(
+            config["backbone"], config.get("backbone_revision"), with_weights=with_weights
+        )
+    adapt_input_channels(backbone, config["in_channels"])
+    head = build_decoder(
+        config["decoder"], feature_channels(backbone), config["num_classes"], **config["decoder_kwargs"]
+    )
+    segmenter = VolumetricSegmenter(backbone, head, config)
+
+    if method in ("med_adapter", "lora"):
+        importlib.import_module("medtuning_peft")  # registers MED_ADAPTER with peft
+        peft_model = peft.PeftModel.from_pretrained(segmenter, str(path), is_trainable=is_trainable)
+        segmenter._attach_peft_model(peft_model)
+    else:
+        state = load_file(str(path / WEIGHTS_NAME))
+        if method == "full":
+            segmenter.load_state_dict(state, strict=True)
+        else:
+            prefix = "decoder."
+            segmenter.decoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=True)
+        if is_trainable:
+            METHODS[method](segmenter)
+    if not is_trainable:
+        segmenter.requires_grad_(False)
+    if device is not None:
+        segmenter.to(device)
+    return segmenter.eval()

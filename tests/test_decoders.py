@@ -1,0 +1,110 @@
+"""Decoders: output shapes, the simple pyramid, registry errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtuning_peft.decoders import DECODERS, SimpleFeaturePyramid, build_decoder
+
+# name -> options small enough for a CPU test
+DECODER_SPECS = {
+    "upernet": {"channels": 16, "pool_scales": (1, 2, 3, 6)},
+    "fpn": {"channels": 16},
+    "segformer": {"channels": 16, "dropout": 0.0},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (h_0, w_0) of the finest map, output (H, W): square, non-square, odd
+SIZES = {"square": ((16, 16), (64, 64)), "wide": ((12, 20), (48, 80)), "odd": ((9, 13), (35, 51))}
+
+
+def hierarchical_features(batch: int, hw: tuple[int, int], channels=(8, 16, 24, 32)) -> list[torch.Tensor]:
+    h, w = hw
+    maps = []
+    for c in channels:
+        maps.append(torch.randn(batch, c, h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return maps
+
+
+def test_spec_table_covers_every_registered_decoder():
+    assert set(DECODER_SPECS) == set(DECODERS)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=list(SIZES))
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_hierarchical_output_shape(name, size):
+    finest, out = SIZES[size]
+    decoder = build_decoder(name, [8, 16, 24, 32], num_classes=3, **DECODER_SPECS[name])
+    logits = decoder(hierarchical_features(6, finest), out)
+    assert logits.shape == (6, 3, *out)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=list(SIZES))
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_plain_backbone_output_shape_with_simple_pyramid(name, size):
+    finest, out = SIZES[size]
+    grid = (max(finest[0] // 4, 1), max(finest[1] // 4, 1))  # patch-16 grid of the slice
+    decoder = build_decoder(name, [12] * 4, num_classes=2, simple_pyramid=True, **DECODER_SPECS[name])
+    logits = decoder([torch.randn(4, 12, *grid) for _ in range(4)], out)
+    assert logits.shape == (4, 2, *out)
+
+
+def test_simple_pyramid_scales():
+    pyramid = SimpleFeaturePyramid(8)
+    maps = pyramid([torch.randn(2, 8, 5, 7) for _ in range(4)])
+    assert [tuple(m.shape[-2:]) for m in maps] == [(20, 28), (10, 14), (5, 7), (3, 4)]
+    assert pyramid([torch.randn(1, 8, 1, 1) for _ in range(4)])[3].shape[-2:] == (1, 1)
+
+
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_decoder_keeps_slices_independent_in_eval_mode(name):
+    decoder = build_decoder(name, [8, 16, 24, 32], num_classes=3, **DECODER_SPECS[name]).eval()
+    features = hierarchical_features(4, (8, 12))
+    changed = [f.clone() for f in features]
+    for f in changed:
+        f[2:] = torch.randn_like(f[2:])
+    torch.testing.assert_close(decoder(features, (32, 48))[:2], decoder(changed, (32, 48))[:2])
+
+
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_decoder_gradients_reach_every_parameter(name):
+    decoder = build_decoder(name, [8, 16, 24, 32], num_classes=3, **DECODER_SPECS[name])
+    decoder(hierarchical_features(4, (8, 12)), (32, 48)).sum().backward()
+    missing = [n for n, p in decoder.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_unknown_decoder_suggests_close_names():
+    with pytest.raises(ValueError, match="Did you mean 'upernet'"):
+        build_decoder("uppernet", [8], 2)
+
+
+def test_unknown_decoder_option_names_the_options():
+    with pytest.raises(ValueError, match="pool_scales"):
+        build_decoder("fpn", [8], 2, pool_scales=(1, 2))
+
+
+def test_wrong_feature_channels_are_refused():
+    decoder = build_decoder("fpn", [8, 16], 2, channels=8)
+    with pytest.raises(ValueError, match="in_channels=\\[8, 16\\]"):
+        decoder([torch.randn(1, 8, 4, 4), torch.randn(1, 12, 2, 2)], (16, 16))
+
+
+@pytest.mark.parametrize(
+    "in_channels, num_classes, kwargs",
+    [([], 2, {}), ([8, 0], 2, {}), ([8], 0, {}), ([8, 16, 8, 8], 2, {"simple_pyramid": True})],
+)
+def test_invalid_construction_is_refused(in_channels, num_classes, kwargs):
+    with pytest.raises(ValueError):
+        build_decoder("upernet", in_channels, num_classes, **kwargs)

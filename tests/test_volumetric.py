@@ -1,0 +1,376 @@
+"""Volumetric segmenter: shapes, input-channel adaptation, methods, save / load, volume isolation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from medtuning_peft import volumetric
+from medtuning_peft.volumetric import (
+    TINY_BACKBONES,
+    adapt_input_channels,
+    build_segmenter,
+    extract_features,
+    feature_spec,
+    from_pretrained,
+    load_backbone,
+    plain_taps,
+    slices_to_volume,
+    volume_to_slices,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# test id -> tiny backbone name; `pytest -k swin` selects the Swin rows
+BACKBONES = {
+    "swin": "tiny-swin",
+    "swin_backbone": "tiny-swin-backbone",
+    "vit": "tiny-vit",
+    "dinov2": "tiny-dinov2",
+    "dinov2_registers": "tiny-dinov2-registers",
+    "segformer": "tiny-segformer",
+}
+DECODERS = ["upernet", "fpn", "segformer"]
+METHODS = ["med_adapter", "lora", "full", "decoder_only"]
+SMALL_DECODER = {"channels": 16}
+
+# (B, C, D, H, W): square and non-square slices, non-multiple-of-window sizes
+SHAPES = {"square": (2, 1, 3, 64, 64), "wide": (1, 4, 4, 48, 80)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(backbone: str, in_channels: int = 1, method: str = "decoder_only", decoder: str = "upernet", **kw):
+    return build_segmenter(
+        BACKBONES[backbone],
+        in_channels=in_channels,
+        num_classes=3,
+        decoder=decoder,
+        method=method,
+        decoder_kwargs=SMALL_DECODER,
+        **kw,
+    )
+
+
+def perturb_trained_parameters(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Move trained parameters and BatchNorm statistics away from their initial values."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        model.train()
+        model(x)
+    model.eval()
+
+
+def test_spec_table_covers_every_tiny_backbone():
+    assert set(BACKBONES.values()) == set(TINY_BACKBONES)
+
+
+def test_volume_slice_round_trip_is_volume_major():
+    x = torch.randn(2, 3, 4, 5, 6)  # (B, C, D, H, W)
+    slices = volume_to_slices(x)
+    assert slices.shape == (8, 3, 5, 6)
+    torch.testing.assert_close(slices[1 * 4 + 2], x[1, :, 2])  # row b*D + d is slice d of volume b
+    torch.testing.assert_close(slices_to_volume(slices, 2), x)
+
+
+def test_plain_backbones_tap_every_third_block():
+    assert plain_taps(12) == [2, 5, 8, 11]
+    assert plain_taps(24) == [5, 11, 17, 23]
+    assert plain_taps(4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_output_shape(backbone, decoder, shape):
+    B, C, D, H, W = SHAPES[shape]
+    model = make(backbone, in_channels=C, decoder=decoder).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(B, C, D, H, W))
+    assert logits.shape == (B, 3, D, H, W)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_feature_maps_match_declared_channels(backbone):
+    model, _ = load_backbone(BACKBONES[backbone])
+    maps = extract_features(model.eval(), torch.randn(2, 3, 64, 96))
+    assert [m.shape[1] for m in maps] == feature_spec(model).channels(model)
+    assert all(m.shape[0] == 2 and m.ndim == 4 for m in maps)
+
+
+@pytest.mark.parametrize("in_channels", [1, 4])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_constant_image_gives_the_same_embedding_after_channel_adaptation(backbone, in_channels):
+    original, _ = load_backbone(BACKBONES[backbone])
+    original.eval()
+    adapted = adapt_input_channels(copy.deepcopy(original), in_channels)
+    assert adapted.config.num_channels == in_channels
+    suffix = feature_spec(original).patch_embedding
+    before, after = (
+        original.get_submodule(_path(original, suffix)),
+        adapted.get_submodule(_path(adapted, suffix)),
+    )
+    assert all(getattr(m, "num_channels", in_channels) == in_channels for m in after.modules())
+
+    rgb, grey = torch.full((2, 3, 64, 64), 0.7), torch.full((2, in_channels, 64, 64), 0.7)
+    with torch.no_grad():
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        torch.testing.assert_close(first(after(grey)), first(before(rgb)))
+        for a, b in zip(extract_features(adapted, grey), extract_features(original, rgb)):
+            torch.testing.assert_close(a, b)
+        assert extract_features(adapted, torch.randn(1, in_channels, 64, 64))[0].shape[0] == 1
+
+
+def _path(model: torch.nn.Module, suffix: str) -> str:
+    return next(n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix))
+
+
+def test_channel_adaptation_is_a_no_op_when_already_right_and_refuses_non_rgb():
+    model, _ = load_backbone("tiny-vit")
+    conv = model.embeddings.patch_embeddings.projection
+    assert adapt_input_channels(model, 3).embeddings.patch_embeddings.projection is conv
+    adapt_input_channels(model, 2)
+    with pytest.raises(ValueError, match="only a 3-channel"):
+        adapt_input_channels(model, 4)
+    with pytest.raises(ValueError, match="in_channels"):
+        adapt_input_channels(model, 0)
+
+
+def _adapter_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that tuner layers add (everything on a tuner layer outside its base layer)."""
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names |= {f"{path}.{n}" for n, _ in module.named_parameters() if not n.startswith("base_layer.")}
+    return names
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backbone", ["swin", "vit", "segformer"])
+def test_trainable_parameters_are_what_the_method_claims(backbone, method):
+    model = make(backbone, method=method, num_slices=3)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    decoder = {n for n in names if n.startswith("decoder.")}
+    if method == "full":
+        assert trainable == set(names)
+    elif method == "decoder_only":
+        assert trainable == decoder
+    else:
+        adapters = _adapter_parameter_names(model)
+        trained_copy = {n for n in decoder if n.startswith("decoder.modules_to_save.")}
+        assert adapters and trained_copy
+        assert trainable == adapters | trained_copy
+        assert all(n.startswith("backbone.") for n in adapters)
+        assert model.peft_model is not None
+
+
+@pytest.mark.parametrize("method", ["med_adapter", "lora", "decoder_only"])
+@pytest.mark.parametrize("backbone", ["swin", "dinov2_registers", "segformer"])
+def test_slices_do_not_leak_across_volumes(backbone, method):
+    model = make(backbone, method=method, num_slices=4)
+    x = torch.randn(3, 1, 4, 32, 48)
+    perturb_trained_parameters(model, x)
+    changed = x.clone()
+    changed[1:] = torch.randn_like(changed[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[0], model(x)[0])
+
+
+def test_med_adapter_receives_the_slice_count():
+    # Built for 3 slices; a forward with D = 5 only works when the segmenter passes num_slices=D.
+    model = make("vit", method="med_adapter", num_slices=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 5, 32, 32)).shape == (2, 3, 5, 32, 32)
+
+
+def test_unknown_method_and_wrong_label_names_are_refused():
+    with pytest.raises(ValueError, match="Did you mean 'lora'"):
+        make("vit", method="lorra")
+    with pytest.raises(ValueError, match="label_names"):
+        make("vit", label_names=["background", "kidney"])
+    with pytest.raises(ValueError, match="Did you mean"):
+        build_segmenter("tiny-vit", 1, 2, decoder="upernett")
+    with pytest.raises(ValueError, match="takes no options"):
+        make("vit", method="full", r=8)
+
+
+def test_wrong_input_layout_is_refused():
+    model = make("vit", in_channels=4)
+    with pytest.raises(ValueError, match="C=1"):
+        model(torch.randn(1, 1, 2, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        model(torch.randn(1, 4, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------------------
+
+SAVE_CASES = [(b, m) for b in ("swin", "vit") for m in METHODS] + [("segformer", "med_adapter")]
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    import medtuning_peft
+
+    root = sys.argv[1]
+    x = load_file(f"{root}/input.safetensors")["x"]
+    out = {}
+    for name in json.loads(open(f"{root}/cases.json").read()):
+        model = medtuning_peft.from_pretrained(f"{root}/{name}")
+        assert not model.training
+        with torch.no_grad():
+            out[name] = model(x).contiguous()
+    save_file(out, f"{root}/outputs.safetensors")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Build, perturb and save every case; load all of them in one fresh Python process."""
+    root = tmp_path_factory.mktemp("saved")
+    x = torch.randn(2, 1, 4, 32, 48)
+    expected = {}
+    for backbone, method in SAVE_CASES:
+        name = f"{backbone}-{method}"
+        model = make(backbone, method=method, num_slices=4, label_names=["bg", "kidney", "tumor"])
+        perturb_trained_parameters(model, x)
+        with torch.no_grad():
+            expected[name] = model(x)
+        model.save_pretrained(root / name)
+    save_file({"x": x}, str(root / "input.safetensors"))
+    (root / "cases.json").write_text(json.dumps(list(expected)))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(root)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, expected, load_file(str(root / "outputs.safetensors"))
+
+
+@pytest.mark.parametrize("backbone, method", SAVE_CASES, ids=[f"{b}-{m}" for b, m in SAVE_CASES])
+def test_fresh_process_load_gives_identical_outputs(saved_models, backbone, method):
+    root, expected, loaded = saved_models
+    name = f"{backbone}-{method}"
+    torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0)
+    files = {p.name for p in (root / name).iterdir()}
+    weights = (
+        {"adapter_config.json", "adapter_model.safetensors"}
+        if method in ("med_adapter", "lora")
+        else {"model.safetensors"}
+    )
+    assert {"segmenter_config.json", "backbone"} | weights <= files
+    assert not [p for p in (root / name).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    config = json.loads((root / name / "segmenter_config.json").read_text())
+    assert config["method"] == method and config["label_names"] == ["bg", "kidney", "tumor"]
+
+
+def test_loaded_model_is_frozen_unless_trainable(saved_models):
+    root, _, _ = saved_models
+    model = from_pretrained(root / "vit-lora")
+    assert not any(p.requires_grad for p in model.parameters())
+    model = from_pretrained(root / "vit-decoder_only", is_trainable=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("decoder.")
+    }
+
+
+def test_hub_backbone_is_referenced_not_saved(tmp_path, monkeypatch):
+    base, _ = load_backbone("tiny-swin")
+    base.config._name_or_path = "example-org/swin-tiny"  # as if loaded from the Hub
+    pristine = copy.deepcopy(base)
+    model = build_segmenter(base, 1, 3, method="lora", decoder_kwargs=SMALL_DECODER)
+    x = torch.randn(1, 1, 2, 32, 32)
+    perturb_trained_parameters(model, x)
+    model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "backbone").exists()
+    config = json.loads((tmp_path / "out" / "segmenter_config.json").read_text())
+    assert (config["backbone"], config["backbone_weights"]) == ("example-org/swin-tiny", "hub")
+
+    calls = []
+
+    def fake_load_backbone(source, revision=None, with_weights=True):
+        calls.append(source)
+        return copy.deepcopy(pristine), {}
+
+    monkeypatch.setattr(volumetric, "load_backbone", fake_load_backbone)
+    loaded = from_pretrained(tmp_path / "out")
+    assert calls == ["example-org/swin-tiny"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+    model = make("vit")
+    model.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        assert set(allow_patterns) >= {"*.json", "*.safetensors"} and not any(
+            "bin" in p for p in allow_patterns
+        )
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(volumetric, "snapshot_download", fake_snapshot_download)
+    loaded = from_pretrained("example-org/kits19-vit", revision="main")
+    assert calls == [("example-org/kits19-vit", "main")] and not loaded.training
+
+
+def test_interrupted_save_leaves_the_previous_save_intact(tmp_path, monkeypatch):
+    model = make("vit")
+    target = tmp_path / "out"
+    model.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(volumetric, "save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directories left
+    monkeypatch.undo()
+    model.save_pretrained(target)  # overwriting an earlier save works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_refuses_a_foreign_non_empty_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make("vit").save_pretrained(tmp_path)
+
+
+def test_from_pretrained_explains_a_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="segmenter_config.json"):
+        from_pretrained(tmp_path)
