@@ -5,6 +5,12 @@ label with 0) -> foreground-biased random crop (``RandCropByPosNegLabeld``, or
 ``RandCropByLabelClassesd`` with per-class ratios) -> independent random flips per axis
 (``RandFlipd``) -> intensity scale and shift (``RandScaleIntensityd``, ``RandShiftIntensityd``).
 
+Crop centres are drawn from per-case voxel indices computed once (numpy, on first use) and handed to
+MONAI through ``fg_indices_key``/``bg_indices_key`` (``indices_key`` for class ratios), so an item
+never scans, copies or converts the whole volume: only the crop is read from the cached memory map.
+Each index group is subsampled to at most ``max_indices_per_group`` voxels (a fixed uniform subset
+per case), which bounds memory on large volumes without biasing where crops land.
+
 Randomness is seeded per item from ``(seed, epoch, index)``, so an epoch is reproducible whatever the
 number of ``DataLoader`` workers; call :meth:`CropDataset.set_epoch` each epoch for fresh crops.
 
@@ -15,6 +21,7 @@ Labels leave the datasets as *class indices*: the position of each voxel's value
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +79,7 @@ def build_train_transforms(
     intensity_scale: float = 0.1,
     intensity_shift: float = 0.1,
     intensity_prob: float = 0.5,
+    precomputed_indices: bool = False,
 ) -> Compose:
     """The random part of the training pipeline (after padding), on ``{"image", "label"}`` dicts.
 
@@ -87,10 +95,14 @@ def build_train_transforms(
         intensity_scale: ``RandScaleIntensityd`` factor range ``±intensity_scale``.
         intensity_shift: ``RandShiftIntensityd`` offset range ``±intensity_shift``.
         intensity_prob: Chance of each intensity transform.
+        precomputed_indices: Read crop-centre candidates from the dict instead of scanning the label:
+            flat ``(D, H, W)`` indices under ``"fg_indices"`` and ``"bg_indices"``, or a list of one
+            array per class index under ``"class_indices"`` with ``class_ratios``.
 
     Returns:
-        A MONAI ``Compose``; input image ``(C, D, H, W)`` and label ``(1, D, H, W)`` at least
-        ``crop_size``; output a one-element list of dicts cropped to ``crop_size``.
+        A MONAI ``Compose``; input image ``(C, D, H, W)`` and label ``(1, D, H, W)`` (class indices
+        when ``class_ratios`` is given and indices are not precomputed) at least ``crop_size``;
+        output a one-element list of dicts cropped to ``crop_size``.
 
     Raises:
         ValueError: For an invalid crop size, probability or axis.
@@ -119,6 +131,7 @@ def build_train_transforms(
             ratios=list(class_ratios),
             num_classes=len(class_ratios),
             num_samples=1,
+            indices_key="class_indices" if precomputed_indices else None,
             warn=False,
         )
     else:
@@ -129,6 +142,8 @@ def build_train_transforms(
             pos=foreground_probability,
             neg=1.0 - foreground_probability,
             num_samples=1,
+            fg_indices_key="fg_indices" if precomputed_indices else None,
+            bg_indices_key="bg_indices" if precomputed_indices else None,
         )
     transforms: list[Any] = [crop]
     transforms += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
@@ -149,6 +164,8 @@ class CropDataset(Dataset):
         crop_size: ``(D, H, W)`` of every crop; smaller volumes are padded.
         samples_per_case: Crops per case per epoch.
         seed: Base seed; item randomness derives from ``(seed, epoch, index)``.
+        max_indices_per_group: Crop-centre candidates kept per case and group (foreground,
+            background, or each class).
         **transform_options: Passed to :func:`build_train_transforms` (``foreground_probability``,
             ``class_ratios``, ``flip_axes``, ``flip_prob``, ``intensity_*``).
 
@@ -166,6 +183,7 @@ class CropDataset(Dataset):
         *,
         samples_per_case: int = 1,
         seed: int = 0,
+        max_indices_per_group: int = 50_000,
         **transform_options: Any,
     ) -> None:
         if not cases:
@@ -188,7 +206,14 @@ class CropDataset(Dataset):
         self.samples_per_case = samples_per_case
         self.seed = seed
         self.epoch = 0
-        self.transforms = build_train_transforms(self.crop_size, **transform_options)
+        if max_indices_per_group < 1:
+            raise ValueError(f"max_indices_per_group={max_indices_per_group}; pass a positive integer.")
+        self.max_indices_per_group = max_indices_per_group
+        self.class_ratios = transform_options.get("class_ratios")
+        self.transforms = build_train_transforms(
+            self.crop_size, precomputed_indices=True, **transform_options
+        )
+        self._indices: dict[int, dict[str, Any]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose crops ``__getitem__`` returns (deterministic per epoch)."""
@@ -197,20 +222,57 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases) * self.samples_per_case
 
+    def _padding(self, case: VolumeCase) -> list[SpatialPadd]:
+        """Pads image (background value) and label (0) to at least the crop size; ``[]`` if not needed."""
+        if all(n >= c for n, c in zip(case.shape, self.crop_size)):
+            return []
+        return [
+            SpatialPadd("image", self.crop_size, value=float(case.background_value)),
+            SpatialPadd("label", self.crop_size, value=0),
+        ]
+
+    def _crop_centre_indices(self, case_index: int, label: np.ndarray) -> dict[str, Any]:
+        """Flat ``(D, H, W)`` indices of crop-centre candidates of one case, computed once."""
+        if case_index not in self._indices:
+            case = self.cases[case_index]
+            classes = labels_to_classes(label, case.label_values)
+            rng = np.random.default_rng([self.seed, case_index])
+
+            def subset(mask: np.ndarray) -> np.ndarray:
+                flat = np.flatnonzero(mask)
+                if flat.size > self.max_indices_per_group:
+                    flat = np.sort(rng.choice(flat, self.max_indices_per_group, replace=False))
+                return flat
+
+            if self.class_ratios is not None:
+                groups = {"class_indices": [subset(classes == k) for k in range(len(self.class_ratios))]}
+            else:
+                groups = {"fg_indices": subset(classes > 0), "bg_indices": subset(classes == 0)}
+            self._indices[case_index] = groups
+        return self._indices[case_index]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        case = self.cases[index % len(self.cases)]
-        sample = {
-            "image": np.array(case.image, dtype=np.float32),  # copy: cached arrays are read-only mmaps
-            "label": labels_to_classes(case.label, case.label_values)[None],  # (D, H, W) -> (1, D, H, W)
-        }
-        sample = SpatialPadd("image", self.crop_size, value=float(case.background_value))(sample)
-        sample = SpatialPadd("label", self.crop_size, value=0)(sample)
+        case_index = index % len(self.cases)
+        case = self.cases[case_index]
+        with warnings.catch_warnings():
+            # Cached arrays are read-only memory maps; the tensors below are views that are only read
+            # (crop, then copies by flips/intensity/clone), never written.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            sample: dict[str, Any] = {
+                "image": torch.as_tensor(np.asarray(case.image)),  # (C, D, H, W), no copy
+                "label": torch.as_tensor(np.asarray(case.label))[None],  # (D, H, W) -> (1, D, H, W)
+            }
+        for pad in self._padding(case):
+            sample = pad(sample)
+        sample.update(self._crop_centre_indices(case_index, np.asarray(sample["label"][0])))
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
         self.transforms.set_random_state(seed=int(state))
         crop = self.transforms(sample)[0]
+        image = convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False)
+        label = np.asarray(convert_to_tensor(crop["label"][0], track_meta=False))  # (1, D, H, W) -> (D, H, W)
         return {
-            "image": convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False),
-            "label": convert_to_tensor(crop["label"], dtype=torch.int64, track_meta=False)[0],
+            "image": image.clone(),  # own memory, never a view of the cache
+            "label": torch.from_numpy(labels_to_classes(label, case.label_values)),
             "case_id": case.case_id,
         }
 
