@@ -54,8 +54,10 @@ __all__ = [
     "build_segmenter",
     "extract_features",
     "feature_channels",
+    "feature_spec",
     "from_pretrained",
     "load_backbone",
+    "plain_taps",
     "slices_to_volume",
     "volume_to_slices",
 ]
@@ -455,7 +457,11 @@ def _model_class(name: str) -> type[PreTrainedModel]:
 
 
 def load_backbone(
-    source: str, revision: str | None = None, with_weights: bool = True
+    source: str,
+    revision: str | None = None,
+    with_weights: bool = True,
+    backbone_class: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Load a transformers backbone by tiny name, local directory or Hub id (safetensors only).
 
@@ -464,32 +470,44 @@ def load_backbone(
         revision: Hub revision (branch, tag or commit).
         with_weights: False builds the architecture from the config only (random init), e.g. when the
             weights come from elsewhere.
+        backbone_class: transformers class to load, e.g. ``"SwinBackbone"``; default: the
+            :data:`FEATURE_SPECS` class of the checkpoint's ``model_type``.
+        config_overrides: config attributes to set when loading, e.g. ``{"out_features": [...]}``.
 
     Returns:
-        ``(model, info)``; ``info`` holds ``backbone``, ``backbone_class``, ``backbone_revision`` and
-        ``backbone_reloadable`` (True only for a Hub id: the weights need not be saved with an adapter).
+        ``(model, info)``; ``info`` holds ``backbone``, ``backbone_class``, ``backbone_revision``,
+        ``backbone_config_overrides`` and ``backbone_reloadable`` (True only for a Hub id: the weights need
+        not be saved with an adapter).
 
     Raises:
-        ValueError: for an unsupported ``model_type``.
+        ValueError: for an unsupported ``model_type`` or a ``backbone_class`` of another architecture.
     """
     if source in TINY_BACKBONES:
         class_name, make_config = TINY_BACKBONES[source]
         model = _model_class(class_name)(make_config())
         info = {"backbone": source, "backbone_class": class_name, "backbone_revision": None}
-        return model, {**info, "backbone_reloadable": False}
-    config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+        return model, {**info, "backbone_config_overrides": None, "backbone_reloadable": False}
+    overrides = dict(config_overrides or {})
+    config = transformers.AutoConfig.from_pretrained(source, revision=revision, **overrides)
     if config.model_type not in FEATURE_SPECS:
         raise ValueError(_unknown(f"backbone model_type of {source!r}:", config.model_type, FEATURE_SPECS))
-    class_name = FEATURE_SPECS[config.model_type].model_class
+    class_name = backbone_class or FEATURE_SPECS[config.model_type].model_class
     cls = _model_class(class_name)
-    model = (
-        cls.from_pretrained(source, revision=revision, use_safetensors=True) if with_weights else cls(config)
-    )
+    if cls.config_class.model_type != config.model_type:
+        raise ValueError(
+            f"backbone_class={class_name!r} is a {cls.config_class.model_type!r} model but {source!r} holds a "
+            f"{config.model_type!r} checkpoint; leave backbone_class unset or pick a {config.model_type} class."
+        )
+    if with_weights:
+        model = cls.from_pretrained(source, config=config, revision=revision, use_safetensors=True)
+    else:
+        model = cls(config)
     local = Path(source).is_dir()
     info = {
         "backbone": source,
         "backbone_class": class_name,
         "backbone_revision": None if local else (getattr(config, "_commit_hash", None) or revision),
+        "backbone_config_overrides": overrides or None,
         "backbone_reloadable": not local,
     }
     return model, info
@@ -498,10 +516,12 @@ def load_backbone(
 def _object_info(model: PreTrainedModel) -> dict[str, Any]:
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or ""
     reloadable = bool(name) and name not in TINY_BACKBONES and not Path(name).exists()
+    out_features = getattr(model, "out_features", None)  # a transformers *Backbone keeps its stages
     return {
         "backbone": name or None,
         "backbone_class": type(model).__name__,
         "backbone_revision": getattr(model.config, "_commit_hash", None) if reloadable else None,
+        "backbone_config_overrides": {"out_features": list(out_features)} if out_features else None,
         "backbone_reloadable": reloadable,
     }
 
@@ -752,6 +772,7 @@ def build_segmenter(
     crop_size: Sequence[int] | None = None,
     preprocessing: dict[str, Any] | None = None,
     revision: str | None = None,
+    save_backbone: bool | None = None,
     **method_kwargs: Any,
 ) -> VolumetricSegmenter:
     """Build a volumetric segmenter: backbone, input-channel adaptation, decoder, training method.
@@ -771,6 +792,9 @@ def build_segmenter(
         crop_size: training crop ``(D, H, W)``, saved with the model.
         preprocessing: JSON-serializable preprocessing settings, saved with the model.
         revision: Hub revision of ``backbone``.
+        save_backbone: whether :meth:`VolumetricSegmenter.save_pretrained` stores the base backbone weights.
+            None (default) stores them unless the backbone re-loads by Hub id (a Hub id, or a model object
+            whose ``name_or_path`` is one: pass True when such an object's weights were changed).
         **method_kwargs: options of the method's peft config (``MedAdapterConfig`` / ``LoraConfig``).
 
     Returns:
@@ -779,20 +803,12 @@ def build_segmenter(
     Raises:
         ValueError: for an unknown decoder, method or backbone type, ``label_names`` of the wrong length,
             or non-JSON ``preprocessing``.
+        TypeError: when ``backbone`` is neither a string nor a transformers model.
     """
     if method not in METHODS:
         raise ValueError(_unknown("method", method, METHODS))
-    if isinstance(backbone, str):
-        model, info = load_backbone(backbone, revision=revision)
-    elif isinstance(backbone, PreTrainedModel):
-        model, info = backbone, _object_info(backbone)
-    else:
-        raise TypeError(
-            f"backbone must be a Hub id, a local directory, one of {sorted(TINY_BACKBONES)} or a "
-            f"transformers model, got {type(backbone).__name__}."
-        )
-    spec = feature_spec(model)
-    adapt_input_channels(model, in_channels)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (background included), got {num_classes!r}.")
     label_names = list(label_names) if label_names is not None else [f"class_{k}" for k in range(num_classes)]
     if len(label_names) != num_classes:
         raise ValueError(
@@ -805,10 +821,22 @@ def build_segmenter(
             raise ValueError(f"crop_size must be (D, H, W), got {crop_size}.")
     if num_slices is None and crop_size is not None:
         num_slices = crop_size[0]
-    decoder_kwargs = {"simple_pyramid": spec.simple_pyramid, **(decoder_kwargs or {})}
     _check_json("decoder_kwargs", decoder_kwargs)
     _check_json("preprocessing", preprocessing)
-    _check_json("method_kwargs", method_kwargs)
+    if isinstance(backbone, str):
+        model, info = load_backbone(backbone, revision=revision)
+    elif isinstance(backbone, PreTrainedModel):
+        model, info = backbone, _object_info(backbone)
+    else:
+        raise TypeError(
+            f"backbone must be a Hub id, a local directory, one of {sorted(TINY_BACKBONES)} or a "
+            f"transformers model, got {type(backbone).__name__}."
+        )
+    if save_backbone is not None:
+        info["backbone_reloadable"] = info["backbone_reloadable"] and not save_backbone
+    spec = feature_spec(model)
+    decoder_kwargs = {"simple_pyramid": spec.simple_pyramid, **(decoder_kwargs or {})}
+    adapt_input_channels(model, in_channels)
     head = build_decoder(decoder, feature_channels(model), num_classes, **decoder_kwargs)
     config = {
         "format_version": FORMAT_VERSION,
@@ -822,7 +850,11 @@ def build_segmenter(
         "num_slices": num_slices,
         "crop_size": crop_size,
         "preprocessing": preprocessing,
-        "versions": {"transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {
+            "medtuning_peft": getattr(importlib.import_module("medtuning_peft"), "__version__", None),
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
     }
     segmenter = VolumetricSegmenter(model, head, config)
     options = dict(method_kwargs)
@@ -836,6 +868,12 @@ def _resolve(model_id_or_path: str | os.PathLike, revision: str | None) -> Path:
     path = Path(model_id_or_path).expanduser()
     if path.is_dir():
         return path
+    text = str(model_id_or_path)
+    if path.exists() or path.is_absolute() or text.startswith(".") or text.count("/") > 1:
+        raise FileNotFoundError(
+            f"{text!r} is not a directory and not a Hub id ('org/name'); pass the directory written by "
+            f"VolumetricSegmenter.save_pretrained."
+        )
     return Path(
         snapshot_download(
             repo_id=str(model_id_or_path),
@@ -897,7 +935,11 @@ def from_pretrained(
         )
     else:
         backbone, _ = load_backbone(
-            config["backbone"], config.get("backbone_revision"), with_weights=with_weights
+            config["backbone"],
+            config.get("backbone_revision"),
+            with_weights=with_weights,
+            backbone_class=config.get("backbone_class"),
+            config_overrides=config.get("backbone_config_overrides"),
         )
     adapt_input_channels(backbone, config["in_channels"])
     head = build_decoder(

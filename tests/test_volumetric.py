@@ -197,6 +197,23 @@ def test_slices_do_not_leak_across_volumes(backbone, method):
         torch.testing.assert_close(model(changed)[0], model(x)[0])
 
 
+@pytest.mark.parametrize("backbone", ["vit", "dinov2_registers"])
+def test_plain_features_include_the_adapter_of_the_tapped_block(backbone):
+    model = make(backbone, method="med_adapter", num_slices=2)
+    x = torch.randn(1, 1, 2, 32, 32)
+    perturb_trained_parameters(model, x)
+    blocks = model.backbone.get_submodule("layers" if backbone == "vit" else "encoder.layer")
+    last = blocks[len(blocks) - 1]
+    assert isinstance(last, BaseTunerLayer)
+    seen = []
+    handle = last.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        maps = extract_features(model.backbone, volume_to_slices(x), num_slices=2)
+    handle.remove()
+    tokens = seen[0][:, -16:]  # (B*D, N, C) -> (B*D, h*w, C), a 4 x 4 grid
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), tokens)  # (B*D, C, h, w) -> (B*D, h*w, C)
+
+
 def test_med_adapter_receives_the_slice_count():
     # Built for 3 slices; a forward with D = 5 only works when the segmenter passes num_slices=D.
     model = make("vit", method="med_adapter", num_slices=3).eval()
@@ -318,13 +335,61 @@ def test_hub_backbone_is_referenced_not_saved(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_load_backbone(source, revision=None, with_weights=True):
+    def fake_load_backbone(source, revision=None, with_weights=True, **kwargs):
         calls.append(source)
         return copy.deepcopy(pristine), {}
 
     monkeypatch.setattr(volumetric, "load_backbone", fake_load_backbone)
     loaded = from_pretrained(tmp_path / "out")
     assert calls == ["example-org/swin-tiny"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_backbone_class_and_stages_survive_a_reload_by_id(tmp_path, monkeypatch):
+    base, _ = load_backbone("tiny-swin-backbone")
+    base.name_or_path = "example-org/swin-tiny"
+    model = build_segmenter(base, 1, 3, method="decoder_only", decoder_kwargs=SMALL_DECODER)
+    model.save_pretrained(tmp_path / "out")
+    received = {}
+
+    def fake_load_backbone(
+        source, revision=None, with_weights=True, backbone_class=None, config_overrides=None
+    ):
+        received.update(backbone_class=backbone_class, config_overrides=config_overrides)
+        return load_backbone("tiny-swin-backbone")
+
+    monkeypatch.setattr(volumetric, "load_backbone", fake_load_backbone)
+    from_pretrained(tmp_path / "out")
+    assert received == {
+        "backbone_class": "SwinBackbone",
+        "config_overrides": {"out_features": ["stage1", "stage2", "stage3", "stage4"]},
+    }
+
+
+def test_save_backbone_forces_saving_a_hub_backbone(tmp_path):
+    base, _ = load_backbone("tiny-vit")
+    base.name_or_path = "example-org/vit-tiny"
+    model = build_segmenter(
+        base, 1, 3, method="decoder_only", decoder_kwargs=SMALL_DECODER, save_backbone=True
+    )
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
+
+
+def test_local_backbone_directory_is_loaded_and_saved_with_the_model(tmp_path):
+    base, _ = load_backbone("tiny-segformer")
+    base.save_pretrained(tmp_path / "pretrained")
+    model = build_segmenter(str(tmp_path / "pretrained"), 4, 3, method="lora", decoder_kwargs=SMALL_DECODER)
+    adapted = adapt_input_channels(copy.deepcopy(base), 4).eval()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():  # same weights as the directory, channel-adapted
+        torch.testing.assert_close(extract_features(model.backbone, x)[-1], extract_features(adapted, x)[-1])
+    perturb_trained_parameters(model, torch.randn(1, 4, 2, 32, 32))
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
+    loaded = from_pretrained(tmp_path / "out")
+    x = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
 
@@ -374,3 +439,5 @@ def test_save_refuses_a_foreign_non_empty_directory(tmp_path):
 def test_from_pretrained_explains_a_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="segmenter_config.json"):
         from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(tmp_path / "missing")
