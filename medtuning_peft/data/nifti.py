@@ -61,6 +61,8 @@ def read_nifti(
             data = np.asanyarray(image.dataobj)
         else:
             data = image.get_fdata(dtype=np.float32, caching="unchanged")
+    except MemoryError:
+        raise
     except Exception as error:  # nibabel, gzip, zlib and numpy all raise their own types here
         raise CaseLoadError(
             case_error(

@@ -55,10 +55,7 @@ def synthetic_kits19_case(
     rng = np.random.default_rng(0) if rng is None else rng
     extent = np.asarray(shape, float) * np.asarray(spacing, float)  # mm along (D, H, W)
     # Voxel-centre coordinates in mm, broadcastable: (D, 1, 1), (1, H, 1), (1, 1, W).
-    grid = tuple(
-        (np.arange(n) + 0.5)[tuple(slice(None) if a == i else None for a in range(3))] * s
-        for i, (n, s) in enumerate(zip(shape, spacing))
-    )
+    grid = tuple(g * s for g, s in zip(np.ogrid[tuple(slice(0.5, n) for n in shape)], spacing))
     centre = extent / 2 + np.array(
         [0.0, rng.uniform(-0.03, 0.03) * extent[1], rng.uniform(-0.03, 0.03) * extent[2]]
     )
@@ -166,7 +163,8 @@ def write_synthetic_kits19(
     ``out_dir/case_XXXXX/imaging.nii.gz`` (int16 HU) and ``segmentation.nii.gz`` (uint8: 0 bg,
     1 kidney, 2 tumour) for the first ``num_cases - num_unlabelled`` cases; the last ``num_unlabelled``
     cases have no segmentation (prediction-only, like KiTS19's test cases). Case ``k`` depends only on
-    ``(seed, k)``, not on ``num_cases``. A ``synthetic_kits19.json`` records the arguments.
+    ``(seed, k)``, not on ``num_cases``. A ``synthetic_kits19.json`` records the arguments. Existing
+    ``case_XXXXX`` folders beyond ``num_cases`` are left in place: write into an empty folder.
 
     Args:
         out_dir: Output folder (created).
