@@ -136,6 +136,12 @@ def test_2d_image_is_rejected(tmp_path):
         load_kits19_case(case_dir)
 
 
+def test_multi_channel_label_is_rejected(tmp_path):
+    case_dir = _write_case(tmp_path, label=np.zeros((8, 16, 16, 2), np.uint8))
+    with pytest.raises(CaseLoadError, match=r"segmentation\.nii\.gz.*shape \(8, 16, 16, 2\).*3D"):
+        load_kits19_case(case_dir)
+
+
 def test_shape_mismatch_names_both_files(tmp_path):
     case_dir = _write_case(tmp_path, label=np.zeros((8, 16, 15), np.uint8))
     with pytest.raises(CaseLoadError, match=r"segmentation\.nii\.gz.*shape \(8, 16, 15\).*imaging\.nii\.gz"):
