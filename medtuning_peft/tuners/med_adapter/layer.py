@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,50 @@ class ForwardContext:
     def end(self) -> None:
         self.num_slices = None
         self.prev.clear()
+
+    def snapshot(self) -> tuple:
+        return self.num_slices, self.pixel_hw, dict(self.prev)
+
+    @contextlib.contextmanager
+    def restored(self, snapshot: tuple) -> Iterator[None]:
+        """Run a block with the context of a past forward (activation checkpointing recomputes blocks
+        during backward, when the live context belongs to a later forward or to none)."""
+        saved = self.snapshot()
+        self.num_slices, self.pixel_hw, prev = snapshot
+        self.prev = dict(prev)
+        try:
+            yield
+        finally:
+            self.num_slices, self.pixel_hw, self.prev = saved[0], saved[1], saved[2]
+
+    def checkpoint_func(self, original: Callable) -> Callable:
+        """Wrap a transformers ``_gradient_checkpointing_func`` so recomputation sees this forward's context.
+
+        Raises:
+            ValueError: for reentrant checkpointing, which loses the inter-stage gradients.
+        """
+
+        @functools.wraps(original)
+        def checkpoint(function, *args, **kwargs):
+            keywords = getattr(original, "keywords", None) or {}
+            if keywords.get("use_reentrant", False):
+                raise ValueError(
+                    "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
+                    "flow through the inter-stage features would be lost. Enable it with "
+                    "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
+                )
+            if "context_fn" in kwargs:
+                raise ValueError("Med-Adapter sets the checkpoint `context_fn` itself; do not pass one.")
+            snapshot = self.snapshot()
+            return original(
+                function,
+                *args,
+                context_fn=lambda: (contextlib.nullcontext(), self.restored(snapshot)),
+                **kwargs,
+            )
+
+        checkpoint.med_adapter_original = original
+        return checkpoint
 
 
 @dataclass(frozen=True)
@@ -130,20 +176,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         raise NotImplementedError("Med-Adapter is never merged, so there is nothing to unmerge.")
 
-    def _refuse_reentrant_checkpointing(self) -> None:
-        base = self.base_layer
-        if not (self.training and getattr(base, "gradient_checkpointing", False)):
-            return
-        fn = getattr(base, "_gradient_checkpointing_func", None)
-        if isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", False):
-            raise ValueError(
-                "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
-                "flow through the inter-stage features would be lost. Enable it with "
-                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
-            )
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._refuse_reentrant_checkpointing()
         out = self.base_layer(*args, **kwargs)
         if self.disable_adapters:
             return out

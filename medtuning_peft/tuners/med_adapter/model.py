@@ -184,6 +184,7 @@ class MedAdapterModel(BaseTuner):
         def backbone_pre_hook(module, args, kwargs):
             pop_num_slices(kwargs)
             ctx.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
+            self._wrap_checkpoint_functions(module)
             return args, kwargs
 
         def root_post_hook(module, args, kwargs, output):
@@ -201,6 +202,22 @@ class MedAdapterModel(BaseTuner):
         handles.append(model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True))
         self._hook_handles = handles
 
+    def _wrap_checkpoint_functions(self, backbone: nn.Module) -> None:
+        # transformers checkpoints whole stages (Swin) or blocks; the recomputation in backward must see the
+        # inter-stage features of the forward it replays. Cheap when nothing changed: one attribute read per
+        # checkpointable module.
+        for module in backbone.modules():
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            wrapped = fn is None or hasattr(fn, "med_adapter_original")
+            if not wrapped and getattr(module, "gradient_checkpointing", False):
+                module._gradient_checkpointing_func = self._context.checkpoint_func(fn)
+
+    def _unwrap_checkpoint_functions(self) -> None:
+        for module in self.model.modules():
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and hasattr(fn, "med_adapter_original"):
+                module._gradient_checkpointing_func = fn.med_adapter_original
+
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
             "Med-Adapter cannot be merged into the base weights (it is not a weight delta: it mixes slices with "
@@ -216,6 +233,7 @@ class MedAdapterModel(BaseTuner):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self._unwrap_checkpoint_functions()
         self._context.end()
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

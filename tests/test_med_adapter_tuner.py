@@ -1,0 +1,455 @@
+"""Med-Adapter through peft's public API on every supported backbone (tiny configs, random init)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import PeftType
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_models import BUILDERS, HEADS, build, output_tensor, slices
+from torch import nn
+from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
+
+import medtuning_peft
+from medtuning_peft import MedAdapterConfig
+from medtuning_peft.tuners.med_adapter import MedAdapterLayer
+
+D = 3  # slices per volume
+NAMES = list(BUILDERS)
+TESTS_DIR = Path(__file__).parent
+
+
+def adapted(name: str, seed: int = 0, **config) -> PeftModel:
+    config.setdefault("num_slices", D)
+    return get_peft_model(build(name, seed), MedAdapterConfig(modules_to_save=HEADS.get(name), **config))
+
+
+def run(model, x, **kw) -> torch.Tensor:
+    return output_tensor(model(pixel_values=x, **kw))
+
+
+def train_steps(model, x, steps=2, lr=1e-2):
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        run(model, x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+# --- parameter parity ---------------------------------------------------------------------------------
+
+
+def _inserted(model) -> tuple[int, int]:
+    before = sum(p.numel() for p in model.parameters())
+    pm = get_peft_model(model, MedAdapterConfig())
+    after = sum(p.numel() for p in pm.parameters())
+    return after - before, sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def test_parameter_parity_with_the_paper_on_swin_t():
+    swin = SwinModel(
+        SwinConfig(
+            image_size=128,
+            patch_size=4,
+            num_channels=4,
+            embed_dim=96,
+            depths=[2, 2, 2, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=4,
+        )
+    )
+    assert _inserted(swin) == (737_568, 737_568)
+
+
+def test_parameter_parity_with_the_paper_on_vit_b16():
+    vit = ViTModel(
+        ViTConfig(
+            image_size=128,
+            patch_size=16,
+            num_channels=4,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+        add_pooling_layer=False,
+    )
+    assert _inserted(vit) == (2_845_696, 2_845_696)
+
+
+# --- training touches only what it should -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_adapter_and_head_params_train_and_change(name):
+    model = adapted(name)
+    heads = HEADS.get(name, [])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for n in trainable:
+        assert ".med_adapter." in n or ".modules_to_save." in n, n
+    assert any(".med_adapter." in n for n in trainable)
+    if heads:
+        assert any(".modules_to_save." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = slices(2, D)
+    for _ in range(2):
+        run(model, x).square().mean().backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) <= (n in trainable), f"frozen {n} got a gradient"
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    for n, p in model.named_parameters():
+        if n in trainable:
+            if p.grad is not None and before[n].numel() and not torch.equal(p.grad, torch.zeros_like(p)):
+                assert not torch.equal(p, before[n]), f"trainable {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+# --- volumes are independent; the spectral branch spans the volume ------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_slices_do_not_leak_across_volumes(name):
+    model = train_steps(adapted(name), slices(2, D))
+    x = slices(2, D)
+    with torch.no_grad():
+        ref = run(model, x)
+        x2 = x.clone()
+        x2[:D] += torch.randn_like(x2[:D])  # perturb volume 0 only
+        out = run(model, x2)
+    assert torch.equal(out[D:], ref[D:])
+    assert not torch.equal(out[:D], ref[:D])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spectral_branch_reaches_every_slice_of_its_own_volume(name):
+    # Six slices, a single in-plane-only kernel (k = 1): only the spectral branch can mix slices.
+    model = adapted(name, num_slices=6, kernel_sizes=(1,), inter_stage=False).eval()
+    base = build(name)
+    x = slices(2, 6)
+    x2 = x.clone()
+    x2[0] += 1.0  # perturb slice 0 of volume 0
+    with torch.no_grad():
+        changed = (run(model, x2) - run(model, x)).flatten(1).abs().amax(1)
+        base_changed = (run(base, x2) - run(base, x)).flatten(1).abs().amax(1)
+    assert torch.all(base_changed[1:] == 0)  # the 2D backbone alone never mixes slices
+    assert torch.all(changed[:6] > 0), changed
+    assert torch.all(changed[6:] == 0), changed
+
+
+# --- save / load -------------------------------------------------------------------------------------
+
+RELOAD = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    import medtuning_peft
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny_models import build, output_tensor
+    t = load_file({tensors!r})
+    diffs = {{}}
+    for adapter_name, low_mem in (("default", False), ("colleague", True)):
+        model = PeftModel.from_pretrained(build({name!r}), {adapter_dir!r}, adapter_name=adapter_name,
+                                          low_cpu_mem_usage=low_mem).eval()
+        with torch.no_grad():
+            out = output_tensor(model(pixel_values=t["x"]))
+        diffs[adapter_name] = (out - t["ref"]).abs().max().item()
+    print(json.dumps(diffs))
+    """
+)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fresh_process_load_gives_identical_outputs(name, tmp_path):
+    model = train_steps(adapted(name), slices(2, D, seed=3))  # moves weights and BatchNorm statistics
+    x = slices(2, D)
+    with torch.no_grad():
+        ref = run(model, x)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    files = sorted(p.name for p in adapter_dir.iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "MED_ADAPTER"
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert all(".med_adapter." in k or any(f".{h}." in k for h in HEADS.get(name, [])) for k in keys), keys
+    assert any(k.endswith("norm.running_mean") for k in keys)  # BatchNorm statistics travel with the adapter
+    save_file({"x": x, "ref": ref.contiguous()}, tmp_path / "tensors.safetensors")
+    code = RELOAD.format(
+        tests=str(TESTS_DIR),
+        tensors=str(tmp_path / "tensors.safetensors"),
+        name=name,
+        adapter_dir=str(adapter_dir),
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert diffs == {"default": 0.0, "colleague": 0.0}
+
+
+def test_loading_needs_the_registration_and_says_so_otherwise(tmp_path):
+    adapted("swin").save_pretrained(tmp_path)
+    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "MED_ADAPTER" in proc.stderr
+
+
+# --- disable / unload / adapters ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_disable_adapter_equals_the_base_model(name):
+    x = slices(2, D)
+    model = train_steps(adapted(name), x)
+    with torch.no_grad():
+        base = run(build(name), x)
+        with model.disable_adapter():
+            disabled = run(model, x)
+        enabled = run(model, x)
+    # Trained modules_to_save heads are switched back to the original heads too.
+    assert torch.equal(disabled, base)
+    assert not torch.equal(enabled, base)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unload_restores_the_original_model(name):
+    x = slices(2, D)
+    original = build(name)
+    with torch.no_grad():
+        base = run(original, x)
+    model = get_peft_model(original, MedAdapterConfig(num_slices=D))
+    restored = model.unload()
+    assert restored is original
+    assert not any(isinstance(m, MedAdapterLayer) for m in restored.modules())
+    assert not restored._forward_pre_hooks and not restored._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(run(restored, x), base)
+
+
+def test_merge_and_unload_is_refused_with_the_reason():
+    model = adapted("swin")
+    with pytest.raises(NotImplementedError, match="not a weight delta"):
+        model.merge_and_unload()
+    with pytest.raises(NotImplementedError, match="not a weight delta"):
+        model.merge_adapter()
+
+
+def test_add_set_and_delete_adapters():
+    model = adapted("swin")
+    x = slices(2, D)
+    model.add_adapter("other", MedAdapterConfig(num_slices=D, init_identity=True))
+    with torch.no_grad():
+        first = run(model, x)
+        model.set_adapter("other")
+        second = run(model, x)
+        base = run(build("swin"), x)
+    torch.testing.assert_close(second, base)  # init_identity: the new adapter starts as the identity
+    assert not torch.equal(first, second)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".med_adapter.other." in n for n in trainable)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert all("other" not in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(run(model, x), first)
+
+
+def test_print_trainable_parameters_counts_the_adapters(capsys):
+    model = adapted("vit")
+    model.print_trainable_parameters()
+    expected = sum(p.numel() for n, p in model.named_parameters() if ".med_adapter." in n)
+    assert f"trainable params: {expected:,}" in capsys.readouterr().out
+
+
+# --- slices at run time -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["swin", "vit", "segformer"])
+def test_runtime_num_slices_overrides_the_config(name):
+    model = train_steps(adapted(name), slices(2, D))
+    x = slices(2, D)
+    with torch.no_grad():
+        assert torch.equal(run(model, x, num_slices=D), run(model, x))
+        other = run(model, slices(2, 4), num_slices=4)  # resampled spectral filter
+        single = run(model, slices(1, 2 * D), num_slices=2 * D)
+    assert other.shape[0] == 8 and single.shape[0] == 2 * D
+
+
+def test_a_slice_batch_that_is_not_whole_volumes_is_refused():
+    model = adapted("swin")
+    with pytest.raises(ValueError, match="not a whole number of volumes of num_slices=3"):
+        run(model, slices(1, 4))
+    with pytest.raises(ValueError, match="num_slices must be a positive int"):
+        run(model, slices(1, 3), num_slices=0)
+
+
+# --- precision, checkpointing, hidden states -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["swin", "vit", "segformer", "dinov2_registers"])
+def test_bf16_autocast_forward_and_backward(name):
+    model = adapted(name).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, slices(2, D))
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".med_adapter." in n)
+
+
+def test_bf16_base_weights_keep_float32_adapters():
+    model = get_peft_model(build("vit").to(torch.bfloat16), MedAdapterConfig(num_slices=D))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    out = run(model, slices(2, D).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("name", ["swin", "vit", "segformer"])
+def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name):
+    x = slices(2, D)
+
+    def grads(checkpointing: bool):
+        model = adapted(name).train()
+        for m in model.modules():  # dropout off: compare the math, not the random masks
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        run(model, x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_checkpointed_recomputation_replays_its_own_forward():
+    # Two forwards, then one backward: each recomputation must see the inter-stage features of the forward it
+    # replays, not those of the later one.
+    x1, x2 = slices(2, D, seed=5), slices(2, D, seed=6)
+
+    def grads(checkpointing: bool):
+        model = adapted("swin").train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "SwinDropPath":
+                m.eval()
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        loss = run(model, x1).square().mean() + run(model, x2).abs().mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_reentrant_gradient_checkpointing_is_refused():
+    model = adapted("swin").train()
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
+    with pytest.raises(ValueError, match="use_reentrant"):
+        run(model, slices(2, D))
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "dinov2_registers"])
+def test_vit_like_hidden_states_include_the_adapter(name):
+    model = train_steps(adapted(name), slices(2, D))
+    x = slices(2, D)
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+        base = build(name)(pixel_values=x, output_hidden_states=True)
+    layernorm = model.base_model.model.layernorm
+    torch.testing.assert_close(layernorm(out.hidden_states[-1]), out.last_hidden_state)
+    torch.testing.assert_close(out.hidden_states[0], base.hidden_states[0])  # embeddings: before any adapter
+    assert all(not torch.equal(a, b) for a, b in zip(out.hidden_states[1:], base.hidden_states[1:]))
+
+
+def test_backbone_feature_maps_include_the_adapter():
+    model = train_steps(adapted("swin_backbone"), slices(2, D))
+    x = slices(2, D)
+    with torch.no_grad():
+        maps = model(pixel_values=x).feature_maps
+        base_maps = build("swin_backbone")(pixel_values=x).feature_maps
+    assert all(not torch.equal(a, b) for a, b in zip(maps, base_maps))
+
+
+# --- structure and errors ------------------------------------------------------------------------------
+
+
+def test_inter_stage_blocks_follow_the_backbone():
+    swin = adapted("swin")
+    vit = adapted("vit")
+    assert swin.peft_config["default"].inter_stage_modules == [
+        "encoder.layers.0.blocks.1",
+        "encoder.layers.1.blocks.1",
+    ]
+    assert vit.peft_config["default"].inter_stage_modules == ["layers.2", "layers.5"]
+    fused = [
+        n
+        for n, m in vit.named_modules()
+        if isinstance(m, MedAdapterLayer) and m.med_adapter["default"].is_inter_stage
+    ]
+    assert [n.rsplit(".", 1)[-1] for n in fused] == ["2", "5"]
+    none = adapted("vit", inter_stage=False)
+    assert not any(
+        m.med_adapter["default"].is_inter_stage for m in none.modules() if isinstance(m, MedAdapterLayer)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"reduction_ratio": 0}, "reduction_ratio must be an int >= 1, got 0"),
+        ({"num_slices": -2}, "num_slices must be an int >= 1, got -2"),
+        ({"kernel_sizes": (3, 4)}, "kernel_sizes must hold odd positive ints"),
+        ({"kernel_sizes": 3}, "kernel_sizes must be a list or tuple"),
+        ({"kernel_sizes": (3, 3)}, "kernel_sizes has duplicates"),
+        ({"kernel_sizes": (), "use_fft": False}, "has no branch"),
+        ({"use_fft": "yes"}, "use_fft must be True or False"),
+        ({"target_modules": 5}, "target_modules must be None, a regex string or a list"),
+    ],
+)
+def test_invalid_config_values_are_refused_with_the_field_and_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MedAdapterConfig(**kwargs)
+
+
+def test_a_model_without_supported_blocks_is_refused():
+    with pytest.raises(ValueError, match="found no supported transformer block.*swin"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4)), MedAdapterConfig())
+
+
+def test_targets_that_are_not_blocks_are_refused():
+    with pytest.raises(ValueError, match="not a transformer block Med-Adapter knows"):
+        get_peft_model(build("vit"), MedAdapterConfig(target_modules=["layers.0.attention"]))
+
+
+def test_registration_is_idempotent():
+    importlib.reload(medtuning_peft.tuners.med_adapter.registration)
+    importlib.reload(importlib.import_module("medtuning_peft.tuners.med_adapter"))
+    assert [m for m in PeftType if m == "MED_ADAPTER"] == [PeftType.MED_ADAPTER]
+    model = get_peft_model(build("swin"), medtuning_peft.tuners.med_adapter.MedAdapterConfig(num_slices=D))
+    assert model.peft_type == "MED_ADAPTER"
