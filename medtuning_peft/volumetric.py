@@ -43,6 +43,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .decoders import build_decoder
+from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
     "FEATURE_SPECS",
@@ -66,7 +67,6 @@ SEGMENTER_CONFIG_NAME = "segmenter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 BACKBONE_SUBFOLDER = "backbone"
 FORMAT_VERSION = 1
-_MED_ADAPTER_PACKAGE = "medtuning_peft.tuners.med_adapter"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -549,13 +549,6 @@ def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Ten
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _carries_med_adapter(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, BaseTunerLayer) and type(m).__module__.startswith(_MED_ADAPTER_PACKAGE)
-        for m in module.modules()
-    )
-
-
 class VolumetricSegmenter(nn.Module):
     """A 2D transformers backbone + 2D decoder applied slice-wise to volumes.
 
@@ -614,7 +607,7 @@ class VolumetricSegmenter(nn.Module):
                 f"the backbone takes {expected}; build the segmenter with in_channels={C} or fix the channel "
                 f"axis."
             )
-        kwargs = {"num_slices": D} if _carries_med_adapter(self.backbone) else {}
+        kwargs = {"num_slices": D} if self.method == "med_adapter" else {}
         features = extract_features(self.backbone, slices, **kwargs)  # [(B*D, C_i, h_i, w_i)]
         logits = self.decoder(features, (H, W))  # (B*D, K, H, W)
         return slices_to_volume(logits, B)  # (B*D, K, H, W) -> (B, K, D, H, W)
@@ -704,14 +697,7 @@ def _modules_to_save(kwargs: dict[str, Any]) -> list[str]:
 
 
 def _apply_med_adapter(segmenter: VolumetricSegmenter, **kwargs: Any) -> peft.PeftModel:
-    package = importlib.import_module("medtuning_peft")
-    config_cls = getattr(package, "MedAdapterConfig", None)
-    if config_cls is None:
-        raise ImportError(
-            "method='med_adapter' needs medtuning_peft.MedAdapterConfig, which this installation does not "
-            "provide; update medtuning_peft, or use method='lora', 'full' or 'decoder_only'."
-        )
-    config = config_cls(modules_to_save=_modules_to_save(kwargs), **kwargs)
+    config = MedAdapterConfig(modules_to_save=_modules_to_save(kwargs), **kwargs)
     return peft.get_peft_model(segmenter, config)
 
 

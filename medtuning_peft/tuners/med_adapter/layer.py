@@ -234,3 +234,8 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "med_adapter." + super().__repr__()
+
+
+def has_med_adapter(module: nn.Module) -> bool:
+    """Whether ``module`` (or any submodule) carries Med-Adapters, i.e. its forward takes ``num_slices=``."""
+    return any(isinstance(m, MedAdapterLayer) for m in module.modules())
