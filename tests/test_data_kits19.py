@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from paths import KITS_CT_SAMPLE
 from scipy import ndimage
 
 from medtuning_peft.data import (
@@ -20,7 +21,7 @@ from medtuning_peft.data import (
     write_synthetic_kits19,
 )
 
-REAL_CASE = Path("/work/shared/data/kits19_layout_ct_sample/case_00000")
+REAL_CASE = KITS_CT_SAMPLE / "case_00000"
 RAW_HU = CTPreprocessing(window=None, mean=0.0, std=1.0)
 KITS_AFFINE = np.array([[0, 0, -2.0, 100], [0, -2.0, 0, 120], [-3.0, 0, 0, 50], [0, 0, 0, 1]])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from paths import HIPPOCAMPUS
 
 from medtuning_peft.data import (
     CaseLoadError,
@@ -18,7 +19,6 @@ from medtuning_peft.data import (
     read_msd_task,
 )
 
-HIPPOCAMPUS = Path("/work/shared/data/msd_hippocampus")
 needs_hippocampus = pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="MSD hippocampus sample not present")
 
 
