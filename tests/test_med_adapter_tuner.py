@@ -302,10 +302,11 @@ def test_a_slice_batch_that_is_not_whole_volumes_is_refused():
 # --- precision, checkpointing, hidden states -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["swin", "vit", "segformer", "dinov2_registers"])
-def test_bf16_autocast_forward_and_backward(name):
+def test_autocast_forward_and_backward(name, dtype):
     model = adapted(name).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = run(model, slices(2, D))
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -435,6 +436,13 @@ def test_inter_stage_blocks_follow_the_backbone():
 def test_invalid_config_values_are_refused_with_the_field_and_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MedAdapterConfig(**kwargs)
+
+
+def test_data_parallel_replicas_are_refused():
+    model = adapted("swin")
+    replica = model.base_model.model._replicate_for_data_parallel()  # what nn.DataParallel runs on each GPU
+    with pytest.raises(RuntimeError, match="does not support torch.nn.DataParallel"):
+        replica(pixel_values=slices(1, D))
 
 
 def test_a_model_without_supported_blocks_is_refused():

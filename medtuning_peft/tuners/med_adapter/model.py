@@ -177,6 +177,12 @@ class MedAdapterModel(BaseTuner):
                 ctx.num_slices = num_slices
 
         def root_pre_hook(module, args, kwargs):
+            if getattr(module, "_is_replica", False):
+                raise RuntimeError(
+                    "Med-Adapter does not support torch.nn.DataParallel: its replicas would share one forward "
+                    "context across threads, and it splits the slice batch without regard to volumes. Use "
+                    "DistributedDataParallel (e.g. `accelerate launch --multi_gpu`), sharding by volume."
+                )
             ctx.end()
             pop_num_slices(kwargs)
             return args, kwargs
