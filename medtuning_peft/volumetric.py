@@ -43,6 +43,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .decoders import build_decoder
+from .io_utils import check_safetensors, read_json_file
 from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "FeatureSpec",
     "VolumetricSegmenter",
     "adapt_input_channels",
+    "backbone_signature",
     "build_segmenter",
     "extract_features",
     "feature_channels",
@@ -526,6 +528,79 @@ def _object_info(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
+def backbone_signature(config: PretrainedConfig, in_channels: int | None = None) -> dict[str, Any]:
+    """What adapters and decoder depend on in a backbone: architecture, widths, depth, input channels.
+
+    Saved in ``segmenter_config.json`` and compared by :func:`from_pretrained` before any weights load.
+    (A bare ``peft.PeftModel.from_pretrained`` onto another backbone only fails on a width change, with
+    a size-mismatch error; other depths or input channels load with a warning or silently.)
+
+    Args:
+        config: the backbone's transformers config.
+        in_channels: input channels the segmenter adapts a 3-channel patch embedding to.
+
+    Returns:
+        ``{"model_type", "hidden_sizes" (per stage), "depths" (blocks per stage), "num_channels"}``.
+    """
+    depths = getattr(config, "depths", None) or [getattr(config, "num_hidden_layers", 0)]
+    widths = getattr(config, "hidden_sizes", None)
+    if widths is None and getattr(config, "embed_dim", None) is not None:
+        widths = [config.embed_dim * 2**i for i in range(len(depths))]  # Swin doubles C per stage
+    if widths is None:
+        widths = [getattr(config, "hidden_size", 0)]
+    channels = int(getattr(config, "num_channels", 3))
+    if in_channels is not None and channels == 3:
+        channels = in_channels  # what adapt_input_channels makes of an RGB embedding
+    return {
+        "model_type": config.model_type,
+        "hidden_sizes": [int(w) for w in widths],
+        "depths": [int(d) for d in depths],
+        "num_channels": channels,
+    }
+
+
+def _check_backbone_signature(
+    path: Path, config: dict[str, Any], found: PretrainedConfig, where: str
+) -> None:
+    saved = config.get("backbone_signature")
+    if saved is None:  # saved before signatures were recorded
+        return
+    actual = backbone_signature(found, config.get("in_channels"))
+    differences = [f"{k} {saved.get(k)} vs {actual[k]}" for k in actual if saved.get(k) != actual[k]]
+    if differences:
+        raise ValueError(
+            f"{path / SEGMENTER_CONFIG_NAME}: the adapter and decoder were trained on backbone "
+            f"{config.get('backbone')!r} {saved}, but {where} is {actual} ({'; '.join(differences)}). "
+            f"Their weights were not loaded. Load them with the backbone they were trained on, or retrain."
+        )
+
+
+def _check_model_files(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a partial or corrupt model directory before reading any weights."""
+    method = config.get("method")
+    expected = (
+        ["adapter_config.json", "adapter_model.safetensors"]
+        if method in ("med_adapter", "lora")
+        else [WEIGHTS_NAME]
+    )
+    if config.get("backbone_weights") == BACKBONE_SUBFOLDER:
+        expected.append(f"{BACKBONE_SUBFOLDER}/config.json")
+        index = path / BACKBONE_SUBFOLDER / f"{WEIGHTS_NAME}.index.json"
+        if method != "full" and not index.is_file():
+            expected.append(f"{BACKBONE_SUBFOLDER}/{WEIGHTS_NAME}")
+    missing = [name for name in expected if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Model directory '{path}' is incomplete: {missing} missing (an interrupted copy or "
+            f"download?). Re-save it with VolumetricSegmenter.save_pretrained or download it again."
+        )
+    for file in sorted(path.rglob("*")):
+        if file.suffix == ".json":
+            read_json_file(file, file.name)
+        elif file.suffix == ".safetensors":
+            check_safetensors(file)
+
+
 def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """State dict of ``module`` as it was before tuner layers were injected (adapters dropped)."""
     if isinstance(module, BaseTunerLayer):
@@ -754,6 +829,7 @@ def build_segmenter(
     method: str = "med_adapter",
     num_slices: int | None = None,
     label_names: Sequence[str] | None = None,
+    label_values: Sequence[int] | None = None,
     decoder_kwargs: dict[str, Any] | None = None,
     crop_size: Sequence[int] | None = None,
     preprocessing: dict[str, Any] | None = None,
@@ -774,6 +850,8 @@ def build_segmenter(
         num_slices: slices per volume D of the training crops (the Med-Adapter spectral filter size);
             defaults to ``crop_size[0]``, else the method's default.
         label_names: K class names, saved with the model.
+        label_values: the label value written for each of the K classes (BraTS: ``(0, 1, 2, 4)``); default
+            ``0 .. K-1``. Saved with the model; ``medtuning predict`` writes these values.
         decoder_kwargs: decoder options, e.g. ``{"channels": 256}``.
         crop_size: training crop ``(D, H, W)``, saved with the model.
         preprocessing: JSON-serializable preprocessing settings, saved with the model.
@@ -800,6 +878,12 @@ def build_segmenter(
         raise ValueError(
             f"label_names has {len(label_names)} names {label_names} but num_classes={num_classes}; give one "
             f"name per class, background included."
+        )
+    label_values = [int(v) for v in label_values] if label_values is not None else list(range(num_classes))
+    if len(label_values) != num_classes or len(set(label_values)) != num_classes:
+        raise ValueError(
+            f"label_values={label_values} must give {num_classes} distinct values, one per class (num_classes"
+            f"={num_classes}), e.g. (0, 1, 2, 4) for BraTS."
         )
     if crop_size is not None:
         crop_size = [int(s) for s in crop_size]
@@ -830,6 +914,8 @@ def build_segmenter(
         "in_channels": in_channels,
         "num_classes": num_classes,
         "label_names": label_names,
+        "label_values": label_values,
+        "backbone_signature": backbone_signature(model.config, in_channels),
         "decoder": decoder,
         "decoder_kwargs": decoder_kwargs,
         "method": method,
@@ -889,8 +975,10 @@ def from_pretrained(
         The segmenter in eval mode.
 
     Raises:
-        FileNotFoundError: when the directory holds no ``segmenter_config.json``.
-        ValueError: for an unknown format version or method.
+        FileNotFoundError: when the directory holds no ``segmenter_config.json`` or misses a weights file.
+        ValueError: for an unknown format version or method, a backbone other than the one the model was
+            trained on (architecture, widths, depth or input channels; checked before any weights load),
+            or a truncated / corrupt JSON or safetensors file (``io_utils.CorruptFileError``).
     """
     path = _resolve(model_id_or_path, revision)
     config_file = path / SEGMENTER_CONFIG_NAME
@@ -900,7 +988,7 @@ def from_pretrained(
             f"VolumetricSegmenter.save_pretrained (a bare peft adapter loads with "
             f"peft.PeftModel.from_pretrained instead)."
         )
-    config = json.loads(config_file.read_text())
+    config = read_json_file(config_file, SEGMENTER_CONFIG_NAME)
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{SEGMENTER_CONFIG_NAME} has format_version={config.get('format_version')!r}; this "
@@ -909,15 +997,18 @@ def from_pretrained(
     method = config["method"]
     if method not in METHODS:
         raise ValueError(_unknown(f"method in {SEGMENTER_CONFIG_NAME}", method, METHODS))
+    _check_model_files(path, config)
 
     with_weights = method != "full"
     if config.get("backbone_weights") == BACKBONE_SUBFOLDER:
         cls = _model_class(config["backbone_class"])
         folder = str(path / BACKBONE_SUBFOLDER)
+        backbone_config = cls.config_class.from_pretrained(folder)
+        _check_backbone_signature(path, config, backbone_config, f"'{folder}'")
         backbone = (
-            cls.from_pretrained(folder, use_safetensors=True)
+            cls.from_pretrained(folder, config=backbone_config, use_safetensors=True)
             if with_weights
-            else cls(cls.config_class.from_pretrained(folder))
+            else cls(backbone_config)
         )
     else:
         backbone, _ = load_backbone(
@@ -927,6 +1018,7 @@ def from_pretrained(
             backbone_class=config.get("backbone_class"),
             config_overrides=config.get("backbone_config_overrides"),
         )
+        _check_backbone_signature(path, config, backbone.config, f"backbone {config['backbone']!r}")
     adapt_input_channels(backbone, config["in_channels"])
     head = build_decoder(
         config["decoder"], feature_channels(backbone), config["num_classes"], **config["decoder_kwargs"]
