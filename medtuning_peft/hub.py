@@ -1,0 +1,546 @@
+"""Share a saved segmenter on the Hugging Face Hub, with a generated model card.
+
+:func:`push_to_hub` uploads what :meth:`~medtuning_peft.volumetric.VolumetricSegmenter.save_pretrained`
+wrote (adapter + decoder, segmenter settings, and the base backbone when it cannot be re-loaded by Hub
+id) plus a ``README.md`` from :func:`build_model_card`. Only ``*.safetensors``, ``*.json`` and
+``README.md`` are uploaded (:data:`UPLOAD_PATTERNS`): no pickles, no hidden or partial files. Every file
+is checked for truncation first. The upload uses ``huggingface_hub``'s public API
+(``HfApi.create_repo``, ``HfApi.upload_folder``); loading by Hub id later goes through the same
+:func:`medtuning_peft.from_pretrained` as a local directory.
+
+Typical use::
+
+    from medtuning_peft.hub import build_model_card, push_to_hub
+
+    print(build_model_card("runs/kits/model", dataset="kits19"))  # metrics from runs/kits/metrics.json
+    push_to_hub("runs/kits/model", "my-org/kits19-swin-med-adapter", dataset="kits19")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .io_utils import (
+    PARTIAL_PREFIX,
+    atomic_write_text,
+    check_safetensors,
+    read_json_file,
+    safetensors_header,
+)
+
+__all__ = [
+    "DATASETS",
+    "IGNORE_PATTERNS",
+    "PAPER_BIBTEX",
+    "UPLOAD_PATTERNS",
+    "DatasetInfo",
+    "build_model_card",
+    "count_parameters",
+    "files_to_upload",
+    "find_metrics",
+    "push_to_hub",
+]
+
+SEGMENTER_CONFIG_NAME = "segmenter_config.json"  # as written by volumetric.py
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+METRICS_NAME = "metrics.json"
+
+UPLOAD_PATTERNS: list[str] = ["*.safetensors", "*.json", "README.md"]
+"""``allow_patterns`` of the upload: weights, settings and the model card only."""
+IGNORE_PATTERNS: list[str] = [".*", "*/.*"]
+"""``ignore_patterns`` of the upload: hidden files, including partial files of interrupted writes."""
+
+PAPER_BIBTEX = """@inproceedings{shen2024medtuning,
+  title     = {Med-Tuning: A New Parameter-Efficient Tuning Framework for Medical Volumetric Segmentation},
+  author    = {Shen, Jiachen and Wang, Wenxuan and Chen, Chen and Jiao, Jianbo and Liu, Jing and Zhang, Yan and Song, Shanshan and Li, Jiangyun},
+  booktitle = {Medical Imaging with Deep Learning (MIDL)},
+  year      = {2024},
+  note      = {arXiv:2304.10880}
+}"""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model card says about the data a model was trained on.
+
+    Attributes:
+        name: full name of the data set.
+        url: where to get it.
+        licence: the data licence, in words.
+        hub_license: the Hub ``license`` identifier a card gets by default for a model trained on it.
+        tag: the Hub tag.
+        bibtex: the citation(s) the data providers ask for.
+    """
+
+    name: str
+    url: str
+    licence: str
+    hub_license: str
+    tag: str
+    bibtex: str
+
+
+_MSD = DatasetInfo(
+    name="Medical Segmentation Decathlon",
+    url="http://medicaldecathlon.com",
+    licence="CC BY-SA 4.0",
+    hub_license="cc-by-sa-4.0",
+    tag="medical-segmentation-decathlon",
+    bibtex="""@article{simpson2019msd,
+  title   = {A large annotated medical image dataset for the development and evaluation of segmentation algorithms},
+  author  = {Simpson, Amber L. and others},
+  journal = {arXiv preprint arXiv:1902.09063},
+  year    = {2019}
+}
+@article{antonelli2022msd,
+  title   = {The Medical Segmentation Decathlon},
+  author  = {Antonelli, Michela and others},
+  journal = {Nature Communications},
+  volume  = {13},
+  pages   = {4128},
+  year    = {2022}
+}""",
+)
+
+DATASETS: dict[str, DatasetInfo] = {
+    "kits19": DatasetInfo(
+        name="KiTS19 (2019 Kidney and Kidney Tumor Segmentation Challenge)",
+        url="https://kits19.grand-challenge.org",
+        licence="CC BY-NC-SA 4.0 (non-commercial; benchmarking for publication is acceptable use)",
+        hub_license="cc-by-nc-sa-4.0",
+        tag="kits19",
+        bibtex="""@article{heller2019kits19,
+  title   = {The KiTS19 Challenge Data: 300 Kidney Tumor Cases with Clinical Context, CT Semantic Segmentations, and Surgical Outcomes},
+  author  = {Heller, Nicholas and others},
+  journal = {arXiv preprint arXiv:1904.00445},
+  year    = {2019}
+}""",
+    ),
+    "brats": DatasetInfo(
+        name="BraTS 2019 / 2020 (Brain Tumor Segmentation Challenge)",
+        url="https://www.med.upenn.edu/cbica/brats2020/",
+        licence="the BraTS data usage terms of the challenge organizers (cite the papers below)",
+        hub_license="other",
+        tag="brats",
+        bibtex="""@article{menze2015brats,
+  title   = {The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS)},
+  author  = {Menze, Bjoern H. and others},
+  journal = {IEEE Transactions on Medical Imaging},
+  volume  = {34},
+  number  = {10},
+  pages   = {1993--2024},
+  year    = {2015}
+}
+@article{bakas2017brats,
+  title   = {Advancing The Cancer Genome Atlas glioma MRI collections with expert segmentation labels and radiomic features},
+  author  = {Bakas, Spyridon and others},
+  journal = {Scientific Data},
+  volume  = {4},
+  pages   = {170117},
+  year    = {2017}
+}
+@article{bakas2018brats,
+  title   = {Identifying the Best Machine Learning Algorithms for Brain Tumor Segmentation, Progression Assessment, and Overall Survival Prediction in the BRATS Challenge},
+  author  = {Bakas, Spyridon and others},
+  journal = {arXiv preprint arXiv:1811.02629},
+  year    = {2018}
+}""",
+    ),
+    "msd": _MSD,
+    "msd-hippocampus": DatasetInfo(
+        name="Medical Segmentation Decathlon, Task04 Hippocampus (Vanderbilt University Medical Center)",
+        url=_MSD.url,
+        licence=_MSD.licence,
+        hub_license=_MSD.hub_license,
+        tag=_MSD.tag,
+        bibtex=_MSD.bibtex,
+    ),
+}
+"""Known data sets: key (``--dataset`` of ``medtuning push``) -> :class:`DatasetInfo`."""
+
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_SETTING_KEYS = ("training", "settings", "config", "args", "hyperparameters", "train_config")
+_SKIPPED_METRIC_KEYS = ("per_case", "history", "failed", "missing_predictions")
+_MAX_METRIC_ROWS = 40
+
+
+# -----------------------------------------------------------------------------------------------------
+# Reading a saved model directory (headers and JSON only: no weights are loaded)
+# -----------------------------------------------------------------------------------------------------
+
+
+def _segmenter_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / SEGMENTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {SEGMENTER_CONFIG_NAME} in '{model_dir}'; pass the directory written by "
+            "VolumetricSegmenter.save_pretrained (for a training run: its output_dir/model)."
+        )
+    return read_json_file(path, SEGMENTER_CONFIG_NAME)
+
+
+def _count(path: Path) -> int:
+    """Parameters in a safetensors file (or a sharded checkpoint's index), from the header only."""
+    if path.name.endswith(".index.json"):
+        index = read_json_file(path, path.name)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        return sum(_count(path.parent / shard) for shard in shards)
+    total = 0
+    for name, entry in safetensors_header(path).items():
+        if name == "__metadata__" or name.endswith(_BUFFER_SUFFIXES):
+            continue
+        total += math.prod(int(d) for d in entry["shape"])
+    return total
+
+
+def count_parameters(model_dir: str | os.PathLike) -> tuple[int, int | None]:
+    """Tuned and total parameters of a saved segmenter, read from the safetensors headers.
+
+    Args:
+        model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
+
+    Returns:
+        ``(tuned, total)``; ``total`` is None when the base backbone is not in the directory (it is
+        re-loaded by Hub id) and so cannot be counted without downloading it. BatchNorm statistics are not
+        counted.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` holds no ``segmenter_config.json``.
+    """
+    model_dir = Path(model_dir)
+    config = _segmenter_config(model_dir)
+    adapter = model_dir / "adapter_model.safetensors"
+    weights = adapter if adapter.is_file() else model_dir / "model.safetensors"
+    tuned = _count(weights) if weights.is_file() else 0
+    if config.get("method") == "full":
+        return tuned, tuned
+    backbone = model_dir / "backbone"
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (backbone / name).is_file():
+            return tuned, tuned + _count(backbone / name)
+    return tuned, None
+
+
+def find_metrics(model_dir: str | os.PathLike) -> Path | None:
+    """The run's ``metrics.json``: in ``model_dir`` or its parent (a training run's ``output_dir``)."""
+    model_dir = Path(model_dir)
+    for candidate in (model_dir / METRICS_NAME, model_dir.parent / METRICS_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# -----------------------------------------------------------------------------------------------------
+# Model card
+# -----------------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def _is_summary(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and "mean" in value
+        and all(isinstance(v, int | float) for v in value.values())
+    )
+
+
+def _metric_rows(metrics: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if key in _SKIPPED_METRIC_KEYS or key in _SETTING_KEYS:
+            continue
+        if _is_summary(value):
+            spread = f" ± {_number(value['std'])}" if "std" in value else ""
+            rows.append((name, f"{_number(value['mean'])}{spread}"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append((name, _number(value)))
+        elif isinstance(value, Mapping) and depth < 2:
+            rows.extend(_metric_rows(value, f"{name}/", depth + 1))
+    return rows
+
+
+def _settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key in _SETTING_KEYS:
+        value = (metrics or {}).get(key)
+        if isinstance(value, Mapping):
+            found.update({k: v for k, v in value.items() if not isinstance(v, Mapping | list) or len(v) < 10})
+    return found
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, Any]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _yaml_list(key: str, values: list[str]) -> list[str]:
+    return [f"{key}:"] + [f"- {json.dumps(v)}" for v in values]
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+
+
+def build_model_card(
+    model_dir: str | os.PathLike,
+    metrics: Mapping[str, Any] | str | os.PathLike | None = None,
+    dataset: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """A Hub ``README.md`` for a saved segmenter: YAML metadata, then what, how well, how to use and cite.
+
+    Args:
+        model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
+        metrics: the run's metrics (a dict or a path to a JSON file); default: the ``metrics.json`` found by
+            :func:`find_metrics`, if any.
+        dataset: a key of :data:`DATASETS` (``"kits19"``, ``"brats"``, ``"msd"``, ``"msd-hippocampus"``) or
+            the free-form name of another data set.
+        license: the card's Hub ``license`` identifier; default: the data set's (models trained on
+            non-commercial data stay non-commercial), else ``"other"``.
+        repo_id: the Hub id used in the usage snippet; default: a placeholder.
+
+    Returns:
+        The card's Markdown text.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` holds no ``segmenter_config.json`` or ``metrics`` names a
+            missing file.
+        io_utils.CorruptFileError: when a JSON or safetensors header is unreadable.
+    """
+    model_dir = Path(model_dir)
+    config = _segmenter_config(model_dir)
+    adapter_path = model_dir / ADAPTER_CONFIG_NAME
+    adapter = read_json_file(adapter_path, ADAPTER_CONFIG_NAME) if adapter_path.is_file() else {}
+    if metrics is None:
+        found = find_metrics(model_dir)
+        metrics = read_json_file(found, METRICS_NAME) if found is not None else None
+    elif not isinstance(metrics, Mapping):
+        metrics = read_json_file(metrics, METRICS_NAME)
+    info = DATASETS.get(str(dataset).lower()) if dataset else None
+    tuned, total = count_parameters(model_dir)
+
+    backbone = config.get("backbone") or "unknown"
+    method = config.get("method", "unknown")
+    label_names = list(config.get("label_names") or [])
+    label_values = list(config.get("label_values") or range(len(label_names)))
+    data_name = info.name if info else (dataset or "not recorded")
+    card_license = license or (info.hub_license if info else "other")
+    repo = repo_id or "<user>/<model>"
+
+    tags = [
+        "medtuning_peft",
+        "peft",
+        "med-adapter",
+        "medical-imaging",
+        "3d-segmentation",
+        "image-segmentation",
+    ]
+    tags += [method.replace("_", "-")] + ([info.tag] if info else [])
+    tags = list(dict.fromkeys(tags))  # unique, in order
+    meta = ["---", "library_name: peft"]
+    if _is_hub_id(backbone):
+        meta.append(f"base_model: {backbone}")
+    meta += [f"license: {card_license}", "pipeline_tag: image-segmentation", *_yaml_list("tags", tags), "---"]
+
+    out = [
+        "\n".join(meta),
+        "",
+        f"# {'Med-Adapter' if method == 'med_adapter' else method} segmenter: {backbone} on {data_name}",
+        "",
+        f"3D medical image segmentation with a frozen 2D backbone (`{backbone}`) tuned by **{method}** "
+        "([Med-Tuning](https://arxiv.org/abs/2304.10880), MIDL 2024) and a "
+        f"`{config.get('decoder', '?')}` decoder, packaged with `medtuning_peft`. Saved as safetensors and "
+        "JSON only. Research use; not a medical device.",
+        "",
+        "## Task and labels",
+        "",
+        f"Input: {config.get('in_channels', '?')} channel(s), volumes `(C, D, H, W)` seen through "
+        f"`{config.get('crop_size')}` windows `(D, H, W)`. Output: one label per voxel.",
+        "",
+        _table(("value", "class"), list(zip(label_values, label_names))),
+        "",
+        "## Data set",
+        "",
+    ]
+    if info:
+        out += [f"[{info.name}]({info.url}). Data licence: {info.licence}.", ""]
+    else:
+        out += [f"{data_name}. Check the data licence before sharing derived models.", ""]
+
+    out += ["## Results", ""]
+    rows = _metric_rows(metrics) if metrics else []
+    if rows:
+        note = f" (first {_MAX_METRIC_ROWS} of {len(rows)})" if len(rows) > _MAX_METRIC_ROWS else ""
+        out += [
+            f"From the run's `metrics.json`{note}; Dice in [0, 1], HD95 in mm.",
+            "",
+            _table(("metric", "value"), rows[:_MAX_METRIC_ROWS]),
+            "",
+        ]
+    else:
+        out += ["No metrics were recorded with this model.", ""]
+
+    settings: list[tuple[str, Any]] = [
+        ("method", method),
+        ("backbone", f"{backbone} ({config.get('backbone_class', '?')})"),
+        ("decoder", f"{config.get('decoder')} {json.dumps(config.get('decoder_kwargs') or {})}"),
+        ("crop size (D, H, W)", config.get("crop_size")),
+        ("slices per volume (num_slices)", config.get("num_slices")),
+        ("preprocessing", json.dumps(config.get("preprocessing"))),
+    ]
+    adapter_keys = ("peft_type", "reduction_ratio", "kernel_sizes", "use_fft", "inter_stage", "init_identity")
+    adapter_keys += ("r", "lora_alpha", "lora_dropout")
+    settings += [(k, json.dumps(adapter[k])) for k in adapter_keys if adapter.get(k) is not None]
+    settings += [(k, json.dumps(v)) for k, v in _settings(metrics).items()]
+    out += ["## Training settings", "", _table(("setting", "value"), settings), ""]
+
+    share = f" ({100.0 * tuned / total:.2f} %)" if total else ""
+    total_text = f"{total:,}" if total else "not counted (the backbone is loaded from the Hub)"
+    out += [
+        "## Parameters",
+        "",
+        f"Tuned (adapters and decoder): {tuned:,}{share}. Total: {total_text}.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import medtuning_peft",
+        "",
+        f'model = medtuning_peft.from_pretrained("{repo}")  # eval mode; device="cuda" to use a GPU',
+        "logits = model(volumes)  # (B, C, D, H, W) -> (B, K, D, H, W)",
+        "```",
+        "",
+        "Whole NIfTI volumes, with the saved preprocessing and sliding-window inference:",
+        "",
+        "```bash",
+        f"medtuning predict --model {repo} --input scans/ --output predictions/",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        PAPER_BIBTEX,
+    ]
+    if info:
+        out.append(info.bibtex)
+    out += [
+        "```",
+        "",
+        "## Licence",
+        "",
+        f"Model card licence: `{card_license}`. Training data: {data_name}"
+        + (f", {info.licence}." if info else "."),
+        "",
+    ]
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Upload
+# -----------------------------------------------------------------------------------------------------
+
+
+def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
+    """The files :func:`push_to_hub` uploads from ``model_dir``: relative POSIX paths, sorted.
+
+    The same ``huggingface_hub`` filter as the upload applied to :data:`UPLOAD_PATTERNS` and
+    :data:`IGNORE_PATTERNS`.
+    """
+    from huggingface_hub.utils import filter_repo_objects
+
+    model_dir = Path(model_dir)
+    names = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]
+    return sorted(filter_repo_objects(names, allow_patterns=UPLOAD_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+
+
+def _check_files(model_dir: Path) -> None:
+    for name in files_to_upload(model_dir):
+        path = model_dir / name
+        if name.endswith(".safetensors"):
+            check_safetensors(path)
+        elif name.endswith(".json"):
+            read_json_file(path, name)
+    leftovers = [p.name for p in model_dir.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    if leftovers:  # not uploaded, but a sign that a write into this directory was interrupted
+        raise ValueError(
+            f"'{model_dir}' holds partial files {leftovers} of an interrupted write; re-save the model "
+            "(or delete them with medtuning_peft.io_utils.remove_partials) before pushing."
+        )
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload Med-Adapter segmenter (medtuning_peft)",
+    dataset: str | None = None,
+    metrics: Mapping[str, Any] | str | os.PathLike | None = None,
+    license: str | None = None,
+    revision: str | None = None,
+) -> Any:
+    """Upload a saved segmenter with a generated model card.
+
+    Writes the card to ``model_dir/README.md`` (atomically, replacing peft's generic card), creates the
+    repository if needed, and uploads the files of :func:`files_to_upload` in one commit.
+
+    Args:
+        model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
+        repo_id: ``"org/name"`` on the Hub.
+        token: a Hub token with write access; default: the logged-in user's.
+        private: create the repository as private (an existing repository keeps its visibility).
+        commit_message: the commit message.
+        dataset: see :func:`build_model_card`.
+        metrics: see :func:`build_model_card`.
+        license: see :func:`build_model_card`.
+        revision: the branch to push to; default: the main branch.
+
+    Returns:
+        The ``huggingface_hub`` ``CommitInfo`` of the upload.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` holds no saved segmenter.
+        io_utils.CorruptFileError: when a file to upload is truncated or corrupt (nothing is uploaded).
+        ValueError: when ``repo_id`` is not ``"org/name"`` or the directory holds partial files.
+    """
+    from huggingface_hub import HfApi
+
+    model_dir = Path(model_dir)
+    if (
+        not isinstance(repo_id, str)
+        or repo_id.count("/") != 1
+        or repo_id.startswith("/")
+        or repo_id.endswith("/")
+    ):
+        raise ValueError(f"repo_id={repo_id!r}; pass the Hub repository as 'org/name'.")
+    _segmenter_config(model_dir)
+    _check_files(model_dir)
+    card = build_model_card(model_dir, metrics=metrics, dataset=dataset, license=license, repo_id=repo_id)
+    atomic_write_text(model_dir / "README.md", card)
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(model_dir),
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=UPLOAD_PATTERNS,
+        ignore_patterns=IGNORE_PATTERNS,
+    )
