@@ -1,0 +1,995 @@
+"""The ``medtuning`` command line: predict, evaluate, verify-data, push.
+
+::
+
+    medtuning predict --model runs/kits/model --input scans/ --output predictions/ --preview
+    medtuning evaluate --pred predictions/ --labels /data/kits19/data --task kits19 --output metrics.json
+    medtuning verify-data --task brats --data-dir /data/MICCAI_BraTS2020_TrainingData
+    medtuning push --model runs/kits/model --repo-id my-org/kits19-swin --dataset kits19
+
+Every command checks its inputs case by case: a bad file (truncated ``.nii.gz``, not a NIfTI, 2D or 4D
+where 3D is expected, NaN/Inf voxels, mismatched grids, unexpected labels) is reported with the case, the
+file, the problem and the fix; no output is written for that case, the other cases still run, and the
+command exits with status 1 after listing every failed case. Outputs are written atomically
+(:mod:`medtuning_peft.io_utils`). Exit status: 0 success, 1 failed cases or inputs, 2 bad arguments.
+
+Heavy libraries (torch, MONAI) load inside the commands, so ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import struct
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .io_utils import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["TASKS", "build_parser", "main", "png_bytes"]
+
+TASKS = ("kits19", "brats", "msd")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+REFERENCE_OVERLAP = 1.0 - 42 / 128  # evaluation.REFERENCE_OVERLAP: 128^3 windows, stride 42
+_LABEL_SUFFIXES = ("_seg", "_segmentation", "_label", "_labels", "_gt")
+_PREVIEW_SLICES = 3
+_PREVIEW_MIN_SIDE = 160
+# Class colours of previews (class 0 is not drawn): red, green, yellow, blue, orange, purple, cyan, magenta.
+_PALETTE = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
+
+
+class CommandError(Exception):
+    """A problem that stops a whole command (not one case); printed, exit status 1."""
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _case_id(path: Path) -> str | None:
+    """The case name of a NIfTI file (its name without ``.nii`` / ``.nii.gz``), or None for other files."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _nifti_files(directory: Path) -> dict[str, list[Path]]:
+    """NIfTI files directly in ``directory`` by case name (hidden and partial files skipped)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        case_id = _case_id(path)
+        if case_id is not None and path.is_file() and not path.name.startswith("."):
+            found.setdefault(case_id, []).append(path)
+    return found
+
+
+def _unique(found: dict[str, list[Path]], what: str) -> dict[str, Path]:
+    duplicates = {k: v for k, v in found.items() if len(v) > 1}
+    if duplicates:
+        listing = "; ".join(", ".join(f"'{p}'" for p in paths) for paths in duplicates.values())
+        raise CommandError(f"{what}: several files share a case name ({listing}); keep one file per case.")
+    return {k: v[0] for k, v in found.items()}
+
+
+def _failure_report(command: str, failures: dict[str, str], total: int) -> None:
+    print(f"medtuning {command}: {len(failures)} of {total} case(s) failed:", file=sys.stderr)
+    for case_id, message in failures.items():
+        print(f"  - {case_id}: {message}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------------------------------
+# predict
+# -----------------------------------------------------------------------------------------------------
+
+
+def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
+    """The cases under ``--input``, with labels dropped, and a description of the layout."""
+    from .data import CaseFiles, CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+    from .data.kits19 import KITS19_CASE_PATTERN
+
+    def plain(case_id: str, path: Path) -> CaseFiles:
+        return CaseFiles(case_id=case_id, images=(path,), label=None, channel_names=(), label_values=(0,))
+
+    if input_path.is_file():
+        case_id = _case_id(input_path)
+        if case_id is None:
+            raise CommandError(
+                f"--input '{input_path}' is not a NIfTI file: expected a .nii or .nii.gz file or a folder."
+            )
+        return [plain(case_id, input_path)], "file"
+    if not input_path.is_dir():
+        raise CommandError(f"--input '{input_path}' does not exist; pass a NIfTI file or a folder.")
+    try:
+        if (input_path / "dataset.json").is_file():
+            task = read_msd_task(input_path)
+            use = ("test" if task.test else "training") if split == "auto" else split
+            cases = list(task.test if use == "test" else task.training)
+            layout = f"MSD task '{task.name}', {use} images"
+        elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
+            cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
+        elif files := _nifti_files(input_path):
+            cases = [plain(k, p) for k, p in _unique(files, f"--input '{input_path}'").items()]
+            layout = "NIfTI files"
+        else:
+            try:
+                cases, layout = list_brats_cases(input_path), "BraTS case folders"
+            except CaseLoadError:
+                cases, layout = [], ""
+    except CaseLoadError as error:
+        raise CommandError(f"--input '{input_path}': {error}") from error
+    if not cases:
+        raise CommandError(
+            f"--input folder '{input_path}' holds no case: no .nii/.nii.gz file, no dataset.json (MSD) and no "
+            "KiTS19 (case_XXXXX/) or BraTS case folder. Pass a NIfTI file or a folder of them."
+        )
+    return [dataclasses.replace(c, label=None) for c in cases], layout
+
+
+def _preprocessing(config: dict[str, Any], model: str, modality: str | None, files: Any) -> Any:
+    from .data import CTPreprocessing, MRIPreprocessing, default_preprocessing
+
+    saved = config.get("preprocessing")
+    if isinstance(saved, dict) and saved.get("kind") in ("ct", "mri"):
+        options = {k: v for k, v in saved.items() if k != "kind"}
+        for key in ("window", "target_spacing"):
+            if options.get(key) is not None:
+                options[key] = tuple(options[key])
+        try:
+            return (CTPreprocessing if saved["kind"] == "ct" else MRIPreprocessing)(**options)
+        except (TypeError, ValueError) as error:
+            raise CommandError(
+                f"segmenter_config.json of --model '{model}' has preprocessing {saved} that this version "
+                f"cannot rebuild ({error}); install the medtuning_peft version that saved the model."
+            ) from error
+    if saved is not None:
+        raise CommandError(
+            f"segmenter_config.json of --model '{model}' has preprocessing {saved!r}; expected the output of "
+            "CTPreprocessing.to_dict() or MRIPreprocessing.to_dict() (a dict with 'kind')."
+        )
+    if modality is not None:
+        return default_preprocessing(modality)
+    if files.channel_names:  # a data set layout knows its modality
+        return None  # load_case uses the data set's default
+    raise CommandError(
+        f"segmenter_config.json of --model '{model}' records no preprocessing; pass --modality CT or MRI "
+        "to use that modality's default normalization (or save the model with "
+        "build_segmenter(preprocessing=CTPreprocessing().to_dict()))."
+    )
+
+
+def _check_dims(files: Any, in_channels: int) -> str | None:
+    """Why a single-file case cannot feed the model (from the header only), or None."""
+    import nibabel as nib
+
+    from .data.case import case_error
+
+    path = files.images[0]
+    try:
+        shape = tuple(nib.load(str(path)).shape)
+    except Exception:  # unreadable: load_case reports it with the details
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if in_channels == 1 and len(shape) == 4:
+        problem = f"image is 4D with shape {shape}; this model takes 1 channel and expects a 3D volume"
+        fix = "pass one 3D volume per case (split time series and multi-channel files)"
+    elif in_channels > 1 and len(shape) == 3:
+        problem = f"image is a 3D volume {shape}; this model takes {in_channels} channels"
+        fix = f"pass a 4D file with the {in_channels} channels on the last axis (the MSD layout)"
+    elif in_channels > 1 and len(shape) == 4 and shape[3] != in_channels:
+        problem = f"image has {shape[3]} channels (shape {shape}); this model takes {in_channels}"
+        fix = f"pass a 4D file with the {in_channels} channels on the last axis, in training order"
+    else:
+        return None
+    return case_error(files.case_id, path, problem, fix)
+
+
+def _preview_rgb(image: Any, classes: Any) -> Any:
+    """Axial slices of ``image`` ``(D, H, W)`` with ``classes`` ``(D, H, W)`` overlaid: ``(h, w, 3)`` uint8."""
+    import numpy as np
+
+    depth = image.shape[0]
+    foreground = np.nonzero(classes.reshape(depth, -1).any(axis=1))[0]
+    source = foreground if foreground.size else np.arange(depth)
+    picks = sorted({int(source[int(q * (source.size - 1))]) for q in (0.25, 0.5, 0.75)})[:_PREVIEW_SLICES]
+    low, high = (float(v) for v in np.percentile(image, [1, 99]))
+    gray = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+    palette = np.asarray(_PALETTE, dtype=np.float32)
+    scale = max(1, min(8, math.ceil(_PREVIEW_MIN_SIDE / max(1, min(image.shape[1:])))))
+    tiles = []
+    for d in picks:
+        rgb = np.repeat(gray[d][..., None], 3, axis=-1)  # (H, W) -> (H, W, 3)
+        labelled = classes[d] > 0
+        colour = palette[classes[d] % len(_PALETTE)]  # (H, W) -> (H, W, 3)
+        rgb[labelled] = 0.45 * rgb[labelled] + 0.55 * colour[labelled]
+        rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)  # nearest upscaling
+        tiles += [rgb, np.zeros((rgb.shape[0], 4, 3), np.float32)]
+    return np.concatenate(tiles[:-1], axis=1).round().astype(np.uint8)
+
+
+def png_bytes(rgb: Any) -> bytes:
+    """Encode an ``(h, w, 3)`` uint8 array as a PNG (8-bit RGB, no filtering); standard library only.
+
+    Raises:
+        ValueError: when ``rgb`` is not ``(h, w, 3)`` uint8.
+    """
+    import numpy as np
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"png_bytes expects an (h, w, 3) uint8 array, got shape {rgb.shape} {rgb.dtype}.")
+    height, width = rgb.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, width * 3)], axis=1)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
+    ids = [c.case_id for c in cases]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise CommandError(f"--input holds several cases named {repeated}; case names must be unique.")
+    if _case_id(output) is not None:
+        if len(cases) != 1:
+            raise CommandError(
+                f"--output '{output}' is a file name but --input holds {len(cases)} cases; pass a folder."
+            )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return {ids[0]: output}
+    if output.exists() and not output.is_dir():
+        raise CommandError(
+            f"--output '{output}' exists and is not a folder; pass a folder or a .nii.gz name."
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    return {i: output / f"{i}.nii.gz" for i in ids}
+
+
+def _preview_path(output: Path) -> Path:
+    case_id = _case_id(output) or output.name
+    return output.with_name(f"{case_id}.png")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    cases, layout = _prediction_cases(Path(args.input), args.split)
+    outputs = _output_paths(cases, Path(args.output))
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import load_case
+    from .evaluation import sliding_window_predict
+    from .volumetric import from_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA GPU is visible; use --device cpu.")
+    try:
+        model = from_pretrained(args.model, device=device, revision=args.revision)
+    except Exception as error:
+        raise CommandError(f"cannot load --model '{args.model}': {type(error).__name__}: {error}") from error
+    config = model.segmenter_config
+    in_channels = int(config["in_channels"])
+    num_classes = int(config["num_classes"])
+    label_values = [int(v) for v in config.get("label_values") or range(num_classes)]
+    roi = tuple(args.roi_size or config.get("crop_size") or ())
+    if len(roi) != 3:
+        raise CommandError(
+            f"segmenter_config.json of --model '{args.model}' records no crop_size; pass --roi-size D H W "
+            "(the training crop size)."
+        )
+    declared = {len(c.channel_names) for c in cases if c.channel_names}
+    if declared and declared != {in_channels}:
+        raise CommandError(
+            f"--input '{args.input}' ({layout}) has {sorted(declared)} channel(s) per case but the model takes "
+            f"{in_channels}; use a model trained on this data set's modalities."
+        )
+    names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
+    values = tuple(sorted(set(label_values) | {0}))
+    cases = [
+        dataclasses.replace(c, channel_names=c.channel_names or names, label_values=values) for c in cases
+    ]
+    preprocessing = _preprocessing(config, args.model, args.modality, cases[0])
+    overlap = REFERENCE_OVERLAP if args.overlap is None else args.overlap
+    dtype = np.uint8 if max(label_values) <= 255 else np.int16
+    print(
+        f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}, window {roi}, overlap {overlap:.3f}"
+        f"{', flip TTA' if args.flip_tta else ''}",
+        file=sys.stderr,
+    )
+
+    failures: dict[str, str] = {}
+    for files in tqdm(cases, desc="predict", unit="case", disable=args.no_progress or None):
+        target = outputs[files.case_id]
+        try:
+            problem = _check_dims(files, in_channels) if len(files.images) == 1 else None
+            if problem is not None:
+                raise ValueError(problem)
+            case = load_case(files, preprocessing)
+            volume = torch.from_numpy(np.ascontiguousarray(case.image))[
+                None
+            ]  # (C, D, H, W) -> (1, C, D, H, W)
+            probs = sliding_window_predict(
+                model,
+                volume,
+                roi_size=roi,
+                overlap=overlap,
+                sw_batch_size=args.sw_batch_size,
+                flip_tta=args.flip_tta,
+                num_classes=num_classes,
+                device="cpu",
+            )
+            classes = probs.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
+            labels = np.asarray(label_values, dtype=dtype)[classes]
+            image = case.geometry.to_nifti(labels, dtype=dtype)
+            with atomic_path(target) as tmp:
+                nib.save(image, str(tmp))
+            if args.preview:
+                atomic_write_bytes(_preview_path(target), png_bytes(_preview_rgb(case.image[0], classes)))
+        except Exception as error:  # one bad case must not stop the batch
+            message = (
+                str(error)
+                if str(error).startswith("case '")
+                else (f"case '{files.case_id}', file '{files.images[0]}': {type(error).__name__}: {error}")
+            )
+            failures[files.case_id] = message
+            _log(f"FAILED {message}")
+    written = len(cases) - len(failures)
+    print(f"medtuning predict: wrote {written} label map(s) to '{args.output}'.", file=sys.stderr)
+    if failures:
+        _failure_report("predict", failures, len(cases))
+        return 1
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluate
+# -----------------------------------------------------------------------------------------------------
+
+
+def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
+    """Label files by case name, and the ``dataset.json`` found with them (MSD)."""
+    from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+    from .data.kits19 import KITS19_CASE_PATTERN
+
+    dataset_json = next(
+        (p for p in (labels / "dataset.json", labels.parent / "dataset.json") if p.is_file()), None
+    )
+    if labels.is_file():
+        case_id = _case_id(labels)
+        if case_id is None:
+            raise CommandError(f"--labels '{labels}' is not a NIfTI file or a folder.")
+        return {case_id: labels}, dataset_json
+    if not labels.is_dir():
+        raise CommandError(f"--labels '{labels}' does not exist; pass the folder of ground-truth label maps.")
+    try:
+        if (labels / "dataset.json").is_file():
+            found = {c.case_id: c.label for c in read_msd_task(labels).training}
+        elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
+            found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
+        elif files := _nifti_files(labels):
+            found = {}
+            for case_id, path in _unique(files, f"--labels '{labels}'").items():
+                stripped = next((case_id[: -len(s)] for s in _LABEL_SUFFIXES if case_id.endswith(s)), case_id)
+                found[stripped if stripped not in files else case_id] = path
+        else:
+            try:
+                found = {c.case_id: c.label for c in list_brats_cases(labels) if c.label is not None}
+            except CaseLoadError:
+                found = {}
+    except CaseLoadError as error:
+        raise CommandError(f"--labels '{labels}': {error}") from error
+    if not found:
+        raise CommandError(
+            f"--labels '{labels}' holds no label map: no .nii/.nii.gz file, no MSD dataset.json and no "
+            "KiTS19/BraTS case folder with a segmentation."
+        )
+    return found, dataset_json
+
+
+def _read_label_map(path: Path, case_id: str, role: str, allowed: Sequence[int]) -> tuple[Any, Any]:
+    import numpy as np
+
+    from .data import CaseLoadError, read_nifti
+    from .data.case import case_error
+
+    data, image = read_nifti(path, case_id=case_id, role=role, as_label=True)
+    if data.ndim != 3:
+        raise CaseLoadError(
+            case_error(
+                case_id, path, f"{role} has shape {data.shape}; expected a 3D label map", "pass 3D files"
+            )
+        )
+    if np.issubdtype(data.dtype, np.floating) and not (
+        np.all(np.isfinite(data)) and np.array_equal(data, np.rint(data))
+    ):
+        raise CaseLoadError(
+            case_error(case_id, path, f"{role} has non-integer or NaN/Inf values", "store labels as integers")
+        )
+    data = data.astype(np.int64)
+    unexpected = sorted(set(np.unique(data).tolist()) - set(allowed))
+    if unexpected:
+        raise CaseLoadError(
+            case_error(
+                case_id,
+                path,
+                f"{role} has values {unexpected} outside the task's labels {list(allowed)}",
+                "check --task (and --dataset-json for MSD) or remap the labels",
+            )
+        )
+    return data, image
+
+
+def _score_case(
+    case_id: str, pred_path: Path, gt_path: Path, args: argparse.Namespace, spec: Any, labels: Any
+) -> dict[str, float]:
+    import nibabel as nib
+    import numpy as np
+
+    from .data import CaseLoadError
+    from .data.case import case_error
+    from .data.nifti import AFFINE_TOLERANCE_MM
+    from .evaluation import evaluate_case
+
+    pred, pred_image = _read_label_map(pred_path, case_id, "prediction", spec.label_values)
+    gt, gt_image = _read_label_map(gt_path, case_id, "label", spec.label_values)
+    if pred.shape != gt.shape:
+        raise CaseLoadError(
+            case_error(
+                case_id,
+                pred_path,
+                f"prediction shape {pred.shape} differs from shape {gt.shape} of label '{gt_path}'",
+                "predict on the original image (medtuning predict writes the input's grid)",
+            )
+        )
+    if not np.allclose(pred_image.affine, gt_image.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        raise CaseLoadError(
+            case_error(
+                case_id,
+                pred_path,
+                f"prediction affine\n{np.round(pred_image.affine, 4)}\ndiffers from that of label '{gt_path}'\n"
+                f"{np.round(gt_image.affine, 4)}",
+                "predict on the original image, or re-header the prediction onto the label's grid",
+            )
+        )
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(gt_image.affine))  # in array axis order
+    return evaluate_case(args.task, pred, gt, spacing, labels=labels, with_hd95=not args.no_hd95)
+
+
+def _format_table(per_case: dict[str, dict[str, float]], summary: dict[str, dict[str, float]]) -> str:
+    keys = list(next(iter(per_case.values())))
+    rows = [["case", *keys]]
+    rows += [[case, *(f"{scores[k]:.4f}" for k in keys)] for case, scores in per_case.items()]
+    rows += [[stat, *(f"{summary[k][stat]:.4f}" for k in keys)] for stat in ("mean", "std", "median")]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    rule = "-" * len(lines[0])
+    return "\n".join([lines[0], rule, *lines[1 : 1 + len(per_case)], rule, *lines[1 + len(per_case) :]])
+
+
+def _csv_text(per_case: dict[str, dict[str, float]], summary: dict[str, dict[str, float]]) -> str:
+    keys = list(next(iter(per_case.values())))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", *keys])
+    for case, scores in per_case.items():
+        writer.writerow([case, *(repr(float(scores[k])) for k in keys)])
+    for stat in ("mean", "std", "median"):
+        writer.writerow([stat, *(repr(float(summary[k][stat])) for k in keys)])
+    return buffer.getvalue()
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .evaluation import get_challenge, summarize
+    from .io_utils import read_json_file
+
+    pred_dir, labels_dir = Path(args.pred), Path(args.labels)
+    if pred_dir.is_file() and _case_id(pred_dir) is not None:
+        preds = {_case_id(pred_dir): pred_dir}
+    elif pred_dir.is_dir():
+        preds = _unique(_nifti_files(pred_dir), f"--pred '{pred_dir}'")
+    else:
+        raise CommandError(
+            f"--pred '{pred_dir}' does not exist; pass the folder written by medtuning predict."
+        )
+    if not preds:
+        raise CommandError(f"--pred folder '{pred_dir}' holds no .nii/.nii.gz prediction.")
+    gts, found_json = _label_files(labels_dir)
+
+    labels = None
+    if args.task == "msd":
+        source = Path(args.dataset_json) if args.dataset_json else found_json
+        if source is None:
+            raise CommandError(
+                "--task msd needs the task's labels: pass --dataset-json PATH (the MSD dataset.json), or keep "
+                "dataset.json in or above the --labels folder."
+            )
+        try:
+            labels = read_json_file(source, "dataset.json")["labels"]
+        except (KeyError, TypeError) as error:
+            raise CommandError(
+                f"'{source}' has no 'labels' dict; pass the task's MSD dataset.json."
+            ) from error
+        except (OSError, ValueError) as error:
+            raise CommandError(str(error)) from error
+    elif args.dataset_json:
+        raise CommandError(f"--dataset-json is only read by --task msd; the {args.task} labels are fixed.")
+    try:
+        spec = get_challenge(args.task, labels)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+
+    per_case: dict[str, dict[str, float]] = {}
+    failures: dict[str, str] = {}
+    for case_id, pred_path in tqdm(
+        sorted(preds.items()), desc="evaluate", unit="case", disable=args.no_progress or None
+    ):
+        gt_path = gts.get(case_id)
+        if gt_path is None:
+            failures[case_id] = (
+                f"prediction '{pred_path}' has no label map named '{case_id}' under '{labels_dir}'"
+            )
+            continue
+        try:
+            per_case[case_id] = _score_case(case_id, pred_path, gt_path, args, spec, labels)
+        except Exception as error:  # one bad case must not stop the others
+            text = str(error)
+            failures[case_id] = (
+                text if text.startswith("case '") else f"case '{case_id}': {type(error).__name__}: {text}"
+            )
+            _log(f"FAILED {failures[case_id]}")
+    missing = sorted(set(gts) - set(preds))
+
+    if per_case:
+        summary = summarize(list(per_case.values()))
+        print(_format_table(per_case, summary))
+        result = {
+            "task": args.task,
+            "predictions": str(pred_dir),
+            "labels": str(labels_dir),
+            "regions": {k: list(v) for k, v in spec.regions.items()},
+            "num_cases": len(per_case),
+            "summary": summary,
+            "per_case": per_case,
+            "failed": failures,
+            "missing_predictions": missing,
+        }
+        if args.output:
+            atomic_write_json(args.output, result)
+            print(f"wrote {args.output}", file=sys.stderr)
+        if args.csv:
+            atomic_write_text(args.csv, _csv_text(per_case, summary))
+            print(f"wrote {args.csv}", file=sys.stderr)
+    if missing:
+        level = "FAILED" if args.require_all else "note"
+        print(
+            f"medtuning evaluate: {level}: {len(missing)} labelled case(s) have no prediction "
+            f"(first: {missing[:5]}){'' if args.require_all else '; pass --require-all to count them as failures'}.",
+            file=sys.stderr,
+        )
+    if failures:
+        _failure_report("evaluate", failures, len(preds))
+    if not per_case:
+        print("medtuning evaluate: no case could be scored; nothing written.", file=sys.stderr)
+    return 1 if failures or not per_case or (missing and args.require_all) else 0
+
+
+# -----------------------------------------------------------------------------------------------------
+# verify-data
+# -----------------------------------------------------------------------------------------------------
+
+
+def _verify_case(files: Any, require_label: bool) -> list[str]:
+    """Every problem of one case (each message names the case and the file)."""
+    import numpy as np
+
+    from .data import CaseLoadError, read_nifti
+    from .data.case import case_error
+    from .data.nifti import AFFINE_TOLERANCE_MM
+
+    problems: list[str] = []
+    reference: tuple[Path, tuple[int, ...], Any] | None = None
+
+    def same_grid(path: Path, role: str, shape: tuple[int, ...], affine: Any) -> None:
+        assert reference is not None
+        ref_path, ref_shape, ref_affine = reference
+        if shape != ref_shape:
+            problems.append(
+                case_error(
+                    files.case_id,
+                    path,
+                    f"{role} shape {shape} differs from {ref_shape} of '{ref_path}'",
+                    "make sure both files belong to this case and were not cropped or resampled separately",
+                )
+            )
+        elif not np.allclose(affine, ref_affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+            problems.append(
+                case_error(
+                    files.case_id,
+                    path,
+                    f"{role} affine\n{np.round(affine, 4)}\ndiffers from that of '{ref_path}'\n{np.round(ref_affine, 4)}",
+                    "resample or re-header the file onto the image grid",
+                )
+            )
+
+    single = len(files.images) == 1
+    channels, readable = 0, True
+    for index, path in enumerate(files.images):
+        role = files.channel_names[index] if not single and index < len(files.channel_names) else "image"
+        try:
+            data, image = read_nifti(path, case_id=files.case_id, role=role)
+        except CaseLoadError as error:
+            problems.append(str(error))
+            readable = False
+            continue
+        if data.ndim not in ((3, 4) if single else (3,)):
+            problems.append(
+                case_error(
+                    files.case_id,
+                    path,
+                    f"{role} has shape {data.shape}; expected a 3D volume"
+                    + (" (or 4D with channels last)" if single else ""),
+                    "pass a volumetric NIfTI",
+                )
+            )
+            readable = False
+            continue
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            problems.append(
+                case_error(
+                    files.case_id, path, f"{role} has {bad} NaN/Inf voxels", "repair or exclude the case"
+                )
+            )
+        affine = image.affine
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            problems.append(
+                case_error(
+                    files.case_id, path, "affine is singular or not finite", "repair the header's sform/qform"
+                )
+            )
+        if reference is None:
+            reference = (Path(path), tuple(data.shape[:3]), affine)
+        else:
+            same_grid(Path(path), role, tuple(data.shape[:3]), affine)
+        channels += data.shape[3] if data.ndim == 4 else 1
+        del data
+    if readable and files.channel_names and channels != len(files.channel_names):
+        problems.append(
+            case_error(
+                files.case_id,
+                files.images[0],
+                f"found {channels} channel(s) but the data set declares {len(files.channel_names)} "
+                f"{list(files.channel_names)}",
+                "add the missing modalities or fix dataset.json 'modality'",
+            )
+        )
+
+    if files.label is None:
+        if require_label:
+            problems.append(
+                case_error(files.case_id, None, "has no label file", "add the segmentation or drop the case")
+            )
+        return problems
+    try:
+        label, image = read_nifti(files.label, case_id=files.case_id, role="label", as_label=True)
+    except CaseLoadError as error:
+        return [*problems, str(error)]
+    path = Path(files.label)
+    if label.ndim != 3:
+        problems.append(
+            case_error(
+                files.case_id, path, f"label has shape {label.shape}; expected 3D", "pass a 3D label map"
+            )
+        )
+        return problems
+    if reference is not None:
+        same_grid(path, "label", tuple(label.shape), image.affine)
+    if np.issubdtype(label.dtype, np.floating) and not (
+        np.all(np.isfinite(label)) and np.array_equal(label, np.rint(label))
+    ):
+        problems.append(
+            case_error(
+                files.case_id, path, "label has non-integer or NaN/Inf values", "store labels as integers"
+            )
+        )
+    else:
+        unexpected = sorted(set(np.unique(label).astype(np.int64).tolist()) - set(files.label_values))
+        if unexpected:
+            problems.append(
+                case_error(
+                    files.case_id,
+                    path,
+                    f"label has values {unexpected} outside the allowed {list(files.label_values)}",
+                    "check that this is this data set's segmentation",
+                )
+            )
+    return problems
+
+
+def _cmd_verify_data(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+
+    data_dir = Path(args.data_dir)
+    try:
+        if args.task == "kits19":
+            cases = list_kits19_cases(data_dir)
+        elif args.task == "brats":
+            cases = list_brats_cases(data_dir)
+        else:
+            task = read_msd_task(data_dir)
+            cases = [*task.training, *task.test]
+    except (CaseLoadError, FileNotFoundError) as error:
+        raise CommandError(f"--data-dir '{data_dir}' ({args.task}): {error}") from error
+
+    problems: dict[str, list[str]] = {}
+    for files in tqdm(cases, desc="verify-data", unit="case", disable=args.no_progress or None):
+        found = _verify_case(files, args.require_labels)
+        if found:
+            problems[files.case_id] = found
+    unlabeled = sum(1 for c in cases if c.label is None)
+    count = sum(len(v) for v in problems.values())
+    note = f", {unlabeled} without label (prediction-only)" if unlabeled and not args.require_labels else ""
+    print(f"medtuning verify-data: checked {len(cases)} {args.task} case(s) in '{data_dir}'{note}.")
+    if args.output:
+        atomic_write_json(
+            args.output,
+            {"task": args.task, "data_dir": str(data_dir), "cases": len(cases), "problems": problems},
+        )
+    if not problems:
+        print("No problems found.")
+        return 0
+    print(f"{count} problem(s) in {len(problems)} case(s):", file=sys.stderr)
+    for case_id, found in problems.items():
+        print(f"{case_id}:", file=sys.stderr)
+        for message in found:
+            print("  - " + message.replace("\n", "\n    "), file=sys.stderr)
+    return 1
+
+
+# -----------------------------------------------------------------------------------------------------
+# push
+# -----------------------------------------------------------------------------------------------------
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import build_model_card, files_to_upload, push_to_hub
+
+    try:
+        if args.dry_run:
+            card = build_model_card(
+                args.model,
+                metrics=args.metrics,
+                dataset=args.dataset,
+                license=args.license,
+                repo_id=args.repo_id,
+            )
+            print(card)
+            print("Files that would be uploaded:", *files_to_upload(args.model), sep="\n  ", file=sys.stderr)
+            return 0
+        info = push_to_hub(
+            args.model,
+            args.repo_id,
+            token=args.token,
+            private=args.private,
+            commit_message=args.commit_message,
+            dataset=args.dataset,
+            metrics=args.metrics,
+            license=args.license,
+            revision=args.revision,
+        )
+    except Exception as error:
+        raise CommandError(
+            f"push of '{args.model}' to '{args.repo_id}' failed: {type(error).__name__}: {error}"
+        ) from error
+    print(f"medtuning push: uploaded '{args.model}' to {getattr(info, 'commit_url', args.repo_id)}")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------
+# Parser
+# -----------------------------------------------------------------------------------------------------
+
+
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1); for a stride s use 1 - s / window.")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer.")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medtuning`` argument parser (one sub-parser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="medtuning",
+        description="Run, score, check and share Med-Adapter segmenters on 3D medical images (NIfTI).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment NIfTI volumes with a saved model",
+        description="Segment NIfTI volumes with a saved segmenter: the model's saved preprocessing, "
+        "sliding-window inference over the whole volume, and a label map written on the input's exact grid "
+        "(shape, affine, header). Bad cases are reported and skipped; exit status 1 if any failed.",
+    )
+    predict.add_argument(
+        "--model", required=True, help="model directory (save_pretrained) or Hub id 'org/name'"
+    )
+    predict.add_argument("--revision", help="Hub revision of --model (branch, tag or commit)")
+    predict.add_argument(
+        "--input",
+        required=True,
+        help="a .nii/.nii.gz file; a folder of them; an MSD task folder (dataset.json); KiTS19 case_XXXXX "
+        "folders; or BraTS case folders. Multi-channel models take one 4D file per case, channels last (MSD)",
+    )
+    predict.add_argument(
+        "--output",
+        required=True,
+        help="a .nii.gz file name (single case) or a folder (<case>.nii.gz per case)",
+    )
+    predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    predict.add_argument("--flip-tta", action="store_true", help="average over the 8 flips (8x slower)")
+    predict.add_argument(
+        "--overlap",
+        type=_overlap,
+        help=f"window overlap in [0, 1) (default {REFERENCE_OVERLAP:.4f}: stride 42 for 128-voxel windows)",
+    )
+    predict.add_argument(
+        "--sw-batch-size", type=_positive, default=1, help="windows per forward pass (default 1)"
+    )
+    predict.add_argument(
+        "--roi-size",
+        type=_positive,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="window size (default: the model's crop_size)",
+    )
+    predict.add_argument(
+        "--modality",
+        choices=("CT", "MRI"),
+        help="default normalization for models saved without preprocessing",
+    )
+    predict.add_argument(
+        "--split",
+        choices=("auto", "training", "test"),
+        default="auto",
+        help="images of an MSD task folder to segment (default: test if listed, else training)",
+    )
+    predict.add_argument(
+        "--preview", action="store_true", help="also write <case>.png: labels over 3 axial slices"
+    )
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score predictions against labels with the challenge's conventions",
+        description="Dice and HD95 per case and summary (mean, std, median) with each challenge's regions "
+        "and empty-mask rules. Predictions and labels are matched by case name; shape or affine mismatches "
+        "and unexpected label values are reported per case (exit status 1).",
+    )
+    evaluate.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.nii.gz)")
+    evaluate.add_argument(
+        "--labels",
+        required=True,
+        help="ground truth: a folder of label files (e.g. MSD labelsTr), an MSD task folder, KiTS19 case "
+        "folders or BraTS case folders",
+    )
+    evaluate.add_argument("--task", required=True, choices=TASKS, help="challenge conventions")
+    evaluate.add_argument(
+        "--dataset-json", help="MSD dataset.json giving the labels (default: found with --labels)"
+    )
+    evaluate.add_argument("--output", help="write per-case metrics and the summary to this JSON file")
+    evaluate.add_argument("--csv", help="write per-case metrics and the summary to this CSV file")
+    evaluate.add_argument("--no-hd95", action="store_true", help="Dice only (HD95 is the slow part)")
+    evaluate.add_argument(
+        "--require-all", action="store_true", help="fail when a labelled case has no prediction"
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    verify = commands.add_parser(
+        "verify-data",
+        help="check every case of a data set before a long run",
+        description="Check every case: files present and readable, 3D, no NaN/Inf, modalities complete, image "
+        "and label on the same grid (shape and affine), label values expected. Lists every problem at once; "
+        "exit status 1 if any.",
+    )
+    verify.add_argument("--task", required=True, choices=TASKS, help="data set layout")
+    verify.add_argument(
+        "--data-dir", required=True, help="KiTS19 data/, BraTS release folder, or MSD task folder"
+    )
+    verify.add_argument("--require-labels", action="store_true", help="a case without label is a problem")
+    verify.add_argument("--output", help="also write the problems to this JSON file")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_cmd_verify_data)
+
+    push = commands.add_parser(
+        "push",
+        help="upload a saved model with a generated model card to the Hugging Face Hub",
+        description="Write README.md (model card: task, labels, data set and licence, metrics, settings, "
+        "parameters, usage, citations) into the model folder and upload its safetensors, JSON and README.md.",
+    )
+    push.add_argument("--model", required=True, help="model directory written by save_pretrained")
+    push.add_argument("--repo-id", required=True, help="Hub repository 'org/name'")
+    push.add_argument("--dataset", help="kits19, brats, msd, msd-hippocampus, or a data set name")
+    push.add_argument("--metrics", help="metrics JSON (default: metrics.json in or above --model)")
+    push.add_argument("--license", help="Hub licence id of the card (default: the data set's)")
+    push.add_argument("--token", help="Hub token with write access (default: the logged-in user's)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", help="branch to push to")
+    push.add_argument("--commit-message", default="Upload Med-Adapter segmenter (medtuning_peft)")
+    push.add_argument(
+        "--dry-run", action="store_true", help="print the card and the file list; upload nothing"
+    )
+    push.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``medtuning``; returns the exit status.
+
+    Args:
+        argv: arguments without the program name; default ``sys.argv[1:]``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CommandError as error:
+        print(f"medtuning: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medtuning: interrupted; finished outputs are complete, none is half-written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
