@@ -1,0 +1,613 @@
+"""The `medtuning` command line: predict, evaluate, verify-data, push (help), run in-process and as a subprocess.
+
+Bad inputs go through the real command; a tiny random segmenter stands in for a trained one (the CLI
+must not depend on what the model predicts, only on shapes, geometry and the saved settings).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medtuning_peft.cli import main, png_bytes
+from medtuning_peft.data import CTPreprocessing, MRIPreprocessing, load_case
+from medtuning_peft.data.kits19 import kits19_case_files
+from medtuning_peft.evaluation import sliding_window_predict
+from medtuning_peft.io_utils import PARTIAL_PREFIX
+from medtuning_peft.volumetric import build_segmenter, from_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = Path("/work/shared/data/msd_hippocampus")
+CROP = [8, 32, 32]
+# KiTS19 stores the slice axis first with a permuted, flipped affine (orientation codes I, P, L).
+KITS_AFFINE = np.array(
+    [[0.0, 0.0, -0.78, 150.0], [0.0, -0.78, 0.0, 180.0], [-3.0, 0.0, 0.0, 90.0], [0.0, 0.0, 0.0, 1.0]]
+)
+KITS_SHAPE = (11, 20, 26)  # (slices, rows, columns), none a multiple of the window
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_model(directory: Path, in_channels: int = 1, preprocessing: dict | None = None, **kw) -> Path:
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin",
+        in_channels=in_channels,
+        num_classes=3,
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        crop_size=CROP,
+        label_names=["background", "kidney", "tumor"],
+        preprocessing=CTPreprocessing().to_dict() if preprocessing is None else preprocessing,
+        **kw,
+    )
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("model") / "model")
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = KITS_AFFINE) -> Path:
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+    return path
+
+
+def ct_volume(seed: int = 0, shape: tuple[int, ...] = KITS_SHAPE) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(40.0, 80.0, shape)).astype(np.float32)
+
+
+def bad_inputs(folder: Path) -> dict[str, str]:
+    """Writes one file per kind of bad input; returns file name -> words the error must contain."""
+    good = write_nifti(folder / "good.nii.gz", ct_volume())
+    raw = good.read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (folder / "not_nifti.nii.gz").write_bytes(gzip.compress(b"patient notes, not an image\n" * 50))
+    write_nifti(folder / "slice_2d.nii.gz", ct_volume(shape=(20, 26)))
+    write_nifti(folder / "series_4d.nii.gz", ct_volume(shape=(*KITS_SHAPE, 3)))
+    volume = ct_volume()
+    volume[2, 3, 4], volume[5, 6, 7] = np.nan, np.inf
+    write_nifti(folder / "nan_inf.nii.gz", volume)
+    return {
+        "truncated.nii.gz": "not a readable NIfTI",
+        "not_nifti.nii.gz": "not a readable NIfTI",
+        "slice_2d.nii.gz": "expected a 3D",
+        "series_4d.nii.gz": "expects a 3D volume",
+        "nan_inf.nii.gz": "2 NaN/Inf voxels",
+    }
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "medtuning_peft.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.startswith(PARTIAL_PREFIX)]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Help and arguments
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        ("predict", "--flip-tta"),
+        ("evaluate", "--labels"),
+        ("verify-data", "--data-dir"),
+        ("push", "--repo-id"),
+    ],
+)
+def test_every_command_has_help(command, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert option in capsys.readouterr().out
+
+
+def test_no_command_prints_usage_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "predict" in capsys.readouterr().err
+
+
+def test_bad_option_values_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", "m", "--input", "i", "--output", "o", "--overlap", "1.5"])
+    assert exit_info.value.code == 2
+    assert "not in [0, 1)" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------
+# predict
+# -----------------------------------------------------------------------------------------------------
+
+
+def test_predict_keeps_the_exact_grid_of_a_permuted_affine_kits_volume(model_dir, tmp_path):
+    image = write_nifti(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", ct_volume())
+    out = tmp_path / "pred"
+    code = main(
+        ["predict", "--model", str(model_dir), "--input", str(tmp_path / "kits"), "--output", str(out)]
+        + ["--overlap", "0", "--preview", "--no-progress"]
+    )
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case_00000.nii.gz", "case_00000.png"]
+    source, written = nib.load(str(image)), nib.load(str(out / "case_00000.nii.gz"))
+    assert written.shape == source.shape == KITS_SHAPE
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
+    assert nib.aff2axcodes(written.affine) == ("I", "P", "L")
+    assert int(written.header["sform_code"]) == int(source.header["sform_code"]) == 1
+    assert int(written.header["qform_code"]) == int(source.header["qform_code"]) == 1
+    labels = np.asanyarray(written.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+
+    # The same pipeline by hand: the saved preprocessing, the crop-sized window, mapped back to the file.
+    model = from_pretrained(model_dir)
+    case = load_case(kits19_case_files(tmp_path / "kits" / "case_00000"), CTPreprocessing())
+    probs = sliding_window_predict(model, torch.from_numpy(case.image)[None], roi_size=CROP, overlap=0.0)
+    expected = case.geometry.to_original(probs.argmax(1)[0].numpy().astype(np.uint8))
+    np.testing.assert_array_equal(labels, expected)
+
+    png = (out / "case_00000.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert height >= 160 and width > height  # three upscaled axial slices side by side
+
+
+def test_predict_single_file_to_a_file_name(model_dir, tmp_path):
+    image = write_nifti(tmp_path / "scan.nii", ct_volume(1))
+    out = tmp_path / "nested" / "scan_seg.nii.gz"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(image),
+                "--output",
+                str(out),
+                "--overlap",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert nib.load(str(out)).shape == KITS_SHAPE
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["truncated.nii.gz", "not_nifti.nii.gz", "slice_2d.nii.gz", "series_4d.nii.gz", "nan_inf.nii.gz"]
+)
+def test_predict_on_one_bad_file_fails_naming_it_and_writes_nothing(model_dir, tmp_path, capsys, name):
+    expected = bad_inputs(tmp_path / "in")[name]
+    out = tmp_path / "out" / "seg.nii.gz"
+    code = main(
+        ["predict", "--model", str(model_dir), "--input", str(tmp_path / "in" / name), "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(tmp_path / "in" / name) in err and expected in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_predict_batch_skips_bad_files_and_lists_them_as_a_subprocess(model_dir, tmp_path):
+    expected = bad_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    result = run_cli(
+        "predict",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--overlap",
+        "0",
+    )
+    assert result.returncode == 1, result.stderr
+    summary = result.stderr.split("case(s) failed:")[1]
+    for name, words in expected.items():
+        line = next(line for line in summary.splitlines() if f"'{tmp_path / 'in' / name}'" in line)
+        assert words in line
+    assert f"{len(expected)} of {len(expected) + 1} case(s) failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]  # nothing for the bad cases, no partials
+    assert nib.load(str(out / "good.nii.gz")).shape == KITS_SHAPE
+
+
+def test_predict_on_an_empty_folder_fails_naming_it(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(model_dir),
+            "--input",
+            str(tmp_path / "empty"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 1
+    assert f"'{tmp_path / 'empty'}' holds no case" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_multichannel_model_takes_channels_last_files(tmp_path, capsys):
+    model = save_model(tmp_path / "model2", in_channels=2, preprocessing=MRIPreprocessing().to_dict())
+    write_nifti(tmp_path / "in" / "two.nii.gz", ct_volume(shape=(*KITS_SHAPE, 2)), np.eye(4))
+    write_nifti(tmp_path / "in" / "one.nii.gz", ct_volume(), np.eye(4))
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(model),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--overlap",
+            "0",
+        ]
+    )
+    assert code == 1
+    assert "this model takes 2 channels" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["two.nii.gz"]
+    assert nib.load(str(tmp_path / "out" / "two.nii.gz")).shape == KITS_SHAPE
+
+
+def test_predict_writes_the_saved_label_values(tmp_path):
+    model = save_model(tmp_path / "model", label_values=[0, 2, 4])
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    main(
+        [
+            "predict",
+            "--model",
+            str(model),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "seg.nii.gz"),
+            "--overlap",
+            "0",
+        ]
+    )
+    assert set(np.unique(np.asanyarray(nib.load(str(tmp_path / "seg.nii.gz")).dataobj))) <= {0, 2, 4}
+
+
+def test_predict_explains_an_unloadable_model(tmp_path, capsys):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "nothing"),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 1
+    assert "cannot load --model" in capsys.readouterr().err
+
+
+def test_png_writer_round_trips_through_zlib():
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    png = png_bytes(rgb)
+    length = struct.unpack(">I", png[33:37])[0]
+    assert png[37:41] == b"IDAT"
+    rows = np.frombuffer(__import__("zlib").decompress(png[41 : 41 + length]), np.uint8).reshape(2, 10)
+    assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:].reshape(2, 3, 3), rgb)
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluate
+# -----------------------------------------------------------------------------------------------------
+
+
+def label_map(seed: int, shape=(10, 12, 14)) -> np.ndarray:
+    label = np.zeros(shape, np.uint8)
+    rng = np.random.default_rng(seed)
+    d, h, w = (int(rng.integers(2, s - 6)) for s in shape)
+    label[d : d + 4, h : h + 5, w : w + 5] = 1
+    label[d + 1 : d + 3, h + 1 : h + 3, w + 1 : w + 3] = 2
+    return label
+
+
+def test_evaluate_scores_matched_cases_and_names_every_mismatch(tmp_path, capsys):
+    labels, preds = tmp_path / "labelsTr", tmp_path / "pred"
+    affine = np.diag([1.0, 1.5, 2.0, 1.0])
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}})
+    )
+    for i in range(5):
+        write_nifti(labels / f"hip_{i}.nii.gz", label_map(i), affine)
+    write_nifti(preds / "hip_0.nii.gz", label_map(0), affine)  # perfect
+    write_nifti(preds / "hip_1.nii.gz", label_map(7), affine)  # wrong place
+    write_nifti(preds / "hip_2.nii.gz", label_map(2, (10, 12, 15)), affine)  # shape mismatch
+    write_nifti(preds / "hip_3.nii.gz", label_map(3), np.diag([1.0, 1.5, 2.5, 1.0]))  # affine mismatch
+    bad_values = label_map(4)
+    bad_values[0, 0, 0] = 7
+    write_nifti(preds / "hip_4.nii.gz", bad_values, affine)
+    write_nifti(preds / "stray.nii.gz", label_map(5), affine)  # no such label
+    out_json, out_csv = tmp_path / "metrics.json", tmp_path / "metrics.csv"
+
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(preds),
+            "--labels",
+            str(labels),
+            "--task",
+            "msd",
+            "--output",
+            str(out_json),
+            "--csv",
+            str(out_csv),
+            "--no-progress",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    metrics = json.loads(out_json.read_text())
+    assert sorted(metrics["per_case"]) == ["hip_0", "hip_1"] and metrics["num_cases"] == 2
+    assert (
+        metrics["per_case"]["hip_0"]["dice_mean"] == 1.0 and metrics["per_case"]["hip_0"]["hd95_mean"] == 0.0
+    )
+    assert metrics["per_case"]["hip_1"]["dice_mean"] < 1.0
+    assert set(metrics["summary"]["dice_anterior"]) == {"mean", "std", "median"}
+    failed = metrics["failed"]
+    assert sorted(failed) == ["hip_2", "hip_3", "hip_4", "stray"]
+    assert (
+        "(10, 12, 15) differs from shape (10, 12, 14)" in failed["hip_2"]
+        and str(labels / "hip_2.nii.gz") in failed["hip_2"]
+    )
+    assert "affine" in failed["hip_3"] and str(preds / "hip_3.nii.gz") in failed["hip_3"]
+    assert "values [7]" in failed["hip_4"]
+    assert "no label map named 'stray'" in failed["stray"]
+    assert "hip_0" in captured.out and "median" in captured.out  # the printed table
+    rows = out_csv.read_text().splitlines()
+    assert rows[0].startswith("case,dice_anterior") and [r.split(",")[0] for r in rows[1:]] == [
+        "hip_0",
+        "hip_1",
+        "mean",
+        "std",
+        "median",
+    ]
+    assert leftovers(tmp_path) == []
+
+
+def test_evaluate_matches_kits_case_folders_by_name(tmp_path):
+    for i in range(2):
+        write_nifti(tmp_path / "kits" / f"case_0000{i}" / "imaging.nii.gz", ct_volume(i, (10, 12, 14)))
+        write_nifti(tmp_path / "kits" / f"case_0000{i}" / "segmentation.nii.gz", label_map(i))
+        write_nifti(tmp_path / "pred" / f"case_0000{i}.nii.gz", label_map(i))
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--labels",
+            str(tmp_path / "kits"),
+            "--task",
+            "kits19",
+            "--output",
+            str(tmp_path / "m.json"),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["summary"]["dice_mean"]["mean"] == 1.0 and list(metrics["regions"]) == ["kidney", "tumor"]
+
+
+def test_evaluate_msd_needs_the_labels_of_the_task(tmp_path, capsys):
+    write_nifti(tmp_path / "labels" / "a.nii.gz", label_map(0))
+    write_nifti(tmp_path / "pred" / "a.nii.gz", label_map(0))
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--task",
+                "msd",
+            ]
+        )
+        == 1
+    )
+    assert "--dataset-json" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------
+# verify-data
+# -----------------------------------------------------------------------------------------------------
+
+
+def msd_task(root: Path, cases: dict[str, tuple[np.ndarray | None, np.ndarray, np.ndarray]]) -> Path:
+    """An MSD task folder; each case is (image or None for a missing file, label, label affine)."""
+    training = []
+    for name, (image, label, label_affine) in cases.items():
+        if image is not None:
+            write_nifti(root / "imagesTr" / f"{name}.nii.gz", image, np.eye(4))
+        write_nifti(root / "labelsTr" / f"{name}.nii.gz", label, label_affine)
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    dataset = {
+        "name": "Toy",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "a", "2": "b"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root
+
+
+def test_verify_data_lists_every_problem_of_every_case_at_once(tmp_path, capsys):
+    shape = (10, 12, 14)
+    image = ct_volume(0, shape)
+    nan_image = image.copy()
+    nan_image[1, 1, 1] = np.nan
+    wrong_values = label_map(0)
+    wrong_values[0, 0, 0] = 5
+    root = msd_task(
+        tmp_path / "Task",
+        {
+            "good": (image, label_map(0), np.eye(4)),
+            "nan": (nan_image, label_map(0), np.eye(4)),
+            "values": (image, wrong_values, np.eye(4)),
+            "shape": (image, label_map(0, (10, 12, 15)), np.eye(4)),
+            "affine": (image, label_map(0), np.diag([1.0, 1.0, 2.0, 1.0])),
+            "missing": (None, label_map(0), np.eye(4)),
+            "two_problems": (nan_image, wrong_values, np.eye(4)),
+        },
+    )
+    report = tmp_path / "report.json"
+    code = main(
+        ["verify-data", "--task", "msd", "--data-dir", str(root), "--output", str(report), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    problems = json.loads(report.read_text())["problems"]
+    assert sorted(problems) == ["affine", "missing", "nan", "shape", "two_problems", "values"]
+    assert (
+        "1 NaN/Inf voxels" in problems["nan"][0]
+        and str(root / "imagesTr" / "nan.nii.gz") in problems["nan"][0]
+    )
+    assert "values [5] outside the allowed [0, 1, 2]" in problems["values"][0]
+    assert "(10, 12, 15) differs from (10, 12, 14)" in problems["shape"][0]
+    assert "affine" in problems["affine"][0]
+    assert (
+        "missing" in problems["missing"][0]
+        and str(root / "imagesTr" / "missing.nii.gz") in problems["missing"][0]
+    )
+    assert len(problems["two_problems"]) == 2
+    assert "7 problem(s) in 6 case(s)" in err and "good" not in err.split("case(s):")[1].split()
+
+
+def test_verify_data_reports_an_incomplete_brats_case(tmp_path, capsys):
+    case = tmp_path / "BraTS20_Training_001"
+    for modality in ("flair", "t1", "t1ce"):  # t2 missing
+        write_nifti(case / f"BraTS20_Training_001_{modality}.nii.gz", ct_volume(0, (10, 12, 14)), np.eye(4))
+    seg = label_map(0)
+    seg[seg == 2] = 4
+    write_nifti(case / "BraTS20_Training_001_seg.nii.gz", seg, np.eye(4))
+    assert main(["verify-data", "--task", "brats", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "BraTS20_Training_001_t2.nii.gz" in err and "t2 file is missing" in err
+
+
+def test_verify_data_passes_a_clean_kits_folder(tmp_path, capsys):
+    write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0, (10, 12, 14)))
+    write_nifti(tmp_path / "case_00000" / "segmentation.nii.gz", label_map(0))
+    write_nifti(tmp_path / "case_00001" / "imaging.nii.gz", ct_volume(1, (10, 12, 14)))  # prediction-only
+    assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path)]) == 0
+    assert "1 without label" in capsys.readouterr().out
+    assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--require-labels"]) == 1
+
+
+# -----------------------------------------------------------------------------------------------------
+# The whole loop on real images
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HIPPOCAMPUS / "imagesTr").is_dir(), reason="shared hippocampus data not present")
+def test_predict_then_evaluate_on_hippocampus_images(tmp_path):
+    dataset = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    names = [Path(entry["image"]).name for entry in dataset["training"][:5]]
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    for name in names:
+        shutil.copy(HIPPOCAMPUS / "imagesTr" / name, inputs / name)
+    labels = [dataset["labels"][str(k)] for k in range(len(dataset["labels"]))]
+    model = build_segmenter(
+        "tiny-swin",
+        in_channels=1,
+        num_classes=len(labels),
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        crop_size=[16, 32, 32],
+        label_names=labels,
+        preprocessing=MRIPreprocessing().to_dict(),
+    )
+    model.save_pretrained(tmp_path / "run" / "model")
+
+    predicted = run_cli(
+        "predict",
+        "--model",
+        str(tmp_path / "run" / "model"),
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp_path / "pred"),
+        "--overlap",
+        "0.25",
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(names)
+    for name in names:
+        source, written = nib.load(str(inputs / name)), nib.load(str(tmp_path / "pred" / name))
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
+
+    scored = run_cli(
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred"),
+        "--labels",
+        str(HIPPOCAMPUS / "labelsTr"),
+        "--task",
+        "msd",
+        "--dataset-json",
+        str(HIPPOCAMPUS / "dataset.json"),
+        "--output",
+        str(tmp_path / "metrics.json"),
+    )
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(metrics["per_case"]) == sorted(n.removesuffix(".nii.gz") for n in names)
+    assert set(metrics["summary"]) == {
+        "dice_anterior",
+        "dice_posterior",
+        "dice_mean",
+        "hd95_anterior",
+        "hd95_posterior",
+        "hd95_mean",
+    }
