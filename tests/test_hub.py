@@ -1,0 +1,197 @@
+"""Hub sharing: the model card and the exact files an upload sends (offline: only the Hub API is replaced)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
+
+from medtuning_peft.cli import main
+from medtuning_peft.hub import (
+    IGNORE_PATTERNS,
+    UPLOAD_PATTERNS,
+    build_model_card,
+    count_parameters,
+    files_to_upload,
+    push_to_hub,
+)
+from medtuning_peft.io_utils import CorruptFileError
+from medtuning_peft.volumetric import build_segmenter, load_backbone
+
+LABELS = ["background", "kidney", "tumor"]
+EXPECTED_UPLOAD = [
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "backbone/config.json",
+    "backbone/model.safetensors",
+    "segmenter_config.json",
+]
+
+
+def build(backbone="tiny-swin"):
+    return build_segmenter(
+        backbone,
+        in_channels=1,
+        num_classes=3,
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        crop_size=[8, 32, 32],
+        label_names=LABELS,
+        preprocessing={
+            "kind": "ct",
+            "window": [-79.0, 304.0],
+            "mean": 101.0,
+            "std": 76.9,
+            "target_spacing": None,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A training run's output_dir: model/ plus metrics.json."""
+    output_dir = tmp_path_factory.mktemp("run")
+    model = build()
+    model.save_pretrained(output_dir / "model")
+    metrics = {
+        "summary": {"dice_mean": {"mean": 0.8292, "std": 0.05, "median": 0.84}},
+        "best_epoch": 212,
+        "training": {"learning_rate": 0.002, "epochs": 250, "batch_size": 2},
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics))
+    return output_dir, model
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_metadata(run):
+    card = build_model_card(run[0] / "model", dataset="kits19")
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft"
+    assert meta["license"] == "cc-by-nc-sa-4.0"  # trained on non-commercial data
+    assert {"med-adapter", "medtuning_peft", "medical-imaging", "kits19"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a random tiny backbone has no Hub id
+
+
+def test_model_card_body_has_task_data_metrics_settings_usage_and_citations(run):
+    card = build_model_card(run[0] / "model", dataset="kits19", repo_id="my-org/kits19-swin")
+    for label in LABELS:
+        assert f"| {LABELS.index(label)} | {label} |" in card
+    assert "KiTS19" in card and "CC BY-NC-SA 4.0" in card and "arXiv:1904.00445" in card  # data set + licence
+    assert (
+        "| summary/dice_mean | 0.8292 ± 0.0500 |" in card and "| best_epoch | 212 |" in card
+    )  # metrics.json
+    assert "| learning_rate | 0.002 |" in card and "| reduction_ratio | 6 |" in card  # settings
+    assert "| crop size (D, H, W) | [8, 32, 32] |" in card
+    assert "import medtuning_peft" in card and 'medtuning_peft.from_pretrained("my-org/kits19-swin")' in card
+    assert (
+        "Med-Tuning: A New Parameter-Efficient Tuning Framework for Medical Volumetric Segmentation" in card
+    )
+    assert "Shen, Jiachen and Wang, Wenxuan" in card and "arXiv:2304.10880" in card and "MIDL" in card
+
+
+def test_card_counts_tuned_and_total_parameters(run):
+    output_dir, model = run
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = sum(p.numel() for n, p in model.backbone.named_parameters() if "med_adapter" not in n)
+    assert count_parameters(output_dir / "model") == (tuned, tuned + base)
+    assert (
+        f"Tuned (adapters and decoder): {tuned:,} ({100 * tuned / (tuned + base):.2f} %)"
+        in build_model_card(output_dir / "model")
+    )
+
+
+def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
+    base, _ = load_backbone("tiny-swin")
+    base.config._name_or_path = "example-org/swin-tiny"  # as if loaded from the Hub
+    build(base).save_pretrained(tmp_path / "model")
+    card = build_model_card(tmp_path / "model", dataset="Our hospital's scans")
+    meta = front_matter(card)
+    assert meta["base_model"] == "example-org/swin-tiny" and meta["license"] == "other"
+    assert "Total: not counted" in card and "No metrics were recorded" in card
+    assert "Our hospital's scans. Check the data licence" in card
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replaces the two Hub calls (the network boundary) with recorders."""
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = {"repo_id": repo_id, **kwargs}
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = kwargs
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def model_with_clutter(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    for name in ("optimizer.pt", "training_args.bin", "notes.txt", ".DS_Store", "backbone/.hidden.json"):
+        (model_dir / name).write_bytes(b"not for upload")
+    return model_dir
+
+
+def test_push_uploads_only_safetensors_json_and_the_card(tmp_path, recorded):
+    model_dir = model_with_clutter(tmp_path)
+    assert push_to_hub(model_dir, "my-org/kits19-swin", private=True, dataset="kits19") == "commit-info"
+    assert recorded["create_repo"] == {
+        "repo_id": "my-org/kits19-swin",
+        "private": True,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
+    upload = recorded["upload_folder"]
+    assert upload["repo_id"] == "my-org/kits19-swin" and Path(upload["folder_path"]) == model_dir
+    assert upload["allow_patterns"] == UPLOAD_PATTERNS and upload["ignore_patterns"] == IGNORE_PATTERNS
+    on_disk = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]
+    sent = filter_repo_objects(
+        on_disk, allow_patterns=upload["allow_patterns"], ignore_patterns=upload["ignore_patterns"]
+    )
+    assert sorted(sent) == EXPECTED_UPLOAD == files_to_upload(model_dir)
+    card = (model_dir / "README.md").read_text()
+    assert card == build_model_card(model_dir, dataset="kits19", repo_id="my-org/kits19-swin")
+
+
+def test_push_refuses_a_truncated_weights_file_before_uploading(tmp_path, recorded):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    weights = model_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CorruptFileError, match="adapter_model.safetensors.*truncated"):
+        push_to_hub(model_dir, "my-org/name")
+    assert recorded == {}
+
+
+def test_push_refuses_a_malformed_repo_id(tmp_path, recorded):
+    with pytest.raises(ValueError, match="'org/name'"):
+        push_to_hub(tmp_path, "no-slash")
+
+
+def test_push_command_dry_run_prints_the_card_and_uploads_nothing(tmp_path, recorded, capsys):
+    model_dir = model_with_clutter(tmp_path)
+    code = main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--dataset", "msd", "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0 and recorded == {}
+    assert captured.out.startswith("---\nlibrary_name: peft") and "CC BY-SA 4.0" in captured.out
+    assert all(name in captured.err for name in EXPECTED_UPLOAD[1:]) and "optimizer.pt" not in captured.err
+
+
+def test_push_command_uploads(tmp_path, recorded, capsys):
+    model_dir = model_with_clutter(tmp_path)
+    assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x"]) == 0
+    assert recorded["upload_folder"]["allow_patterns"] == UPLOAD_PATTERNS
