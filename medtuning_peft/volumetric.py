@@ -1003,7 +1003,7 @@ def from_pretrained(
     if config.get("backbone_weights") == BACKBONE_SUBFOLDER:
         cls = _model_class(config["backbone_class"])
         folder = str(path / BACKBONE_SUBFOLDER)
-        backbone_config = cls.config_class.from_pretrained(folder)
+        backbone_config = transformers.AutoConfig.from_pretrained(folder)  # its own type, whatever cls says
         _check_backbone_signature(path, config, backbone_config, f"'{folder}'")
         backbone = (
             cls.from_pretrained(folder, config=backbone_config, use_safetensors=True)

@@ -1,0 +1,294 @@
+"""Failure safety: atomic writes survive crashes and kills; partial, corrupt or mismatched models are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from transformers import SwinConfig, SwinModel
+
+import medtuning_peft
+from medtuning_peft import io_utils, volumetric
+from medtuning_peft.io_utils import (
+    PARTIAL_PREFIX,
+    CorruptFileError,
+    atomic_directory,
+    atomic_open,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_safetensors,
+    remove_partials,
+)
+from medtuning_peft.volumetric import build_segmenter, from_pretrained
+
+IO_UTILS = Path(io_utils.__file__)
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -----------------------------------------------------------------------------------------------------
+# Atomic writes
+# -----------------------------------------------------------------------------------------------------
+
+
+def test_crash_inside_atomic_open_keeps_the_old_file(tmp_path):
+    target = atomic_write_text(tmp_path / "metrics.json", '{"dice": 0.9}\n')
+    with pytest.raises(RuntimeError, match="crash"), atomic_open(target, "w") as f:
+        f.write('{"dice": 0.')
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == '{"dice": 0.9}\n' and names(tmp_path) == ["metrics.json"]
+
+
+def test_crash_before_the_first_write_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError), atomic_open(tmp_path / "new.csv", "w") as f:
+        f.write("case,dice\n")
+        raise RuntimeError("crash")
+    assert names(tmp_path) == []
+
+
+def test_atomic_path_gives_writers_the_final_extension_and_replaces_on_success(tmp_path):
+    target = tmp_path / "case_001.nii.gz"
+    old = nib.Nifti1Image(np.zeros((2, 3, 4), np.uint8), np.eye(4))
+    nib.save(old, str(target))
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(PARTIAL_PREFIX) and tmp.name.endswith(".nii.gz")
+        nib.save(nib.Nifti1Image(np.ones((2, 3, 4), np.uint8), np.eye(4)), str(tmp))
+        assert np.asanyarray(nib.load(str(target)).dataobj).max() == 0  # old file still in place
+    assert np.asanyarray(nib.load(str(target)).dataobj).min() == 1 and names(tmp_path) == ["case_001.nii.gz"]
+
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half a gzip stream")
+        raise OSError("disk full")
+    assert np.asanyarray(nib.load(str(target)).dataobj).min() == 1 and names(tmp_path) == ["case_001.nii.gz"]
+
+
+def test_unserializable_json_leaves_the_old_file(tmp_path):
+    target = atomic_write_json(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(TypeError, match="m.json"):
+        atomic_write_json(target, {"a": object()})
+    with pytest.raises(TypeError, match="m.json"):
+        atomic_write_json(target, {"a": float("nan")})
+    assert json.loads(target.read_text()) == {"a": 1} and names(tmp_path) == ["m.json"]
+
+
+def test_crash_inside_atomic_directory_keeps_the_old_directory(tmp_path):
+    target = tmp_path / "checkpoint"
+    with atomic_directory(target) as tmp:
+        (tmp / "state.json").write_text('{"step": 100}')
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as tmp:
+        (tmp / "state.json").write_text('{"step": 2')
+        raise KeyboardInterrupt
+    assert (target / "state.json").read_text() == '{"step": 100}' and names(tmp_path) == ["checkpoint"]
+    with atomic_directory(target) as tmp:
+        (tmp / "state.json").write_text('{"step": 200}')
+    assert (target / "state.json").read_text() == '{"step": 200}' and names(tmp_path) == ["checkpoint"]
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
+    target = atomic_write_text(tmp_path / "predictions.csv", "complete old content\n")
+    # io_utils uses only the standard library: the child loads it alone, so it starts in milliseconds.
+    child = textwrap.dedent(
+        f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("io_utils", {str(IO_UTILS)!r})
+        io_utils = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(io_utils)
+        with io_utils.atomic_open({str(target)!r}, "w") as f:
+            f.write("new content, first half")
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+            f.write(", second half")
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert target.read_text() == "complete old content\n"
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    assert (
+        len(partial) == 1 and partial[0].read_text() == "new content, first half"
+    )  # hidden, never the target
+    assert remove_partials(tmp_path) == partial and names(tmp_path) == ["predictions.csv"]
+
+
+def test_truncated_safetensors_are_detected_from_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(5, dtype=torch.int64)}, str(path))
+    assert set(check_safetensors(path)) >= {"a", "b"}
+    raw = path.read_bytes()
+    for cut in (0, 7, 20, len(raw) // 2, len(raw) - 1):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CorruptFileError, match="w.safetensors"):
+            check_safetensors(path)
+    path.write_bytes(raw + b"\0" * 8)
+    with pytest.raises(CorruptFileError, match="corrupt"):
+        check_safetensors(path)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Partial or corrupt model directories are reported, not loaded
+# -----------------------------------------------------------------------------------------------------
+
+
+def tiny(backbone: str | torch.nn.Module = "tiny-swin", in_channels: int = 1, method: str = "med_adapter"):
+    return build_segmenter(
+        backbone,
+        in_channels=in_channels,
+        num_classes=3,
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        method=method,
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("saved") / "model"
+    tiny().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def copy_of(saved, tmp_path):
+    return Path(shutil.copytree(saved, tmp_path / "model"))
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fails the test if any weights are read: the checks must come first."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("weights were read before the check")
+
+    monkeypatch.setattr(volumetric, "load_file", touched)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", touched)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(touched))
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "backbone/model.safetensors"])
+def test_truncated_weights_are_reported_not_loaded(copy_of, no_weights_read, name):
+    path = copy_of / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(CorruptFileError, match=f"{path}.*truncated"):
+        from_pretrained(copy_of)
+
+
+@pytest.mark.parametrize("name", ["segmenter_config.json", "adapter_config.json", "backbone/config.json"])
+def test_truncated_json_is_reported_not_loaded(copy_of, no_weights_read, name):
+    path = copy_of / name
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(CorruptFileError, match=f"{path.name}.*not valid JSON"):
+        from_pretrained(copy_of)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "backbone/model.safetensors"])
+def test_missing_weights_file_is_reported_not_loaded(copy_of, no_weights_read, name):
+    (copy_of / name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"incomplete: \\['{name}'\\] missing"):
+        from_pretrained(copy_of)
+
+
+def test_intact_copy_still_loads(copy_of):
+    assert not from_pretrained(copy_of).training
+
+
+# -----------------------------------------------------------------------------------------------------
+# An adapter loaded into a backbone it was not trained on
+# -----------------------------------------------------------------------------------------------------
+
+
+def swin(embed_dim=24, depths=(2, 2, 2, 2)) -> SwinModel:
+    config = SwinConfig(image_size=64, patch_size=4, embed_dim=embed_dim, depths=list(depths), window_size=4)
+    config.num_heads = [1, 2, 2, 4][: len(depths)]
+    return SwinModel(config)
+
+
+# case -> (other backbone, other in_channels, words the error must contain)
+MISMATCHES = {
+    "architecture": ("tiny-vit", 1, "model_type swin vs vit"),
+    "width": (lambda: swin(embed_dim=12), 1, "hidden_sizes [24, 48, 96, 192] vs [12, 24, 48, 96]"),
+    "depth": (lambda: swin(depths=(2, 2, 4, 2)), 1, "depths [2, 2, 2, 2] vs [2, 2, 4, 2]"),
+    "input_channels": ("tiny-swin", 4, "num_channels 1 vs 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_wrong_backbone_is_refused_naming_both_before_weights_load(saved, tmp_path, monkeypatch, case):
+    other, in_channels, words = MISMATCHES[case]
+    foreign = tmp_path / "foreign"
+    tiny(other if isinstance(other, str) else other(), in_channels=in_channels).save_pretrained(foreign)
+    mixed = Path(shutil.copytree(saved, tmp_path / "mixed"))
+    shutil.rmtree(mixed / "backbone")
+    shutil.copytree(foreign / "backbone", mixed / "backbone")  # e.g. files copied between two runs
+
+    def touched(*args, **kwargs):
+        raise AssertionError("weights were read before the check")
+
+    monkeypatch.setattr(volumetric, "load_file", touched)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", touched)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(touched))
+    with pytest.raises(ValueError) as error:
+        from_pretrained(mixed)
+    message = str(error.value)
+    assert "trained on backbone 'tiny-swin'" in message and f"'{mixed / 'backbone'}'" in message
+    assert words in message
+
+
+def test_plain_peft_load_onto_a_narrower_backbone_reports_a_size_mismatch(tmp_path):
+    # What peft itself reports (no segmenter config involved): a width change fails on tensor shapes.
+    # Other depths load with a "missing adapter keys" warning, other input channels silently: use
+    # medtuning_peft.from_pretrained, which checks the backbone signature first.
+    model = peft.get_peft_model(swin(), medtuning_peft.MedAdapterConfig(num_slices=4))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(swin(embed_dim=12), tmp_path / "adapter")
+
+
+def test_partial_directories_of_an_interrupted_save_are_never_the_model(tmp_path, monkeypatch):
+    model = tiny(method="decoder_only")
+    target = tmp_path / "model"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were stopped half way through the save
+
+    monkeypatch.setattr(volumetric, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert not target.exists() and names(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(target)
+
+
+def test_rename_is_the_only_step_that_makes_a_file_visible(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append((Path(src).name.startswith(PARTIAL_PREFIX), Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "replace", spy)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert seen == [(True, "a.txt")]
