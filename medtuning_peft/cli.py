@@ -167,7 +167,7 @@ def _preprocessing(config: dict[str, Any], model: str, modality: str | None, fil
         )
     if modality is not None:
         return default_preprocessing(modality)
-    if files.channel_names:  # a data set layout knows its modality
+    if files.dataset:  # a data set layout (KiTS19, MSD, BraTS) knows its modality
         return None  # load_case uses the data set's default
     raise CommandError(
         f"segmenter_config.json of --model '{model}' records no preprocessing; pass --modality CT or MRI "

@@ -309,6 +309,17 @@ def test_predict_writes_the_saved_label_values(tmp_path):
     assert set(np.unique(np.asanyarray(nib.load(str(tmp_path / "seg.nii.gz")).dataobj))) <= {0, 2, 4}
 
 
+def test_model_saved_without_preprocessing_needs_a_modality(tmp_path, capsys):
+    model = save_model(tmp_path / "model")
+    config = json.loads((model / "segmenter_config.json").read_text())
+    (model / "segmenter_config.json").write_text(json.dumps({**config, "preprocessing": None}))
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = ["predict", "--model", str(model), "--input", str(image), "--output", str(tmp_path / "seg.nii.gz")]
+    assert main(args) == 1
+    assert "records no preprocessing; pass --modality CT or MRI" in capsys.readouterr().err
+    assert main([*args, "--modality", "CT", "--overlap", "0"]) == 0
+
+
 def test_predict_explains_an_unloadable_model(tmp_path, capsys):
     image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
     code = main(
