@@ -138,7 +138,8 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
         raise CommandError(f"--input '{input_path}': {error}") from error
     if not cases:
         raise CommandError(
-            f"--input folder '{input_path}' holds no case: no .nii/.nii.gz file, no dataset.json (MSD) and no "
+            f"--input folder '{input_path}' holds no case: no .nii/.nii.gz file, no dataset.json (MSD) and "
+            "no "
             "KiTS19 (case_XXXXX/) or BraTS case folder. Pass a NIfTI file or a folder of them."
         )
     return [dataclasses.replace(c, label=None) for c in cases], layout
@@ -204,7 +205,7 @@ def _check_dims(files: Any, in_channels: int) -> str | None:
 
 
 def _preview_rgb(image: Any, classes: Any) -> Any:
-    """Axial slices of ``image`` ``(D, H, W)`` with ``classes`` ``(D, H, W)`` overlaid: ``(h, w, 3)`` uint8."""
+    """Axial slices of ``image`` (D, H, W) with ``classes`` (D, H, W) overlaid: (h, w, 3) uint8."""
     import numpy as np
 
     depth = image.shape[0]
@@ -310,7 +311,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     declared = {len(c.channel_names) for c in cases if c.channel_names}
     if declared and declared != {in_channels}:
         raise CommandError(
-            f"--input '{args.input}' ({layout}) has {sorted(declared)} channel(s) per case but the model takes "
+            f"--input '{args.input}' ({layout}) has {sorted(declared)} channel(s) per case but the model "
+            "takes "
             f"{in_channels}; use a model trained on this data set's modalities."
         )
     names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
@@ -476,7 +478,8 @@ def _score_case(
             case_error(
                 case_id,
                 pred_path,
-                f"prediction affine\n{np.round(pred_image.affine, 4)}\ndiffers from that of label '{gt_path}'\n"
+                f"prediction affine\n{np.round(pred_image.affine, 4)}\ndiffers from that of label "
+                f"'{gt_path}'\n"
                 f"{np.round(gt_image.affine, 4)}",
                 "predict on the original image, or re-header the prediction onto the label's grid",
             )
@@ -535,7 +538,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         source = Path(args.dataset_json) if args.dataset_json else found_json
         if source is None:
             raise CommandError(
-                "--task msd needs the task's labels: pass --dataset-json PATH (the MSD dataset.json), or keep "
+                "--task msd needs the task's labels: pass --dataset-json PATH (the MSD dataset.json), or "
+                "keep "
                 "dataset.json in or above the --labels folder."
             )
         try:
@@ -598,7 +602,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         level = "FAILED" if args.require_all else "note"
         print(
             f"medtuning evaluate: {level}: {len(missing)} labelled case(s) have no prediction "
-            f"(first: {missing[:5]}){'' if args.require_all else '; pass --require-all to count them as failures'}.",
+            f"(first: {missing[:5]})"
+            + ("." if args.require_all else "; pass --require-all to fail on them."),
             file=sys.stderr,
         )
     if failures:
@@ -641,7 +646,8 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
                 case_error(
                     files.case_id,
                     path,
-                    f"{role} affine\n{np.round(affine, 4)}\ndiffers from that of '{ref_path}'\n{np.round(ref_affine, 4)}",
+                    f"{role} affine\n{np.round(affine, 4)}\ndiffers from that of '{ref_path}'\n"
+                    f"{np.round(ref_affine, 4)}",
                     "resample or re-header the file onto the image grid",
                 )
             )
@@ -935,7 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify-data",
         help="check every case of a data set before a long run",
-        description="Check every case: files present and readable, 3D, no NaN/Inf, modalities complete, image "
+        description="Check every case: files present and readable, 3D, no NaN/Inf, modalities complete, "
+        "image "
         "and label on the same grid (shape and affine), label values expected. Lists every problem at once; "
         "exit status 1 if any.",
     )

@@ -1,4 +1,4 @@
-"""The `medtuning` command line: predict, evaluate, verify-data, push (help), run in-process and as a subprocess.
+"""The `medtuning` command line: predict, evaluate, verify-data, push; in-process and as a subprocess.
 
 Bad inputs go through the real command; a tiny random segmenter stands in for a trained one (the CLI
 must not depend on what the model predicts, only on shapes, geometry and the saved settings).

@@ -1,4 +1,4 @@
-"""Failure safety: atomic writes survive crashes and kills; partial, corrupt or mismatched models are refused."""
+"""Failure safety: atomic writes survive crashes and kills; bad or mismatched models are refused."""
 
 from __future__ import annotations
 
