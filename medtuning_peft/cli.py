@@ -263,14 +263,20 @@ def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
             raise CommandError(
                 f"--output '{output}' is a file name but --input holds {len(cases)} cases; pass a folder."
             )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        return {ids[0]: output}
-    if output.exists() and not output.is_dir():
+        targets = {ids[0]: output}
+    elif output.exists() and not output.is_dir():
         raise CommandError(
             f"--output '{output}' exists and is not a folder; pass a folder or a .nii.gz name."
         )
-    output.mkdir(parents=True, exist_ok=True)
-    return {i: output / f"{i}.nii.gz" for i in ids}
+    else:
+        targets = {i: output / f"{i}.nii.gz" for i in ids}
+    inputs = {Path(p).resolve() for c in cases for p in c.images}
+    clobbered = sorted(str(t) for t in targets.values() if t.resolve() in inputs)
+    if clobbered:
+        raise CommandError(f"--output would overwrite input image(s) {clobbered}; write to another folder.")
+    for target in targets.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return targets
 
 
 def _preview_path(output: Path) -> Path:

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from medtuning_peft import cli
 from medtuning_peft.cli import main, png_bytes
 from medtuning_peft.data import CTPreprocessing, MRIPreprocessing, load_case
 from medtuning_peft.data.kits19 import kits19_case_files
-from medtuning_peft.evaluation import sliding_window_predict
+from medtuning_peft.evaluation import REFERENCE_OVERLAP, sliding_window_predict
 from medtuning_peft.io_utils import PARTIAL_PREFIX
 from medtuning_peft.volumetric import build_segmenter, from_pretrained
 
@@ -267,6 +268,15 @@ def test_predict_on_an_empty_folder_fails_naming_it(model_dir, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_predict_refuses_to_overwrite_its_inputs(model_dir, tmp_path, capsys):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    before = image.read_bytes()
+    assert (
+        main(["predict", "--model", str(model_dir), "--input", str(tmp_path), "--output", str(tmp_path)]) == 1
+    )
+    assert "would overwrite input image(s)" in capsys.readouterr().err and image.read_bytes() == before
+
+
 def test_multichannel_model_takes_channels_last_files(tmp_path, capsys):
     model = save_model(tmp_path / "model2", in_channels=2, preprocessing=MRIPreprocessing().to_dict())
     write_nifti(tmp_path / "in" / "two.nii.gz", ct_volume(shape=(*KITS_SHAPE, 2)), np.eye(4))
@@ -335,6 +345,21 @@ def test_predict_explains_an_unloadable_model(tmp_path, capsys):
     )
     assert code == 1
     assert "cannot load --model" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_predict_on_cuda_matches_cpu(model_dir, tmp_path):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.nii.gz"
+        args = ["--input", str(image), "--output", str(out), "--overlap", "0", "--device", device]
+        assert main(["predict", "--model", str(model_dir), *args]) == 0
+    cpu, cuda = (np.asanyarray(nib.load(str(tmp_path / f"{d}.nii.gz")).dataobj) for d in ("cpu", "cuda"))
+    assert (cpu == cuda).mean() > 0.999  # argmax ties may differ in the last bits
+
+
+def test_cli_overlap_default_is_the_reference_stride():
+    assert cli.REFERENCE_OVERLAP == REFERENCE_OVERLAP
 
 
 def test_png_writer_round_trips_through_zlib():
