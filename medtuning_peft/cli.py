@@ -321,7 +321,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "takes "
             f"{in_channels}; use a model trained on this data set's modalities."
         )
-    names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
+    names = tuple(config.get("channel_names") or ())  # recorded by training.py
+    if len(names) != in_channels:
+        names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
     values = tuple(sorted(set(label_values) | {0}))
     cases = [
         dataclasses.replace(c, channel_names=c.channel_names or names, label_values=values) for c in cases

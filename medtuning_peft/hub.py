@@ -165,8 +165,9 @@ DATASETS: dict[str, DatasetInfo] = {
 """Known data sets: key (``--dataset`` of ``medtuning push``) -> :class:`DatasetInfo`."""
 
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-_SETTING_KEYS = ("training", "settings", "config", "args", "hyperparameters", "train_config")
-_SKIPPED_METRIC_KEYS = ("per_case", "history", "failed", "missing_predictions")
+_SETTING_KEYS = ("training", "settings", "config", "args", "hyperparameters", "train_config", "run")
+_SKIPPED_METRIC_KEYS = ("per_case", "history", "failed", "missing_predictions", "parameters", "data")
+_PRIVATE_SETTING_WORDS = ("dir", "path", "token")  # local paths and secrets stay out of a public card
 _MAX_METRIC_ROWS = 40
 
 
@@ -259,6 +260,9 @@ def _is_summary(value: Any) -> bool:
 
 def _metric_rows(metrics: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
+    summary = metrics.get("summary") if depth == 0 else None
+    if isinstance(summary, Mapping):  # evaluation.summarize output: the headline metrics, unprefixed
+        metrics = {**summary, **{k: v for k, v in metrics.items() if k != "summary"}}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if key in _SKIPPED_METRIC_KEYS or key in _SETTING_KEYS:
@@ -278,7 +282,14 @@ def _settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in _SETTING_KEYS:
         value = (metrics or {}).get(key)
         if isinstance(value, Mapping):
-            found.update({k: v for k, v in value.items() if not isinstance(v, Mapping | list) or len(v) < 10})
+            found.update(
+                {
+                    k: v
+                    for k, v in value.items()
+                    if not any(word in k.lower() for word in _PRIVATE_SETTING_WORDS)
+                    and (not isinstance(v, Mapping | list) or len(v) < 10)
+                }
+            )
     return found
 
 
@@ -308,9 +319,11 @@ def build_model_card(
     Args:
         model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
         metrics: the run's metrics (a dict or a path to a JSON file); default: the ``metrics.json`` found by
-            :func:`find_metrics`, if any.
+            :func:`find_metrics`, if any. Its ``summary`` (metric -> mean/std/median) heads the results;
+            ``settings`` / ``run`` fill the training settings (paths left out); ``parameters.total`` is
+            used when the backbone is not saved with the model.
         dataset: a key of :data:`DATASETS` (``"kits19"``, ``"brats"``, ``"msd"``, ``"msd-hippocampus"``) or
-            the free-form name of another data set.
+            the free-form name of another data set; default: ``settings.dataset`` of the metrics.
         license: the card's Hub ``license`` identifier; default: the data set's (models trained on
             non-commercial data stay non-commercial), else ``"other"``.
         repo_id: the Hub id used in the usage snippet; default: a placeholder.
@@ -332,8 +345,13 @@ def build_model_card(
         metrics = read_json_file(found, METRICS_NAME) if found is not None else None
     elif not isinstance(metrics, Mapping):
         metrics = read_json_file(metrics, METRICS_NAME)
+    recorded = (metrics or {}).get("settings") if isinstance((metrics or {}).get("settings"), Mapping) else {}
+    dataset = dataset or recorded.get("dataset")  # a training run records its data set
     info = DATASETS.get(str(dataset).lower()) if dataset else None
     tuned, total = count_parameters(model_dir)
+    counted = (metrics or {}).get("parameters")
+    if total is None and isinstance(counted, Mapping) and isinstance(counted.get("total"), int):
+        total = counted["total"]  # counted by the training run, backbone included
 
     backbone = config.get("backbone") or "unknown"
     method = config.get("method", "unknown")

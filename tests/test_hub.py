@@ -59,10 +59,13 @@ def run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     output_dir = tmp_path_factory.mktemp("run")
     model = build()
     model.save_pretrained(output_dir / "model")
-    metrics = {
+    metrics = {  # the layout training.py writes
         "summary": {"dice_mean": {"mean": 0.8292, "std": 0.05, "median": 0.84}},
-        "best_epoch": 212,
-        "training": {"learning_rate": 0.002, "epochs": 250, "batch_size": 2},
+        "per_case": {"case_00001": {"dice_mean": 0.8}},
+        "steps": 212,
+        "parameters": {"tuned": 1, "total": 2, "tuned_percent": 50.0},
+        "settings": {"dataset": "kits19", "lr": 0.002, "epochs": 250, "data_dir": "/home/me/kits19"},
+        "run": {"num_processes": 8, "mixed_precision": "bf16"},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics))
     return output_dir, model
@@ -83,14 +86,14 @@ def test_model_card_metadata(run):
 
 
 def test_model_card_body_has_task_data_metrics_settings_usage_and_citations(run):
-    card = build_model_card(run[0] / "model", dataset="kits19", repo_id="my-org/kits19-swin")
+    card = build_model_card(run[0] / "model", repo_id="my-org/kits19-swin")  # data set from metrics.json
     for label in LABELS:
         assert f"| {LABELS.index(label)} | {label} |" in card
     assert "KiTS19" in card and "CC BY-NC-SA 4.0" in card and "arXiv:1904.00445" in card  # data set + licence
-    assert (
-        "| summary/dice_mean | 0.8292 ± 0.0500 |" in card and "| best_epoch | 212 |" in card
-    )  # metrics.json
-    assert "| learning_rate | 0.002 |" in card and "| reduction_ratio | 6 |" in card  # settings
+    assert "| dice_mean | 0.8292 ± 0.0500 |" in card and "| steps | 212 |" in card  # metrics.json
+    assert "case_00001" not in card and "tuned_percent" not in card
+    assert "| lr | 0.002 |" in card and "| num_processes | 8 |" in card and "| reduction_ratio | 6 |" in card
+    assert "/home/me" not in card  # local paths stay private
     assert "| crop size (D, H, W) | [8, 32, 32] |" in card
     assert "import medtuning_peft" in card and 'medtuning_peft.from_pretrained("my-org/kits19-swin")' in card
     assert (
@@ -118,6 +121,8 @@ def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
     meta = front_matter(card)
     assert meta["base_model"] == "example-org/swin-tiny" and meta["license"] == "other"
     assert "Total: not counted" in card and "No metrics were recorded" in card
+    with_counts = build_model_card(tmp_path / "model", metrics={"parameters": {"total": 123456789}})
+    assert "Total: 123,456,789." in with_counts
     assert "Our hospital's scans. Check the data licence" in card
 
 
