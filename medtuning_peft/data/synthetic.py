@@ -218,3 +218,180 @@ def write_synthetic_kits19(
     }
     (out_dir / "synthetic_kits19.json").write_text(json.dumps(description, indent=2) + "\n")
     return case_dirs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Synthetic brain MRI in the BraTS 2019 / 2020 layouts
+# ---------------------------------------------------------------------------------------------------------
+
+BRATS_AXCODES: tuple[str, str, str] = ("L", "P", "S")
+"""Voxel order of the BraTS releases (affine diag(-1, -1, 1)): x toward the patient's left, y posterior."""
+
+# Mean intensity of each tissue per modality (flair, t1, t1ce, t2); arbitrary MRI units, int16 on disk.
+_BRATS_TISSUES: dict[str, tuple[float, float, float, float]] = {
+    "brain": (300.0, 400.0, 380.0, 250.0),
+    "ventricles": (120.0, 150.0, 140.0, 600.0),
+    "edema": (620.0, 330.0, 360.0, 560.0),
+    "necrosis": (260.0, 180.0, 160.0, 650.0),
+    "enhancing": (480.0, 390.0, 900.0, 420.0),
+}
+_BRATS_NOISE_FRACTION = 0.05
+
+
+def synthetic_brats_case(
+    shape: tuple[int, int, int] = (48, 64, 64),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    rng: np.random.Generator | None = None,
+    enhancing: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generates one skull-stripped brain with a glioma, in canonical orientation.
+
+    The brain is an ellipsoid with two ventricles, surrounded by zeros (as after skull stripping). The
+    tumour is a whole-tumour ellipsoid of edema (label 2) holding a tumour core: an enhancing rim
+    (label 4) around a necrotic centre (label 1); without ``enhancing`` (a lower-grade-like case) the
+    core is all label 1 and there is no label 4. Contrasts follow the real modalities: edema bright
+    in FLAIR and T2, the rim bright in T1ce, necrosis dark in T1 and T1ce.
+
+    Args:
+        shape: ``(D, H, W)`` voxels.
+        spacing: mm along ``(D, H, W)``.
+        rng: Random generator (default: seeded with 0).
+        enhancing: Whether the tumour has an enhancing rim (label 4).
+
+    Returns:
+        ``image`` ``(4, D, H, W)`` int16 in (flair, t1, t1ce, t2) order, 0 outside the brain, and
+        ``label`` ``(D, H, W)`` uint8 in {0, 1, 2, 4}.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    extent = np.asarray(shape, float) * np.asarray(spacing, float)  # mm along (D, H, W)
+    grid = tuple(g * s for g, s in zip(np.ogrid[tuple(slice(0.5, n) for n in shape)], spacing))
+    centre = extent / 2 + rng.uniform(-0.02, 0.02, 3) * extent
+    brain_axes = extent * np.array([0.42, 0.44, 0.38]) * rng.uniform(0.95, 1.05, 3)
+    brain = _ellipsoid(grid, centre, brain_axes)
+
+    tissue = np.zeros(shape, dtype=np.int8)  # 0 outside, 1 brain, 2 ventricles, 3 edema, 4 necrosis, 5 rim
+    tissue[brain] = 1
+    for side in (-1.0, 1.0):
+        v_centre = centre + np.array([0.05, -0.1, side * 0.12]) * brain_axes
+        tissue[_ellipsoid(grid, v_centre, brain_axes * np.array([0.25, 0.3, 0.08])) & brain] = 2
+
+    # Tumour in one hemisphere, off the midline; whole tumour 45-60% of the smallest brain semi-axis.
+    side = 1.0 if rng.random() < 0.5 else -1.0
+    t_centre = centre + brain_axes * np.array(
+        [rng.uniform(-0.25, 0.25), rng.uniform(-0.3, 0.3), side * rng.uniform(0.3, 0.45)]
+    )
+    whole_radius = float(brain_axes.min()) * rng.uniform(0.45, 0.6)
+    whole_axes = whole_radius * rng.uniform(0.85, 1.15, 3)
+    core_axes = whole_axes * rng.uniform(0.55, 0.7)
+    necrosis_axes = core_axes * rng.uniform(0.4, 0.6)
+    label = np.zeros(shape, dtype=np.uint8)
+    whole = _ellipsoid(grid, t_centre, whole_axes) & brain
+    core = _ellipsoid(grid, t_centre, core_axes) & brain
+    centre_mask = _ellipsoid(grid, t_centre, necrosis_axes) & brain
+    tissue[whole], label[whole] = 3, 2
+    if enhancing:
+        tissue[core], label[core] = 5, 4
+        tissue[centre_mask], label[centre_mask] = 4, 1
+    else:
+        tissue[core], label[core] = 4, 1
+
+    image = np.zeros((4, *shape), dtype=np.float64)
+    names = ("brain", "ventricles", "edema", "necrosis", "enhancing")
+    # A smooth multiplicative bias field per modality, as MR scanners produce.
+    unit = [g / e for g, e in zip(grid, extent)]
+    for c in range(4):
+        slope = rng.uniform(-0.15, 0.15, 3)
+        bias = 1.0 + sum(s * (u - 0.5) for s, u in zip(slope, unit))
+        means = np.array([0.0, *(_BRATS_TISSUES[n][c] for n in names)]) * rng.uniform(0.9, 1.1)
+        channel = means[tissue] * bias
+        channel += rng.normal(0.0, _BRATS_NOISE_FRACTION * means[1], size=shape)
+        image[c] = np.where(brain, np.clip(channel, 1.0, None), 0.0)
+    return np.rint(image).astype(np.int16), label
+
+
+def write_synthetic_brats(
+    out_dir: str | Path,
+    num_cases: int = 8,
+    shape: tuple[int, int, int] = (48, 64, 64),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    year: int = 2020,
+    seed: int = 0,
+    axcodes: tuple[str, str, str] = BRATS_AXCODES,
+) -> list[Path]:
+    """Writes a synthetic dataset in the BraTS 2019 or 2020 file layout, identical for identical arguments.
+
+    - 2019: ``out_dir/MICCAI_BraTS_2019_Data_Training/{HGG,LGG}/BraTS19_SYN_NNN_1/`` with
+      ``BraTS19_SYN_NNN_1_{flair,t1,t1ce,t2,seg}.nii.gz``; every fourth case is a lower-grade-like case
+      (``LGG``, no enhancing tumour, so the ET region is empty).
+    - 2020: ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/`` with
+      ``BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii`` (uncompressed, as released); every fourth
+      case has no enhancing tumour.
+
+    Images are int16, labels uint8 in {0, 1, 2, 4}, stored in the BraTS voxel order (``axcodes``,
+    affine diagonal (-1, -1, 1) times the spacing). Case ``k`` depends only on ``(seed, k)``. A
+    ``synthetic_brats.json`` records the arguments. Read the result with
+    :func:`~medtuning_peft.data.brats.list_brats_cases`.
+
+    Args:
+        out_dir: Output folder (created).
+        num_cases: Number of cases.
+        shape: ``(D, H, W)`` voxels in canonical orientation (D inferior -> superior).
+        spacing: mm along ``(D, H, W)``.
+        year: 2019 or 2020 (file layout and names).
+        seed: Random seed.
+        axcodes: Voxel order of the stored files.
+
+    Returns:
+        The case folders, in case order.
+
+    Raises:
+        ValueError: For an unknown year, ``num_cases < 1`` or sizes below 16 voxels.
+    """
+    if year not in (2019, 2020):
+        raise ValueError(f"year={year!r}; pass 2019 or 2020 (the BraTS file layout to write).")
+    if num_cases < 1:
+        raise ValueError(f"num_cases={num_cases}; pass at least 1.")
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape={shape!r}; pass three sizes (D, H, W) of at least 16 voxels each.")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing={spacing!r}; pass three positive mm values along (D, H, W).")
+    out_dir = Path(out_dir)
+    affine = canonical_affine(shape, spacing)
+    case_dirs = []
+    for index in range(num_cases):
+        enhancing = index % 4 != 3
+        image, label = synthetic_brats_case(shape, spacing, np.random.default_rng([seed, index]), enhancing)
+        if year == 2019:
+            case_id = f"BraTS19_SYN_{index:03d}_1"
+            grade = "HGG" if enhancing else "LGG"
+            case_dir = out_dir / "MICCAI_BraTS_2019_Data_Training" / grade / case_id
+            suffix = ".nii.gz"
+        else:
+            case_id = f"BraTS20_Training_{index + 1:03d}"
+            case_dir = out_dir / "MICCAI_BraTS2020_TrainingData" / case_id
+            suffix = ".nii"
+        case_dir.mkdir(parents=True, exist_ok=True)
+        for channel, modality in enumerate(("flair", "t1", "t1ce", "t2")):
+            write_nifti_in_orientation(
+                image[channel], affine, case_dir / f"{case_id}_{modality}{suffix}", axcodes
+            )
+        write_nifti_in_orientation(label, affine, case_dir / f"{case_id}_seg{suffix}", axcodes)
+        case_dirs.append(case_dir)
+    description = {
+        "description": "Synthetic skull-stripped brain MRI with gliomas in the BraTS layout "
+        "(medtuning_peft.data.synthetic); not patient data.",
+        "labels": {
+            "0": "background",
+            "1": "necrotic and non-enhancing tumor core",
+            "2": "peritumoral edema",
+            "4": "enhancing tumor",
+        },
+        "year": year,
+        "num_cases": num_cases,
+        "shape_dhw": list(shape),
+        "spacing_dhw_mm": list(spacing),
+        "seed": seed,
+        "axcodes": list(axcodes),
+    }
+    (out_dir / "synthetic_brats.json").write_text(json.dumps(description, indent=2) + "\n")
+    return case_dirs

@@ -1,0 +1,1205 @@
+"""One training engine for every example: data, model, Accelerate loop, validation, checkpoints, outputs.
+
+``examples/train_kits.py``, ``train_msd.py`` and ``train_brats.py`` only pick the dataset and its defaults;
+everything else is here::
+
+    settings = TrainSettings(dataset="kits19", data_dir="data/kits19", output_dir="runs/kits")
+    metrics = train(settings)                  # or: accelerate launch examples/train_kits.py --data-dir ...
+
+What a run does:
+
+- Data: lists the dataset's labelled cases (KiTS19, MSD ``dataset.json``, BraTS 2019/2020), splits them with a
+  seeded hold-out or k-fold split, decodes every volume once into a memory-mapped cache
+  (:class:`~medtuning_peft.data.CaseCache`) and draws foreground-biased random crops with flips and intensity
+  jitter (:class:`~medtuning_peft.data.CropDataset`). Without ``data_dir`` a named built-in data set is written
+  first (synthetic KiTS19-like CT or BraTS-like MRI in the real file layouts) and read through the same readers.
+- Distribution: Accelerate (DDP, bf16 autocast on CUDA, gradient accumulation). Each process gets whole crops
+  (volumes), never part of a volume's slices: optimizer step ``t`` consumes the global batch
+  ``perm[t*G : (t+1)*G]`` of the epoch's seeded permutation, ``G = batch_size * num_processes * accumulation``,
+  micro-batch ``m`` of process ``p`` taking the ``p``-th ``batch_size`` slice of the ``m``-th chunk
+  (:class:`ShardedBatchSampler`). So N processes with per-process batch b see exactly the samples of one process
+  accumulating N micro-batches of b, and gradients are averaged the same way.
+- Recipe (DESIGN.md section 5): Adam with AMSGrad, weight decay 1e-5, lr 2e-3 for adapters, linear warm-up over
+  the first 10 % of the steps then cosine decay, MONAI ``DiceCELoss`` (softmax, one-hot targets, Dice on the
+  foreground classes only, cross-entropy on all).
+- Validation: every ``val_every`` steps and at the end, sliding-window inference over whole validation volumes
+  (each process takes whole volumes), the challenge's metrics (:func:`~medtuning_peft.evaluation.evaluate_case`),
+  gathered and summarized on the main process. The final predictions are written as NIfTI on the original grids.
+- Checkpoints: ``accelerator.save_state`` into ``output_dir/checkpoints/.step_N.partial``, then renamed to
+  ``step_N`` once complete (with ``trainer_state.json``), keeping the last ``keep_checkpoints``. ``resume``
+  continues from the newest complete one with the same step, model, optimizer, scheduler and RNG states.
+  Accelerate writes model weights as safetensors but optimizer, scheduler and RNG states with ``torch.save``;
+  those are this run's own files and are read back with ``weights_only=True``.
+- Outputs: ``output_dir/model`` (:meth:`~medtuning_peft.VolumetricSegmenter.save_pretrained`),
+  ``output_dir/metrics.json`` (per-case and summary validation metrics, loss curve, settings, parameter counts,
+  wall time) and ``output_dir/predictions/<case>.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "DATASETS",
+    "DEFAULT_DATA",
+    "DatasetSpec",
+    "ShardedBatchSampler",
+    "StepInfo",
+    "TrainSettings",
+    "build_parser",
+    "complete_checkpoints",
+    "parameter_counts",
+    "run_example",
+    "settings_from_args",
+    "train",
+    "warmup_cosine",
+]
+
+logger = logging.getLogger("medtuning_peft.training")
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+"""Names of complete checkpoints in ``output_dir/checkpoints``; anything else there is ignored by resume."""
+TRAINER_STATE_NAME = "trainer_state.json"
+METRICS_NAME = "metrics.json"
+MODEL_DIR_NAME = "model"
+PREDICTIONS_DIR_NAME = "predictions"
+CHECKPOINTS_DIR_NAME = "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _opt(default: Any, help: str, cli: bool = True, **argparse_options: Any) -> Any:
+    """A settings field whose help text is the one the command line shows (one source of truth)."""
+    metadata = {"help": help, "cli": cli, **argparse_options}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run needs; every field but the first three is also a command-line option.
+
+    Raises:
+        ValueError: from ``__post_init__`` for an invalid value, naming the field, the value and the fix.
+    """
+
+    dataset: str = _opt("kits19", "Dataset reader and metric conventions: kits19, msd or brats.", cli=False)
+    default_data: str | None = _opt(
+        None, "Built-in data set used when data_dir is None (a key of DEFAULT_DATA).", cli=False
+    )
+    data_note: str | None = _opt(None, "What the data is, logged and stored in metrics.json.", cli=False)
+
+    # Data
+    data_dir: str | None = _opt(None, "Dataset folder (see examples/README.md for the layout of each task).")
+    output_dir: str = _opt("outputs/run", "Run folder: checkpoints/, model/, metrics.json, predictions/.")
+    cache_dir: str | None = _opt(
+        None,
+        "Cache for decoded volumes and built-in data (default: $MEDTUNING_CACHE, else "
+        "$XDG_CACHE_HOME/medtuning_peft, else ~/.cache/medtuning_peft).",
+    )
+    val_fraction: float = _opt(0.2, "Share of the labelled cases held out for validation (seeded split).")
+    num_folds: int | None = _opt(None, "Use k-fold cross-validation with this many folds (with --fold).")
+    fold: int | None = _opt(None, "Validation fold in [0, num_folds).")
+    split_seed: int = _opt(0, "Seed of the train/validation split (independent of --seed).")
+    max_cases: int | None = _opt(None, "Use only the first N labelled cases (quick trials).")
+    target_spacing: list[float] | None = _opt(
+        None, "Resample to this voxel size in mm along (D, H, W), e.g. 3 1.5 1.5.", nargs=3, type=float
+    )
+    synthetic_cases: int = _opt(10, "Number of cases of the built-in synthetic data (without --data-dir).")
+
+    # Model
+    backbone: str = _opt(
+        "tiny-swin",
+        "2D backbone: a Hub id (e.g. microsoft/swin-tiny-patch4-window7-224), a local directory, or a tiny "
+        "random-init config (tiny-swin, tiny-vit, tiny-segformer, tiny-dinov2).",
+    )
+    method: str = _opt(
+        "med_adapter", "Tuning method.", choices=["med_adapter", "lora", "full", "decoder_only"]
+    )
+    decoder: str = _opt("upernet", "2D decoder.", choices=["upernet", "fpn", "segformer"])
+    decoder_channels: int | None = _opt(
+        None, "Decoder width (UperNet hidden size; default: the decoder's own, 512 for UperNet)."
+    )
+
+    # Crops
+    crop_size: list[int] = _opt(
+        [128, 128, 128], "Training crop (D, H, W) in voxels; also the sliding window.", nargs=3, type=int
+    )
+    samples_per_case: int = _opt(4, "Random crops per training case per epoch.")
+    foreground_probability: float = _opt(0.67, "Chance that a crop is centred on a foreground voxel.")
+
+    # Optimization
+    epochs: int | None = _opt(None, "Epochs (passes over samples_per_case crops of every training case).")
+    max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs.")
+    batch_size: int = _opt(2, "Crops (volumes) per process per micro-batch.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    lr: float = _opt(2e-3, "Peak learning rate (reference recipe: 2e-3 for adapters).")
+    weight_decay: float = _opt(1e-5, "Adam weight decay.")
+    warmup_fraction: float = _opt(
+        0.1, "Share of the steps with a linear warm-up (reference: 25 of 250 epochs)."
+    )
+    min_lr_ratio: float = _opt(0.0, "Final learning rate of the cosine decay, as a fraction of --lr.")
+    max_grad_norm: float | None = _opt(None, "Clip the gradient norm to this value (off by default).")
+    mixed_precision: str = _opt(
+        "auto", "auto (bf16 on CUDA, fp32 on CPU), no, bf16 or fp16.", choices=["auto", "no", "bf16", "fp16"]
+    )
+
+    # Validation
+    val_every: int = _opt(0, "Validate every N optimizer steps (0: only at the end).")
+    sw_overlap: float = _opt(
+        1.0 - 42 / 128, "Sliding-window overlap (reference: stride 42 of 128, i.e. 0.672)."
+    )
+    sw_batch_size: int = _opt(1, "Windows per forward pass in validation.")
+    flip_tta: bool = _opt(False, "8-way flip test-time augmentation in validation (8x slower).")
+    val_hd95: bool = _opt(True, "Compute HD95 in validation.")
+    et_min_voxels: int = _opt(500, "BraTS: predicted ET under this many voxels is relabelled NCR (0: off).")
+    save_predictions: bool = _opt(True, "Write the final validation predictions as NIfTI.")
+
+    # Checkpoints
+    checkpoint_every: int | None = _opt(
+        None, "Save a checkpoint every N steps (default: --val-every, else end)."
+    )
+    keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
+    resume: bool = _opt(False, "Continue from the newest complete checkpoint in output_dir/checkpoints.")
+    overwrite: bool = _opt(False, "Delete an earlier run in output_dir and start over.")
+
+    # Misc
+    seed: int = _opt(0, "Seed of model initialization, crops and data order.")
+    num_workers: int | None = _opt(None, "DataLoader workers per process (default: 0 on CPU, 4 on CUDA).")
+    report_to: str | None = _opt(
+        None, "Log to a tracker through Accelerate.", choices=["tensorboard", "wandb", "all"]
+    )
+    log_every: int = _opt(10, "Log the loss every N optimizer steps.")
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(_unknown("TrainSettings.dataset", self.dataset, DATASETS))
+        if self.data_dir is None and self.default_data is None:
+            raise ValueError(
+                f"TrainSettings.data_dir is None and no default_data is set for dataset {self.dataset!r}; pass "
+                f"--data-dir with the dataset folder."
+            )
+        if self.default_data is not None and self.default_data not in DEFAULT_DATA:
+            raise ValueError(_unknown("TrainSettings.default_data", self.default_data, DEFAULT_DATA))
+        self.crop_size = [int(s) for s in self.crop_size]
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ValueError(
+                f"crop_size={self.crop_size}; pass three positive voxel counts D H W, e.g. 32 64 64."
+            )
+        if self.target_spacing is not None:
+            self.target_spacing = [float(s) for s in self.target_spacing]
+        positive = (
+            "samples_per_case",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "sw_batch_size",
+            "log_every",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; pass a positive integer.")
+        for name in ("epochs", "max_steps", "checkpoint_every", "max_cases", "synthetic_cases"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}; pass a positive integer (or leave it unset).")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("Neither epochs nor max_steps is set; pass --max-steps N or --epochs N.")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints}; keep at least 1 (resume needs one).")
+        if self.val_every < 0:
+            raise ValueError(
+                f"val_every={self.val_every}; pass 0 (validate at the end only) or a step count."
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}; pass a positive learning rate, e.g. 2e-3 for adapters.")
+        for name in (
+            "val_fraction",
+            "foreground_probability",
+            "warmup_fraction",
+            "min_lr_ratio",
+            "sw_overlap",
+        ):
+            value = getattr(self, name)
+            upper_open = name in ("val_fraction", "sw_overlap")
+            if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+                raise ValueError(f"{name}={value}; pass a fraction in [0, 1{')' if upper_open else ']'}.")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite are both set; pass one: continue the run or start over.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible copy (stored in metrics.json, trainer_state.json and the trackers)."""
+        return dataclasses.asdict(self)
+
+
+def _unknown(name: str, value: Any, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{name}={value!r} is not known; use one of {sorted(known)}.{hint}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets and built-in data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How the engine reads one dataset and scores it.
+
+    Attributes:
+        challenge: task name of :func:`~medtuning_peft.evaluation.evaluate_case` (``kits19``, ``msd``, ``brats``).
+        list_cases: ``data_dir -> [CaseFiles]``, labelled and prediction-only cases.
+        labels_for_metrics: pass the label names to ``evaluate_case`` (MSD regions come from them).
+        postprocess_et: apply the BraTS small-ET rule before scoring.
+    """
+
+    challenge: str
+    list_cases: Callable[[Path], list[Any]]
+    labels_for_metrics: bool = False
+    postprocess_et: bool = False
+
+
+def _list_kits19(data_dir: Path) -> list[Any]:
+    from .data import list_kits19_cases
+
+    return list_kits19_cases(data_dir)
+
+
+def _list_msd(data_dir: Path) -> list[Any]:
+    from .data import read_msd_task
+
+    return list(read_msd_task(data_dir).training)
+
+
+def _list_brats(data_dir: Path) -> list[Any]:
+    from .data import list_brats_cases
+
+    return list_brats_cases(data_dir)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "kits19": DatasetSpec("kits19", _list_kits19),
+    "msd": DatasetSpec("msd", _list_msd, labels_for_metrics=True),
+    "brats": DatasetSpec("brats", _list_brats, postprocess_et=True),
+}
+
+
+def _synthetic_kits19(folder: Path, settings: TrainSettings) -> str:
+    from .data import write_synthetic_kits19
+
+    write_synthetic_kits19(
+        folder, num_cases=settings.synthetic_cases, shape=(48, 96, 96), spacing=(3.0, 3.0, 3.0)
+    )
+    return (
+        f"synthetic KiTS19-like CT ({settings.synthetic_cases} cases of 48 x 96 x 96 voxels at 3 mm, kidneys "
+        f"and tumours; not patient data) written in the KiTS19 file layout and read by the KiTS19 reader"
+    )
+
+
+def _synthetic_brats(year: int) -> Callable[[Path, TrainSettings], str]:
+    def write(folder: Path, settings: TrainSettings) -> str:
+        from .data.synthetic import write_synthetic_brats
+
+        write_synthetic_brats(folder, num_cases=settings.synthetic_cases, shape=(48, 64, 64), year=year)
+        return (
+            f"synthetic BraTS-like brain MRI ({settings.synthetic_cases} cases of 48 x 64 x 64 voxels at 1 mm, "
+            f"four modalities, gliomas with labels 1/2/4; not patient data) written in the BraTS {year} file "
+            f"layout and read by the BraTS reader"
+        )
+
+    return write
+
+
+DEFAULT_DATA: dict[str, Callable[[Path, TrainSettings], str]] = {
+    "synthetic-kits19": _synthetic_kits19,
+    "synthetic-brats2019": _synthetic_brats(2019),
+    "synthetic-brats2020": _synthetic_brats(2020),
+}
+"""Built-in data sets: name -> ``(folder, settings) -> description``; written once into the cache folder."""
+
+
+def default_cache_dir() -> Path:
+    """``$MEDTUNING_CACHE``, else ``$XDG_CACHE_HOME/medtuning_peft``, else ``~/.cache/medtuning_peft``."""
+    if os.environ.get("MEDTUNING_CACHE"):
+        return Path(os.environ["MEDTUNING_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medtuning_peft"
+
+
+def _built_in_data(name: str, settings: TrainSettings, cache_dir: Path) -> tuple[Path, str]:
+    """Write the built-in data set ``name`` once (atomically) and return its folder and description."""
+    key = hashlib.sha256(json.dumps([name, settings.synthetic_cases, 1]).encode()).hexdigest()[:12]
+    folder = cache_dir / "data" / f"{name}-{settings.synthetic_cases}-{key}"
+    note_file = folder / "medtuning_data.json"
+    if note_file.is_file():
+        return folder, json.loads(note_file.read_text())["description"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        description = DEFAULT_DATA[name](tmp, settings)
+        (tmp / "medtuning_data.json").write_text(
+            json.dumps({"name": name, "description": description}) + "\n"
+        )
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not note_file.is_file():  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, description
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding, schedule, parameters
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Micro-batches of whole samples for one process, from a seeded per-epoch permutation.
+
+    Micro-batch ``m`` of the epoch covers the global chunk ``perm[m*b*P : (m+1)*b*P]`` of the permutation; process
+    ``p`` takes ``chunk[p*b : (p+1)*b]``. Every process yields the same number of micro-batches (the incomplete
+    last chunk is dropped), so DDP never waits on a missing batch.
+
+    Args:
+        num_samples: dataset length.
+        batch_size: samples per process per micro-batch, b.
+        num_processes: P.
+        process_index: p.
+        seed: permutation seed.
+        epoch: the permutation is ``default_rng([seed, epoch]).permutation(num_samples)``.
+        num_batches: micro-batches to yield (at most ``num_samples // (b*P)``; default that).
+        start: first micro-batch (to continue an epoch after a resume).
+
+    Raises:
+        ValueError: when one global chunk needs more samples than there are.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        seed: int = 0,
+        epoch: int = 0,
+        num_batches: int | None = None,
+        start: int = 0,
+    ) -> None:
+        chunk = batch_size * num_processes
+        if chunk > num_samples:
+            raise ValueError(
+                f"A global micro-batch needs batch_size x num_processes = {batch_size} x {num_processes} = {chunk} "
+                f"crops but an epoch has only {num_samples}; raise --samples-per-case or lower --batch-size."
+            )
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_processes, self.process_index = num_processes, process_index
+        self.seed, self.epoch, self.start = seed, epoch, start
+        available = num_samples // chunk
+        self.num_batches = available if num_batches is None else min(num_batches, available)
+
+    def global_order(self) -> np.ndarray:
+        """The epoch's permutation of all sample indices."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.global_order()
+        b, chunk = self.batch_size, self.batch_size * self.num_processes
+        for m in range(self.start, self.num_batches):
+            first = m * chunk + self.process_index * b
+            yield [int(i) for i in order[first : first + b]]
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start, 0)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate factor of optimizer step ``s`` (0-based): linear warm-up, then cosine to ``min_ratio``.
+
+    Warm-up: ``(s + 1) / (warmup_steps + 1)`` (never 0, so no step is wasted). Then
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2`` with progress going from 0 to 1 over the
+    remaining steps.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
+    """Tuned and total parameters of a segmenter (peft's frozen backups of ``modules_to_save`` not counted).
+
+    Returns:
+        ``{"tuned": int, "total": int, "tuned_percent": float}``.
+    """
+    tuned = total = 0
+    seen: set[int] = set()
+    for name, parameter in model.named_parameters():
+        if id(parameter) in seen or ".original_module." in f".{name}.":
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        tuned += parameter.numel() if parameter.requires_grad else 0
+    return {"tuned": tuned, "total": total, "tuned_percent": round(100.0 * tuned / max(total, 1), 4)}
+
+
+def _directory_bytes(folder: Path, skip: Sequence[str] = ()) -> int:
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, folder)`` in ``checkpoint_dir``, oldest first.
+
+    A checkpoint is complete when its folder is named ``step_N`` and holds ``trainer_state.json`` recording step
+    N; the folder is renamed to that name only after everything was written, so a run killed while saving leaves a
+    ``.step_N.partial`` folder that is ignored here (and removed by the next run).
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        state_file = path / TRAINER_STATE_NAME
+        if not (match and path.is_dir() and state_file.is_file()):
+            continue
+        try:
+            step = json.loads(state_file.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            logger.warning("Ignoring checkpoint %s: unreadable %s", path, TRAINER_STATE_NAME)
+            continue
+        if step == int(match.group(1)):
+            found.append((step, path))
+    return sorted(found)
+
+
+def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, state: dict, keep: int) -> Path:
+    final = checkpoint_dir / f"step_{step}"
+    partial = checkpoint_dir / f".step_{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(partial / TRAINER_STATE_NAME, state)
+        if final.exists():  # the same step saved again (e.g. a finished run resumed)
+            shutil.rmtree(final)
+        partial.rename(final)
+        for _, old in complete_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _validate(
+    accelerator: Any,
+    model: torch.nn.Module,
+    cases: Sequence[Any],
+    settings: TrainSettings,
+    task: dict[str, Any],
+    predictions_dir: Path | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Predict whole volumes (each process takes every P-th case) and score them; gathered on every process."""
+    from accelerate.utils import gather_object
+
+    from .evaluation import (
+        evaluate_case,
+        postprocess_brats_et,
+        probabilities_to_labels,
+        sliding_window_predict,
+    )
+
+    spec = DATASETS[settings.dataset]
+    label_values = task["label_values"]
+    labels = {str(v): task["label_names"][i] for i, v in enumerate(label_values)}
+    results = []
+    for case in cases[accelerator.process_index :: accelerator.num_processes]:
+        volume = torch.from_numpy(np.array(case.image, dtype=np.float32))[
+            None
+        ]  # (C, D, H, W) -> (1, C, D, H, W)
+        with accelerator.autocast():
+            probs = sliding_window_predict(
+                model,
+                volume.to(accelerator.device),
+                roi_size=tuple(settings.crop_size),
+                overlap=settings.sw_overlap,
+                sw_batch_size=settings.sw_batch_size,
+                flip_tta=settings.flip_tta,
+                num_classes=len(label_values),
+                device="cpu",
+            )
+        pred = (
+            probabilities_to_labels(probs, label_values)[0].numpy().astype(np.uint8)
+        )  # (D, H, W) label values
+        if spec.postprocess_et and settings.et_min_voxels:
+            pred = postprocess_brats_et(pred, settings.et_min_voxels)
+        scores = evaluate_case(
+            spec.challenge,
+            pred,
+            np.asarray(case.label),
+            case.spacing,
+            labels=labels if spec.labels_for_metrics else None,
+            with_hd95=settings.val_hd95,
+        )
+        if predictions_dir is not None:
+            case.geometry.save_nifti(pred, predictions_dir / f"{case.case_id}.nii.gz")
+        results.append((case.case_id, scores))
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    from .evaluation import summarize
+
+    per_case = dict(sorted(results))
+    return per_case, summarize(list(per_case.values()))
+
+
+def _format_summary(summary: dict[str, dict[str, float]]) -> str:
+    return "  ".join(
+        f"{k}={v['mean']:.4f}" if k.startswith("dice") else f"{k}={v['mean']:.2f}mm"
+        for k, v in summary.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepInfo:
+    """What ``train(on_step_end=...)`` receives after each optimizer step.
+
+    Attributes:
+        step: optimizer steps done.
+        total_steps: optimizer steps of the run.
+        loss: mean training loss of the step over processes and micro-batches.
+        lr: learning rate used for the step.
+        accelerator: the run's ``Accelerator``.
+        model: the prepared model (DDP-wrapped in multi-process runs).
+        optimizer: the prepared optimizer.
+        checkpoint: the checkpoint folder written after this step, if any.
+    """
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    checkpoint: Path | None = None
+
+
+_RESUME_KEYS = (
+    "dataset",
+    "backbone",
+    "method",
+    "decoder",
+    "decoder_channels",
+    "crop_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "samples_per_case",
+    "seed",
+    "split_seed",
+    "val_fraction",
+    "num_folds",
+    "fold",
+    "max_cases",
+    "target_spacing",
+    "lr",
+)
+
+
+def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) -> None:
+    earlier = [output_dir / n for n in (CHECKPOINTS_DIR_NAME, MODEL_DIR_NAME, METRICS_NAME)]
+    if not any(p.exists() for p in earlier) or settings.resume:
+        return
+    if not settings.overwrite:
+        raise FileExistsError(
+            f"output_dir '{output_dir}' holds an earlier run ({', '.join(p.name for p in earlier if p.exists())}); "
+            f"pass --resume to continue it, --overwrite to start over, or a new --output-dir."
+        )
+    if is_main:
+        for path in earlier + [output_dir / PREDICTIONS_DIR_NAME]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def _load_task(settings: TrainSettings, accelerator: Any) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """Resolve the data, split it and load the cases through the cache (main process first)."""
+    from .data import CaseCache, default_preprocessing, split_cases
+
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    note = settings.data_note
+    with accelerator.main_process_first():
+        if settings.data_dir is None:
+            data_dir, note = _built_in_data(settings.default_data, settings, cache_dir)
+            logger.info("No --data-dir given: using %s, at %s.", note, data_dir)
+        else:
+            data_dir = Path(settings.data_dir).expanduser()
+            if not data_dir.is_dir():
+                raise FileNotFoundError(
+                    f"data_dir '{data_dir}' does not exist; pass the {settings.dataset} dataset folder "
+                    f"(layouts in examples/README.md)."
+                )
+            if note:
+                logger.info("Data: %s, at %s.", note, data_dir)
+        listed = DATASETS[settings.dataset].list_cases(data_dir)
+        labelled = [c for c in listed if c.has_label]
+        if settings.max_cases is not None:
+            labelled = labelled[: settings.max_cases]
+        if len(labelled) < 2:
+            raise ValueError(
+                f"data_dir '{data_dir}' has {len(labelled)} labelled case(s); training with validation needs at "
+                f"least 2."
+            )
+        train_ids, val_ids = split_cases(
+            [c.case_id for c in labelled],
+            val_fraction=settings.val_fraction,
+            num_folds=settings.num_folds,
+            fold=settings.fold,
+            seed=settings.split_seed,
+        )
+        first = labelled[0]
+        preprocessing = default_preprocessing(first.modality, first.dataset)
+        if settings.target_spacing is not None:
+            preprocessing = dataclasses.replace(preprocessing, target_spacing=tuple(settings.target_spacing))
+        cache = CaseCache(cache_dir / "arrays")
+        by_id = {c.case_id: c for c in labelled}
+        train_cases = cache.load_many([by_id[i] for i in train_ids], preprocessing)
+        val_cases = cache.load_many([by_id[i] for i in val_ids], preprocessing)
+    task = {
+        "data_dir": str(data_dir),
+        "data_note": note,
+        "channel_names": list(first.channel_names),
+        "label_values": [int(v) for v in first.label_values],
+        "label_names": [first.label_names.get(v, f"class_{v}") for v in first.label_values],
+        "modality": first.modality,
+        "preprocessing": preprocessing.to_dict(),
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+    }
+    return task, train_cases, val_cases
+
+
+def _tracker_config(settings: TrainSettings) -> dict[str, Any]:
+    """Settings flattened to the scalar types every tracker accepts."""
+    return {
+        k: (v if isinstance(v, int | float | str | bool) else json.dumps(v))
+        for k, v in settings.to_dict().items()
+    }
+
+
+def _use_cpu_processes() -> bool:
+    """True for a multi-process launch on a machine without CUDA (DDP over gloo).
+
+    Raises:
+        RuntimeError: for ``accelerate launch --cpu --num_processes N`` without MPI, which starts one process only.
+    """
+    names = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    world_size = max(int(os.environ.get(name, "1")) for name in names)
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if launched_cpu and os.environ.get("MASTER_ADDR") and world_size == 1 and "LOCAL_RANK" not in os.environ:
+        raise RuntimeError(
+            "`accelerate launch --cpu --num_processes N` started a single process: Accelerate runs several CPU "
+            "processes only through MPI (--mpirun_hostfile). For DDP over gloo on CPU run `accelerate launch "
+            "--multi_gpu --num_processes N ...` on a machine without GPUs (this engine then uses the CPU and gloo), "
+            "or `torchrun --nproc_per_node N ...`; for one process drop --num_processes."
+        )
+    return world_size > 1 and not torch.cuda.is_available()
+
+
+def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | None = None) -> dict[str, Any]:
+    """Train a volumetric segmenter, validate it, and write the model, checkpoints and metrics.
+
+    Run it under ``accelerate launch`` for several processes or machines; plain ``python`` runs one process.
+
+    Args:
+        settings: the run's settings.
+        on_step_end: called on every process after each optimizer step (and its validation and checkpoint);
+            raise inside it to stop the run early (the last complete checkpoint stays resumable).
+
+    Returns:
+        The content of ``metrics.json`` (on every process; only the main process writes files): ``summary`` and
+        ``per_case`` of the final validation, ``history`` (loss curve and validation summaries), ``settings``,
+        ``data``, ``parameters``, ``adapter_bytes``, ``wall_time_s`` and more.
+
+    Raises:
+        FileExistsError: when ``output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: when ``data_dir`` does not exist.
+        ValueError: for settings that do not fit the data (too few cases or crops) or a checkpoint whose settings
+            differ from these.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from .data import CropDataset
+    from .volumetric import build_segmenter
+
+    started = time.time()
+    output_dir = Path(settings.output_dir).expanduser().absolute()
+    checkpoint_dir = output_dir / CHECKPOINTS_DIR_NAME
+    if settings.mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    else:
+        mixed_precision = settings.mixed_precision
+    accelerator = Accelerator(
+        cpu=_use_cpu_processes(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=settings.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        # Some trainable parameters never get a gradient (the first inter-stage adapter's projection, which sees
+        # zeros as in the reference; unused final norms with method "full"); Adam skips them, and so must DDP.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    is_main = accelerator.is_main_process
+    if is_main and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    _check_output_dir(output_dir, settings, is_main)
+    accelerator.wait_for_everyone()
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint_dir.glob(".step_*.partial") if checkpoint_dir.is_dir() else []:
+            logger.info("Removing incomplete checkpoint %s (a run stopped while saving it).", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    task, train_cases, val_cases = _load_task(settings, accelerator)
+    set_seed(settings.seed)
+    decoder_kwargs = {"channels": settings.decoder_channels} if settings.decoder_channels else None
+    segmenter = build_segmenter(
+        settings.backbone,
+        in_channels=len(task["channel_names"]),
+        num_classes=len(task["label_values"]),
+        decoder=settings.decoder,
+        method=settings.method,
+        label_names=task["label_names"],
+        decoder_kwargs=decoder_kwargs,
+        crop_size=settings.crop_size,
+        preprocessing=task["preprocessing"],
+    )
+    # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
+    segmenter.segmenter_config["label_values"] = task["label_values"]
+    segmenter.segmenter_config["channel_names"] = task["channel_names"]
+    # Initialization above is identical on every process; stochastic layers (drop path) and anything else drawn
+    # from here on get a per-process stream, so processes do not repeat each other's masks.
+    set_seed(settings.seed, device_specific=True)
+    counts = parameter_counts(segmenter)
+    trainable = [p for p in segmenter.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=settings.lr, weight_decay=settings.weight_decay, amsgrad=True)
+
+    dataset = CropDataset(
+        train_cases,
+        settings.crop_size,
+        samples_per_case=settings.samples_per_case,
+        seed=settings.seed,
+        foreground_probability=settings.foreground_probability,
+    )
+    P, b, A = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
+    micro_per_epoch = len(dataset) // (b * P)
+    steps_per_epoch = micro_per_epoch // A
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"One optimizer step needs batch_size x num_processes x gradient_accumulation_steps = {b} x {P} x {A} = "
+            f"{b * P * A} crops but an epoch has {len(dataset)} ({len(train_cases)} training cases x "
+            f"samples_per_case={settings.samples_per_case}); raise --samples-per-case or lower the batch."
+        )
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    warmup_steps = round(settings.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, warmup_steps, settings.min_lr_ratio)
+    )
+    model, optimizer, scheduler = accelerator.prepare(segmenter, optimizer, scheduler)
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+    checkpoint_every = settings.checkpoint_every or settings.val_every or total_steps
+
+    # Resume.
+    step, history, resumed_from, elapsed_before = 0, {"loss": [], "validation": []}, None, 0.0
+    checkpoints = complete_checkpoints(checkpoint_dir)
+    if settings.resume and checkpoints:
+        resumed_from, folder = checkpoints[-1]
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+        saved, current = state["settings"], settings.to_dict()
+        changed = {k: (saved.get(k), current[k]) for k in _RESUME_KEYS if saved.get(k) != current[k]}
+        if state["num_processes"] != P:
+            changed["num_processes"] = (state["num_processes"], P)
+        if changed:
+            raise ValueError(
+                f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
+                f"settings and number of processes, or start a new --output-dir."
+            )
+        accelerator.load_state(str(folder))  # model, optimizer, scheduler, RNG; torch files read weights_only
+        step, history = state["step"], state["history"]
+        elapsed_before = state.get("wall_time_s", 0.0)
+        logger.info("Resumed from %s at step %d of %d.", folder, step, total_steps)
+    elif settings.resume:
+        logger.info("--resume: no complete checkpoint in %s; starting from step 0.", checkpoint_dir)
+
+    if settings.report_to:
+        accelerator.init_trackers("medtuning", config=_tracker_config(settings))
+    logger.info(
+        "Training %s (%s, decoder %s): %s of %s parameters tuned (%.2f%%); %d training / %d validation cases; "
+        "%d steps of %d x %d x %d crops %s on %s%s.",
+        settings.method,
+        settings.backbone,
+        settings.decoder,
+        f"{counts['tuned']:,}",
+        f"{counts['total']:,}",
+        counts["tuned_percent"],
+        len(train_cases),
+        len(val_cases),
+        total_steps,
+        b,
+        P,
+        A,
+        tuple(settings.crop_size),
+        accelerator.device,
+        f", {mixed_precision}" if mixed_precision != "no" else "",
+    )
+
+    unwrapped = accelerator.unwrap_model(model)
+    val_cases_sorted = sorted(val_cases, key=lambda c: c.case_id)
+    num_workers = (
+        settings.num_workers if settings.num_workers is not None else (4 if torch.cuda.is_available() else 0)
+    )
+    progress = tqdm(
+        total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    train_started = time.time()
+    final_validation: tuple[dict, dict] | None = None
+    running = torch.zeros((), device=accelerator.device)
+    model.train()
+    while step < total_steps:
+        epoch, first_micro = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = ShardedBatchSampler(
+            len(dataset),
+            b,
+            P,
+            accelerator.process_index,
+            settings.seed,
+            epoch,
+            steps_per_epoch * A,
+            first_micro * A,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # Own generator: creating the iterator must not draw from the global RNG (resume-exact).
+            generator=torch.Generator().manual_seed(settings.seed + epoch),
+        )
+        for batch in loader:
+            with accelerator.accumulate(model):
+                images = batch["image"].to(accelerator.device, non_blocking=True)  # (b, C, D, H, W)
+                labels = batch["label"].to(
+                    accelerator.device, non_blocking=True
+                )  # (b, D, H, W) class indices
+                logits = model(images)  # (b, K, D, H, W)
+                loss = loss_fn(logits.float(), labels[:, None])  # targets (b, 1, D, H, W)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()  # skipped by Accelerate until the last micro-batch of the step
+                optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            step_loss = accelerator.reduce(running / A, reduction="mean").item()
+            running.zero_()
+            history["loss"].append({"step": step, "loss": step_loss, "lr": lr})
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if settings.report_to:
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
+            if step % settings.log_every == 0 or step == total_steps:
+                recent = [h["loss"] for h in history["loss"][-settings.log_every :]]
+                if is_main:
+                    progress.write(f"step {step}/{total_steps}  loss {np.mean(recent):.4f}  lr {lr:.2e}")
+
+            is_last = step == total_steps
+            if (settings.val_every and step % settings.val_every == 0) or is_last:
+                predictions_dir = None
+                if is_last and settings.save_predictions:
+                    predictions_dir = output_dir / PREDICTIONS_DIR_NAME
+                    if is_main:
+                        shutil.rmtree(predictions_dir, ignore_errors=True)
+                        predictions_dir.mkdir(parents=True)
+                    accelerator.wait_for_everyone()
+                per_case, summary = _validate(
+                    accelerator, unwrapped, val_cases_sorted, settings, task, predictions_dir
+                )
+                model.train()
+                history["validation"].append({"step": step, "summary": summary})
+                if is_last:
+                    final_validation = (per_case, summary)
+                if settings.report_to:
+                    accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=step)
+                if is_main:
+                    progress.write(
+                        f"validation at step {step} ({len(per_case)} cases): {_format_summary(summary)}"
+                    )
+            checkpoint = None
+            if step % checkpoint_every == 0 or is_last:
+                state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "total_steps": total_steps,
+                    "num_processes": P,
+                    "samples_seen": step * b * P * A,
+                    "history": history,
+                    "settings": settings.to_dict(),
+                    "wall_time_s": elapsed_before + time.time() - train_started,
+                }
+                checkpoint = _save_checkpoint(
+                    accelerator, checkpoint_dir, step, state, settings.keep_checkpoints
+                )
+            if on_step_end is not None:
+                on_step_end(
+                    StepInfo(step, total_steps, step_loss, lr, accelerator, model, optimizer, checkpoint)
+                )
+            if is_last:
+                break
+    progress.close()
+    train_time = time.time() - train_started
+
+    if final_validation is None:  # a finished run resumed: validate the loaded model again
+        predictions_dir = output_dir / PREDICTIONS_DIR_NAME if settings.save_predictions else None
+        if predictions_dir is not None and is_main:
+            shutil.rmtree(predictions_dir, ignore_errors=True)
+            predictions_dir.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        final_validation = _validate(
+            accelerator, unwrapped, val_cases_sorted, settings, task, predictions_dir
+        )
+    per_case, summary = final_validation
+
+    model_dir = output_dir / MODEL_DIR_NAME
+    metrics: dict[str, Any] = {}
+    if is_main:
+        unwrapped.save_pretrained(model_dir)
+    accelerator.wait_for_everyone()
+    losses = [h["loss"] for h in history["loss"]]
+    window = max(1, min(10, len(losses) // 4))
+    metrics = {
+        "summary": summary,
+        "per_case": per_case,
+        "steps": total_steps,
+        "samples_seen": total_steps * b * P * A,
+        "loss_first": float(np.mean(losses[:window])) if losses else None,
+        "loss_last": float(np.mean(losses[-window:])) if losses else None,
+        "parameters": counts,
+        "adapter_bytes": _directory_bytes(model_dir, skip=("backbone",)) if model_dir.is_dir() else None,
+        "model_dir_bytes": _directory_bytes(model_dir) if model_dir.is_dir() else None,
+        "wall_time_s": round(elapsed_before + time.time() - started, 2),
+        "train_time_s": round(train_time, 2),
+        "resumed_from_step": resumed_from,
+        "history": history,
+        "settings": settings.to_dict(),
+        "data": {**task, "num_train_cases": len(train_cases), "num_val_cases": len(val_cases)},
+        "run": {
+            "num_processes": P,
+            "device": str(accelerator.device),
+            "mixed_precision": mixed_precision,
+            "global_batch": b * P * A,
+            "steps_per_epoch": steps_per_epoch,
+            "warmup_steps": warmup_steps,
+            "sliding_window": {"roi_size": settings.crop_size, "overlap": settings.sw_overlap},
+        },
+        "versions": _versions(),
+    }
+    if is_main:
+        _write_json(output_dir / METRICS_NAME, metrics)
+        logger.info(
+            "Done in %.0f s. Validation (%d cases): %s. Model: %s; metrics: %s.",
+            metrics["wall_time_s"],
+            len(per_case),
+            _format_summary(summary),
+            model_dir,
+            output_dir / METRICS_NAME,
+        )
+    accelerator.end_training()
+    return metrics
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import monai
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "medtuning_peft": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _argparse_type(annotation: str) -> Any:
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if re.search(rf"\b{name}\b", annotation):
+            return kind
+    return str
+
+
+def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
+    """Command-line parser with one option per :class:`TrainSettings` field (help from the field).
+
+    Args:
+        description: the script's description.
+        **defaults: the script's own defaults, e.g. ``crop_size=[32, 64, 64]``, ``max_steps=300``.
+
+    Returns:
+        An ``ArgumentParser``; pass its result to :func:`settings_from_args`.
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(TrainSettings)
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(defaults) - names)
+    if unknown:
+        raise ValueError(f"build_parser defaults {unknown} are not TrainSettings fields.")
+    for f in dataclasses.fields(TrainSettings):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(
+            f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        )
+        annotation = str(hints[f.name])
+        options: dict[str, Any] = {"help": f.metadata["help"], "default": default, "dest": f.name}
+        if hints[f.name] is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = f.metadata.get("type") or _argparse_type(annotation)
+            for key in ("nargs", "choices"):
+                if key in f.metadata:
+                    options[key] = f.metadata[key]
+            if "nargs" in options:
+                options["metavar"] = ("D", "H", "W")
+        parser.add_argument(flag, **options)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, **fixed: Any) -> TrainSettings:
+    """:class:`TrainSettings` from parsed options plus the script's fixed fields (``dataset``, ``default_data``)."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)
+    }
+    return TrainSettings(**{**values, **fixed})
+
+
+def run_example(
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    dataset: str,
+    default_data: str | None = None,
+    default_data_dir: str | os.PathLike | None = None,
+    data_note: str | None = None,
+    **defaults: Any,
+) -> dict[str, Any]:
+    """Parse the command line of an example script and train.
+
+    Args:
+        description: the script's ``--help`` text.
+        argv: arguments (default ``sys.argv[1:]``).
+        dataset: a key of :data:`DATASETS`.
+        default_data: a key of :data:`DEFAULT_DATA` written and used when ``--data-dir`` is not given.
+        default_data_dir: a folder used when ``--data-dir`` is not given (e.g. a sample shipped with the repo).
+        data_note: what ``default_data_dir`` holds, for the log and metrics.json.
+        **defaults: the script's defaults for :class:`TrainSettings` fields.
+
+    Returns:
+        What :func:`train` returns.
+    """
+    args = build_parser(description, **defaults).parse_args(argv)
+    fixed: dict[str, Any] = {"dataset": dataset, "default_data": default_data}
+    if args.data_dir is None and default_data_dir is not None:
+        fixed.update(data_dir=str(default_data_dir), data_note=f"{data_note} (no --data-dir given)")
+    return train(settings_from_args(args, **fixed))
