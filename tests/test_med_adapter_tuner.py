@@ -203,6 +203,64 @@ def test_fresh_process_load_gives_identical_outputs(name, tmp_path):
     assert diffs == {"default": 0.0, "colleague": 0.0}
 
 
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (lambda: build("vit"), "model_type: adapter 'swin'.*ViTModel has none of them"),
+        (
+            lambda: SwinModel(
+                SwinConfig(
+                    image_size=36,
+                    patch_size=4,
+                    num_channels=1,
+                    embed_dim=12,
+                    depths=[2, 2, 2],
+                    num_heads=[2, 4, 8],
+                    window_size=5,
+                )
+            ),
+            "adapter has 4 .* model has 6",
+        ),
+        (
+            lambda: SwinModel(
+                SwinConfig(
+                    image_size=36,
+                    patch_size=4,
+                    num_channels=3,
+                    embed_dim=12,
+                    depths=[2, 2],
+                    num_heads=[2, 4],
+                    window_size=5,
+                )
+            ),
+            "num_channels: adapter 1 vs model 3",
+        ),
+        (
+            lambda: SwinModel(
+                SwinConfig(
+                    image_size=36,
+                    patch_size=4,
+                    num_channels=1,
+                    embed_dim=24,
+                    depths=[2, 2],
+                    num_heads=[2, 4],
+                    window_size=5,
+                )
+            ),
+            r"widths \[12, 24\]\), model has 4",
+        ),
+    ],
+    ids=["architecture", "depth", "channels", "width"],
+)
+def test_loading_onto_another_backbone_is_refused_before_weights(other, message, tmp_path):
+    adapted("swin").save_pretrained(tmp_path)
+    target = other()
+    before = {n: p.clone() for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(target, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in target.named_parameters())
+
+
 def test_loading_needs_the_registration_and_says_so_otherwise(tmp_path):
     adapted("swin").save_pretrained(tmp_path)
     code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"

@@ -26,6 +26,8 @@ _HELP = {
     "init_identity": "Zero-initialize the up-projection so the adapted model starts equal to the frozen one "
     "(off in the paper).",
     "exclude_modules": "Blocks never to adapt (regex string or list of names).",
+    "backbone_signature": "Filled in when the adapter is created: the backbone's model_type, input channels and "
+    "the width of every adapted block. Loading onto a different backbone is refused before any weight is read.",
 }
 
 
@@ -46,6 +48,7 @@ class MedAdapterConfig(PeftConfig):
         inter_stage_modules: blocks carrying Inter-FI; None = per-backbone default.
         modules_to_save: extra modules trained in full and saved with the adapter.
         init_identity: zero-init the up-projection.
+        backbone_signature: set automatically; guards loading onto another backbone.
 
     Raises:
         ValueError: for an invalid value, naming the field, the value and what is expected.
@@ -65,6 +68,7 @@ class MedAdapterConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": _HELP["exclude_modules"]})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": _HELP["modules_to_save"]})
     init_identity: bool = field(default=False, metadata={"help": _HELP["init_identity"]})
+    backbone_signature: dict | None = field(default=None, metadata={"help": _HELP["backbone_signature"]})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -61,6 +61,7 @@ class MedAdapterModel(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = find_spec(model).target_regex
         blocks = self._targeted_blocks(peft_config, model)
+        self._check_signature(peft_config, model, blocks)
         inter = self._inter_stage_blocks(peft_config, blocks)
         plans: dict[str, BlockPlan] = {}
         prev_r: int | None = None
@@ -101,11 +102,51 @@ class MedAdapterModel(BaseTuner):
                 )
             blocks[name] = (spec, *indices, module)
         if not blocks:
+            saved = peft_config.backbone_signature
+            if saved is not None:
+                raise ValueError(
+                    f"This Med-Adapter was trained on a different backbone than the one it is being loaded into "
+                    f"(model_type: adapter {saved.get('model_type')!r}, {len(saved.get('block_widths', {}))} "
+                    f"adapted blocks; {type(model).__name__} has none of them). Load it into the backbone it was "
+                    "trained on."
+                )
             raise ValueError(
                 f"MedAdapterConfig.target_modules={peft_config.target_modules!r} matched no transformer block of "
                 f"{type(model).__name__}. Supported backbones: {supported_model_types()}."
             )
         return blocks
+
+    @staticmethod
+    def _check_signature(peft_config: MedAdapterConfig, model: nn.Module, blocks: dict) -> None:
+        first = next(iter(blocks))
+        backbone = owning_backbone(model, first)[1]
+        signature = {
+            "model_type": blocks[first][0].model_type,
+            "num_channels": getattr(backbone.config, "num_channels", None),
+            "block_widths": {name: hidden_size_of_block(module) for name, (*_, module) in blocks.items()},
+        }
+        saved = peft_config.backbone_signature
+        if saved is None:
+            peft_config.backbone_signature = signature
+            return
+        if saved != signature:
+            diffs = [
+                f"{key}: adapter {saved.get(key)!r} vs model {signature[key]!r}"
+                for key in signature
+                if key != "block_widths" and saved.get(key) != signature[key]
+            ]
+            widths, theirs = saved.get("block_widths", {}), signature["block_widths"]
+            if widths != theirs:
+                diffs.append(
+                    f"adapted blocks: adapter has {len(widths)} (widths {sorted(set(widths.values()))}), model has "
+                    f"{len(theirs)} (widths {sorted(set(theirs.values()))})"
+                )
+            raise ValueError(
+                "This Med-Adapter was trained on a different backbone than the one it is being loaded into ("
+                + "; ".join(diffs)
+                + "). Load it into the backbone it was trained on (same architecture, "
+                "widths, depth and input channels)."
+            )
 
     @staticmethod
     def _inter_stage_blocks(peft_config: MedAdapterConfig, blocks: dict) -> set[str]:
