@@ -256,13 +256,12 @@ def test_wrong_backbone_is_refused_naming_both_before_weights_load(saved, tmp_pa
     assert words in message
 
 
-def test_plain_peft_load_onto_a_narrower_backbone_reports_a_size_mismatch(tmp_path):
-    # What peft itself reports (no segmenter config involved): a width change fails on tensor shapes.
-    # Other depths load with a "missing adapter keys" warning, other input channels silently: use
-    # medtuning_peft.from_pretrained, which checks the backbone signature first.
+def test_plain_peft_load_onto_a_narrower_backbone_is_refused_by_the_adapter_config(tmp_path):
+    # No segmenter config involved: the adapter config carries the backbone signature, checked before any
+    # weight is read.
     model = peft.get_peft_model(swin(), medtuning_peft.MedAdapterConfig(num_slices=4))
     model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="trained on a different backbone"):
         peft.PeftModel.from_pretrained(swin(embed_dim=12), tmp_path / "adapter")
 
 
