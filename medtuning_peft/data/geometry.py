@@ -264,9 +264,16 @@ class VolumeGeometry:
         return image
 
     def save_nifti(self, array: np.ndarray, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
-        """Writes :meth:`to_nifti` of ``array`` to ``path`` (``.nii`` or ``.nii.gz``) and returns it."""
+        """Writes :meth:`to_nifti` of ``array`` to ``path`` (``.nii`` or ``.nii.gz``) and returns it.
+
+        The file is written under a temporary name and renamed into place: a crash leaves the old file or none.
+        """
+        from ..io_utils import atomic_path
+
         path = Path(path)
-        nib.save(self.to_nifti(array, dtype=dtype), str(path))
+        image = self.to_nifti(array, dtype=dtype)
+        with atomic_path(path) as tmp:
+            nib.save(image, str(tmp))
         return path
 
     def to_dict(self) -> dict[str, Any]:
