@@ -21,7 +21,7 @@ from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
 
 import medtuning_peft
 from medtuning_peft import MedAdapterConfig
-from medtuning_peft.tuners.med_adapter import MedAdapterLayer
+from medtuning_peft.tuners.med_adapter import MedAdapterLayer, SpectralFilter
 
 D = 3  # slices per volume
 NAMES = list(BUILDERS)
@@ -139,6 +139,10 @@ def test_slices_do_not_leak_across_volumes(name):
 def test_spectral_branch_reaches_every_slice_of_its_own_volume(name):
     # Six slices, a single in-plane-only kernel (k = 1): only the spectral branch can mix slices.
     model = adapted(name, num_slices=6, kernel_sizes=(1,), inter_stage=False).eval()
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():  # the initial filter (ones) is the identity along D: make it mix slices
+        if isinstance(module, SpectralFilter):
+            module.weight.data.normal_(generator=gen)
     base = build(name)
     x = slices(2, 6)
     x2 = x.clone()

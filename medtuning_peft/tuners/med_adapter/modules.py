@@ -1,21 +1,29 @@
 """The Med-Adapter math (DESIGN.md section 2), in an exact fast form.
 
 The paper's reference code folds the tokens into a channels-first volume ``(B, r, D, h, w)`` and runs
-3D convolutions and a 3D FFT on it. Here the adapter works on the slice batch ``(B*D, r, h, w)``:
+3D convolutions and a 3D FFT on it. Here the adapter works on the slice batch ``(B*D, r, h, w)``, kept
+in channels-last memory: the down-projected tokens ``(B*D, h*w, r)`` already are that layout, so the
+fold and unfold are views, not copies.
 
 - the in-plane ``1 x k x k`` depthwise Conv3d is a ``k x k`` depthwise Conv2d over the slices,
-- the ``k x 1 x 1`` depthwise Conv3d across slices is a sum of k shifted, per-channel scaled copies
-  along D (zero padded, exactly what the convolution computes),
-- BatchNorm3d over ``(B, r, D, h, w)`` has the same per-channel statistics as over
-  ``(B*D, r, 1, h, w)``,
-- the 3D spectral filter, whose weights vary along the slice frequency only, is a 1D FFT along D
-  plus the inverse transform of its bias at the in-plane (0, 0) token (the in-plane transforms cancel).
+- the ``k x 1 x 1`` depthwise Conv3d across slices is a ``k x 1`` depthwise Conv2d on the view
+  ``(B, r, D, h*w)`` of the same memory (zero padded along D within each volume, as the Conv3d),
+- BatchNorm3d over ``(B, r, D, h, w)`` has the same per-channel statistics as over the slice batch,
+- the 3D spectral filter, whose weights vary along the slice frequency only, is a circular filter along
+  D plus the inverse transform of its bias at the in-plane (0, 0) token (the in-plane transforms cancel);
+  it runs as a 1D FFT along D, or, for short volumes, as one ``2D x D`` real matrix product (the real
+  and imaginary parts of the circulant matrix), which is exact up to float rounding and cheaper there,
+- the ``1 x 1 x 1`` convolutions (channel mixing, Inter-FI fusion) are matrix products on the tokens.
 
 Parameters keep the reference shapes (Conv3d weights), so parameter counts match the paper exactly and
-``tests/test_med_adapter_math.py`` compares this form with a direct transcription of the 3D formula.
+``tests/test_med_adapter_math.py`` compares this form with a direct transcription of the 3D formula
+(:func:`~medtuning_peft.tuners.med_adapter.reference.reference_forward`), which every adapter can also be
+switched to (``MedAdapter.use_reference_form``) for side-by-side timing.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +54,18 @@ def resample_periodic(values: torch.Tensor, size: int) -> torch.Tensor:
     return values[lo] * (1 - frac) + values[hi] * frac
 
 
-def _slices_view(x: torch.Tensor, num_slices: int) -> torch.Tensor:
-    # (B*D, r, h, w) -> (B, D, r, h, w)
-    return x.view(x.shape[0] // num_slices, num_slices, *x.shape[1:])
+def _volume_rows(v: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """(B*D, r, h, w) -> (B, D, h*w*r): one row per slice, in channels-last order (a view if v is)."""
+    n, r, h, w = v.shape
+    # (B*D, r, h, w) -> (B*D, h, w, r) -> (B, D, h*w*r)
+    return v.permute(0, 2, 3, 1).reshape(n // num_slices, num_slices, h * w * r)
+
+
+def _slices_from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_volume_rows`: (B, D, h*w*r) -> (B*D, r, h, w) in channels-last memory."""
+    n, r, h, w = shape
+    # (B, D, h*w*r) -> (B*D, h, w, r) -> (B*D, r, h, w)
+    return rows.reshape(n, h, w, r).permute(0, 3, 1, 2)
 
 
 class DepthwiseBranch(nn.Module):
@@ -68,7 +85,7 @@ class DepthwiseBranch(nn.Module):
         self.norm = nn.BatchNorm3d(channels)
 
     def forward(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
-        """(B*D, r, h, w) -> (B*D, r, h, w)."""
+        """(B*D, r, h, w) -> (B*D, r, h, w); channels-last in gives channels-last out, without copies."""
         k, r = self.kernel_size, v.shape[1]
         # (r, 1, 1, k, k) -> (r, 1, k, k): the in-plane kernel as a 2D depthwise conv over the slices.
         y = F.conv2d(v, self.inplane.weight.squeeze(2), self.inplane.bias, padding=k // 2, groups=r)
@@ -78,44 +95,113 @@ class DepthwiseBranch(nn.Module):
         return F.relu(y)
 
     def _across_slices(self, y: torch.Tensor, num_slices: int) -> torch.Tensor:
-        k, r = self.kernel_size, y.shape[1]
-        vol = _slices_view(y, num_slices)  # (B, D, r, h, w)
-        # Zero padding along D, then out[d] = sum_t weight[t] * in[d + t - k//2] + bias: the conv3d exactly.
-        padded = F.pad(vol, (0, 0, 0, 0, 0, 0, k // 2, k // 2))  # (B, D + k - 1, r, h, w)
-        weight = self.across.weight.view(r, k).t()  # (r, 1, k, 1, 1) -> (k, r)
-        out = self.across.bias.view(1, 1, r, 1, 1).to(y.dtype)
-        for t in range(k):
-            out = out + padded[:, t : t + num_slices] * weight[t].view(1, 1, r, 1, 1).to(y.dtype)
-        return out.reshape(y.shape)  # (B, D, r, h, w) -> (B*D, r, h, w)
+        k = self.kernel_size
+        n, r, h, w = y.shape
+        rows = _volume_rows(y, num_slices)  # (B, D, h*w*r)
+        # (B, D, h*w*r) -> (B, D, h*w, r) -> (B, r, D, h*w): channels-last view of the same memory.
+        vol = rows.view(rows.shape[0], num_slices, h * w, r).permute(0, 3, 1, 2)
+        # (r, 1, k, 1, 1) -> (r, 1, k, 1): zero padding along D within each volume, as the Conv3d.
+        out = F.conv2d(vol, self.across.weight.squeeze(-1), self.across.bias, padding=(k // 2, 0), groups=r)
+        # (B, r, D, h*w) -> (B, D, h*w, r) -> (B, D, h*w*r)
+        return _slices_from_rows(out.permute(0, 2, 3, 1).reshape(rows.shape), y.shape)
+
+
+class _CirculantMagnitude(torch.autograd.Function):
+    """``|C v + bias|`` along D for a complex circulant C given as stacked real/imaginary parts.
+
+    Forward: ``z = mat @ rows`` with ``mat = [Re C; Im C]`` (2D, D) and ``rows`` (B, D, L); ``bias``
+    (2D,) is added to the first ``width`` columns (the in-plane (0, 0) token); the result is
+    ``hypot(Re z, Im z)``. The gradient of the magnitude is ``Re z / |z|``, ``Im z / |z|`` and 0 where
+    ``|z| = 0``, as for ``torch.abs`` of a complex tensor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, mat: torch.Tensor, bias: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        b, d, length = rows.shape
+        z = torch.matmul(mat, rows)  # (2D, D) @ (B, D, L) -> (B, 2D, L)
+        z[:, :, :width] += bias.view(1, 2 * d, 1)
+        parts = z.view(b, 2, d, length)  # (B, 2D, L) -> (B, 2, D, L): real, imaginary
+        magnitude = torch.hypot(parts[:, 0], parts[:, 1])  # (B, D, L)
+        ctx.save_for_backward(rows, mat, z, magnitude)
+        ctx.width = width
+        return magnitude
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, mat, z, magnitude = ctx.saved_tensors
+        b, d, length = rows.shape
+        scale = torch.where(magnitude > 0, grad / magnitude, 0.0)  # (B, D, L)
+        # (B, 2D, L) -> (B, 2, D, L), times (B, 1, D, L) -> (B, 2D, L): d|z| / d(Re z, Im z)
+        grad_z = (z.view(b, 2, d, length) * scale.unsqueeze(1)).view(b, 2 * d, length)
+        grad_rows = grad_mat = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.matmul(mat.t(), grad_z)  # (D, 2D) @ (B, 2D, L) -> (B, D, L)
+        if ctx.needs_input_grad[1]:
+            grad_mat = torch.matmul(grad_z, rows.transpose(1, 2)).sum(0)  # (B, 2D, D) -> (2D, D)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_z[:, :, : ctx.width].sum((0, 2))  # (2D,)
+        return grad_rows, grad_mat, grad_bias, None
+
+
+def _circulant_rows(values: torch.Tensor) -> torch.Tensor:
+    """(D,) complex first column c -> (2D, D) real ``[Re C; Im C]`` with ``C[d, e] = c[(d - e) mod D]``."""
+    d = values.shape[0]
+    steps = torch.arange(d, device=values.device)
+    index = (steps.view(d, 1) - steps.view(1, d)) % d  # (D, D)
+    # (D, 2) real/imaginary -> (D, D, 2) -> (2, D, D) -> (2D, D)
+    return torch.view_as_real(values.resolve_conj())[index].permute(2, 0, 1).reshape(2 * d, d)
 
 
 class SpectralFilter(nn.Module):
     """The spectral branch: ``| ifft_D(fft_D(V) * w) + ifft_D(b)[d] * delta(h=0, w=0) |``.
 
     Exactly the reference's ``| IFFT3(FFT3(V) * w[kD] + b[kD]) |`` (w and b vary along the slice
-    frequency only). Runs in float32 (or float64 for float64 inputs) with autocast off: torch.fft rejects
-    bf16/fp16 on CPU and cuFFT half precision needs power-of-2 sizes.
+    frequency only). ``ifft_D(fft_D(V) * w)`` is the circular convolution of V along D with
+    ``c = ifft(w)``: for D up to :attr:`matmul_max_slices` of the device it runs as one real matrix
+    product with the stacked real and imaginary parts of that circulant (fewer, larger operations),
+    otherwise as a 1D FFT. Both run in float32 (or float64 for float64 inputs) with autocast off: torch.fft
+    rejects bf16/fp16 on CPU and cuFFT half precision needs power-of-2 sizes.
 
     Args:
         num_slices: number of frequency bins T of w and b (initialized to ones, as in the reference).
     """
 
+    matmul_max_slices: ClassVar[dict[str, int]] = {"cpu": 64, "cuda": 256}
+    """Largest D that uses the matrix product, per device type (others: the FFT)."""
+
     def __init__(self, num_slices: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_slices))
         self.bias = nn.Parameter(torch.ones(num_slices))
+        self.use_matmul: bool | None = None  # None: by device and D (matmul_max_slices)
+
+    def uses_matmul(self, num_slices: int, device: torch.device) -> bool:
+        """Whether a forward with D = ``num_slices`` on ``device`` takes the matrix-product form."""
+        if self.use_matmul is not None:
+            return self.use_matmul
+        return num_slices <= self.matmul_max_slices.get(device.type, 0)
 
     def forward(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
-        """(B*D, r, h, w) -> (B*D, r, h, w)."""
+        """(B*D, r, h, w) -> (B*D, r, h, w); channels-last memory in and out avoids copies."""
         dtype = torch.promote_types(v.dtype, torch.float32)
+        r = v.shape[1]
         with torch.autocast(device_type=v.device.type, enabled=False):
             weight = resample_periodic(self.weight, num_slices).to(dtype)
-            bias = resample_periodic(self.bias, num_slices).to(dtype)
-            vol = _slices_view(v.to(dtype), num_slices)  # (B, D, r, h, w)
-            spec = torch.fft.fft(vol, dim=1) * weight.view(1, num_slices, 1, 1, 1)
-            out = torch.fft.ifft(spec, dim=1)  # complex (B, D, r, h, w)
-            out[:, :, :, 0, 0] += torch.fft.ifft(bias.to(out.dtype)).view(1, num_slices, 1)
-            return out.abs().reshape(v.shape).to(v.dtype)  # (B, D, r, h, w) -> (B*D, r, h, w)
+            bias = torch.fft.ifft(resample_periodic(self.bias, num_slices).to(dtype))  # (D,) complex
+            rows = _volume_rows(v, num_slices).to(dtype)  # (B, D, h*w*r); the (0, 0) token is [:r]
+            if self.uses_matmul(num_slices, v.device):
+                mat = _circulant_rows(torch.fft.ifft(weight))  # (2D, D)
+                # (D, 2) -> (2, D) -> (2D,): real parts, then imaginary parts
+                bias_rows = torch.view_as_real(bias.resolve_conj()).t().reshape(2 * num_slices)
+                out = _CirculantMagnitude.apply(rows, mat, bias_rows, r)
+            else:
+                spec = torch.fft.fft(rows, dim=1) * weight.view(1, num_slices, 1)
+                filtered = torch.fft.ifft(spec, dim=1)  # complex (B, D, h*w*r)
+                filtered[:, :, :r] += bias.view(1, num_slices, 1)
+                out = filtered.abs()
+            return _slices_from_rows(out, v.shape).to(v.dtype)
 
 
 class MedAdapter(nn.Module):
@@ -134,6 +220,11 @@ class MedAdapter(nn.Module):
             1 x 1 x 1).
         init_identity: zero-init the up-projection so the block's output is unchanged at start.
         act_layer: activation of the projections (GELU in the paper).
+
+    Attributes:
+        use_reference_form: run :func:`~medtuning_peft.tuners.med_adapter.reference.reference_forward`
+            (the direct 3D transcription, same parameters) instead of the fast form; for comparisons only
+            (see :func:`~medtuning_peft.tuners.med_adapter.reference.reference_form`).
 
     Raises:
         ValueError: when C // reduction_ratio is 0.
@@ -160,6 +251,7 @@ class MedAdapter(nn.Module):
             )
         self.hidden_size, self.bottleneck = hidden_size, r
         self.init_identity = init_identity
+        self.use_reference_form = False
         self.down = nn.Linear(hidden_size, r)
         self.up = nn.Linear(r, hidden_size)
         self.act = act_layer()
@@ -205,45 +297,75 @@ class MedAdapter(nn.Module):
 
         Returns:
             The adapted tokens (B*D, h*w, C), and this adapter's A (B*D, r, h, w) when it is an
-            inter-stage adapter (else None).
+            inter-stage adapter (else None). A is in channels-last memory.
         """
+        if self.use_reference_form:
+            return self._reference_forward(x, grid, num_slices, prev)
         h, w = grid
         n = x.shape[0]
         r = self.bottleneck
-        z = self.act(self.down(x))  # (B*D, h*w, r)
-        v = z.transpose(1, 2).reshape(n, r, h, w)  # (B*D, h*w, r) -> (B*D, r, h, w)
+        z = self.act(self.down(x)).view(n, h, w, r)  # (B*D, h*w, r) -> (B*D, h, w, r)
+        v = z.permute(0, 3, 1, 2)  # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory: no copy
         feats = [branch(v, num_slices) for branch in self.branches]
         if self.spectral is not None:
             feats.append(self.spectral(v, num_slices))
-        y = F.conv2d(sum(feats), self.mix.weight.view(r, r, 1, 1), self.mix.bias)  # (B*D, r, h, w)
+        total = feats[0]
+        for feat in feats[1:]:
+            total = total + feat  # (B*D, r, h, w)
+        # (B*D, r, h, w) -> (B*D, h, w, r): a view of channels-last memory; the 1x1x1 conv as a matmul.
+        y = F.linear(total.permute(0, 2, 3, 1), self.mix.weight.view(r, r), self.mix.bias)
         a = None
         if self.fuse is not None:
-            p = self._project_prev(prev, n, h, w, y.dtype)  # (B*D, r, h, w)
-            a = F.conv2d(torch.cat([y, p], dim=1), self.fuse.weight.view(r, 2 * r, 1, 1), self.fuse.bias)
-            y = a
-        u = v + y  # (B*D, r, h, w)
-        tokens = u.flatten(2).transpose(1, 2)  # (B*D, r, h, w) -> (B*D, h*w, r)
-        return x + self.act(self.up(tokens)), a
+            y = a = self._fuse(y, prev, num_slices)  # (B*D, h, w, r)
+        tokens = (z + y).view(n, h * w, r)  # U = V + Y; (B*D, h, w, r) -> (B*D, h*w, r)
+        out = x + self.act(self.up(tokens))
+        # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory
+        return out, (a.permute(0, 3, 1, 2) if a is not None else None)
 
-    def _project_prev(
-        self, prev: torch.Tensor | None, n: int, h: int, w: int, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def _fuse(self, y: torch.Tensor, prev: torch.Tensor | None, num_slices: int) -> torch.Tensor:
+        """Inter-FI: ``A = Conv_{1x1x1, 2r->r}(cat[Y, P(A_prev)])`` on (B*D, h, w, r) tokens."""
+        n, h, w, r = y.shape
+        weight = self.fuse.weight.view(r, 2 * r)  # (r, 2r, 1, 1, 1) -> (r, 2r)
         proj = self.project_prev
-        r = self.bottleneck
         if prev is None:
-            # The reference convolves zeros: the result is the bias at every position, exactly.
-            return proj.bias.to(dtype).view(1, r, 1, 1).expand(n, r, h, w)
+            # The reference convolves zeros: P is its bias everywhere, so its share of the fusion is a
+            # constant, folded into the fusion bias (the same function).
+            return F.linear(y, weight[:, :r], self.fuse.bias + weight[:, r:] @ proj.bias)
         if not self.prev_spatial:
-            return F.conv2d(prev, proj.weight.view(r, -1, 1, 1), proj.bias)
-        ph, pw = prev.shape[-2:]
-        if (ph, pw) == (h, w):
-            stride = 1
-        elif (-(-ph // 2), -(-pw // 2)) == (h, w):
-            stride = 2
+            # (r, r_prev, 1, 1, 1) -> (r, r_prev); (B*D, r_prev, h, w) -> (B*D, h, w, r_prev)
+            p = F.linear(prev.permute(0, 2, 3, 1), proj.weight.view(r, -1), proj.bias)
         else:
+            ph, pw = prev.shape[-2:]
+            if (ph, pw) == (h, w):
+                stride = 1
+            elif (-(-ph // 2), -(-pw // 2)) == (h, w):
+                stride = 2
+            else:
+                raise ValueError(
+                    f"Inter-stage features on a {ph}x{pw} token grid cannot be fused into a {h}x{w} grid: "
+                    "consecutive inter-stage blocks must share the grid or halve it. Check `inter_stage_modules`."
+                )
+            # (r, r_prev, 1, 3, 3) -> (r, r_prev, 3, 3); stride 2 gives ceil(h'/2) x ceil(w'/2).
+            p = F.conv2d(prev, proj.weight.squeeze(2), proj.bias, stride=stride, padding=1)
+            p = p.permute(0, 2, 3, 1)  # (B*D, r, h, w) -> (B*D, h, w, r)
+        return F.linear(torch.cat([y, p.to(y.dtype)], dim=-1), weight, self.fuse.bias)  # (B*D, h, w, r)
+
+    def _reference_forward(
+        self, x: torch.Tensor, grid: tuple[int, int], num_slices: int, prev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from .reference import reference_forward  # the reference imports this module
+
+        if self.spectral is not None and num_slices != self.spectral.weight.shape[0]:
             raise ValueError(
-                f"Inter-stage features on a {ph}x{pw} token grid cannot be fused into a {h}x{w} grid: consecutive "
-                "inter-stage blocks must share the grid or halve it. Check `inter_stage_modules`."
+                f"The reference form only runs at the configured slice count ({self.spectral.weight.shape[0]}), "
+                f"got num_slices={num_slices}; switch it off with `set_reference_form(model, False)`."
             )
-        # (r, r_prev, 1, 3, 3) -> (r, r_prev, 3, 3); stride 2 gives ceil(h'/2) x ceil(w'/2).
-        return F.conv2d(prev, proj.weight.squeeze(2), proj.bias, stride=stride, padding=1)
+        if prev is not None:
+            # (B*D, r_prev, h', w') -> (B, D, r_prev, h', w') -> (B, r_prev, D, h', w')
+            prev = prev.reshape(-1, num_slices, *prev.shape[1:]).transpose(1, 2)
+        out, a = reference_forward(self, x, grid, num_slices, prev)
+        if a is not None:
+            b, r, d, h, w = a.shape
+            # (B, r, D, h, w) -> (B, D, r, h, w) -> (B*D, r, h, w)
+            a = a.transpose(1, 2).reshape(b * d, r, h, w)
+        return out, a

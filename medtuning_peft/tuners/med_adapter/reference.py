@@ -5,14 +5,54 @@ FFT and BatchNorm3d exactly as written in DESIGN.md section 2. It shares the par
 :class:`~medtuning_peft.tuners.med_adapter.modules.MedAdapter`, so the fast form can be checked
 against it (tests) and timed against it (benchmarks). It only runs at D == num_slices, as the
 reference code.
+
+:func:`reference_form` switches every adapter of a model to this form (``MedAdapter.use_reference_form``),
+so a whole adapted model can be run, trained and timed with the reference math and the same parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .modules import MedAdapter
+
+
+def set_reference_form(model: nn.Module, enabled: bool = True) -> int:
+    """Make every :class:`MedAdapter` in ``model`` run :func:`reference_forward` (or the fast form again).
+
+    Args:
+        model: any module holding Med-Adapters (a PeftModel, a segmenter, one adapter).
+        enabled: True for the reference form, False for the fast form.
+
+    Returns:
+        The number of adapters switched.
+    """
+    adapters = [m for m in model.modules() if isinstance(m, MedAdapter)]
+    for adapter in adapters:
+        adapter.use_reference_form = enabled
+    return len(adapters)
+
+
+@contextlib.contextmanager
+def reference_form(model: nn.Module) -> Iterator[int]:
+    """Run the adapters of ``model`` in the reference form inside the block; yields how many there are.
+
+    Example:
+        >>> with reference_form(peft_model):
+        ...     out_ref = peft_model(pixel_values=slices, num_slices=D)
+    """
+    adapters = [m for m in model.modules() if isinstance(m, MedAdapter)]
+    previous = [a.use_reference_form for a in adapters]
+    try:
+        yield set_reference_form(model, True)
+    finally:
+        for adapter, was in zip(adapters, previous):
+            adapter.use_reference_form = was
 
 
 def reference_forward(

@@ -1,0 +1,752 @@
+"""Cost of Med-Adapter against full fine-tuning, LoRA and a frozen backbone, side by side (issue 5).
+
+Every method trains the same backbone (same random initialization), the same UperNet decoder and the
+same input in one process. After warm-up, the methods take turns, one training step (forward, loss,
+backward, Adam step) or one inference each per round, in a rotating order, so that a slow period of the
+machine hits every method alike. Reported per method: median step time with its interquartile range,
+peak memory, tuned parameters, checkpoint size and inference time per volume, and ratios against full
+fine-tuning (inference: against the frozen backbone, i.e. ``decoder_only``).
+
+Peak memory: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) over one training step,
+measured for one method at a time with the other models freed; on CPU the peak resident set size of a
+fresh subprocess that builds that method alone and runs two steps, given as the peak above the process's
+size before the model was built (interpreter, libraries and input excluded).
+
+Usage (from the repository root)::
+
+    python benchmarks/step_time.py --setting cpu                    # 2-core CPU, minutes per backbone
+    python benchmarks/step_time.py --setting paper --device cuda    # one GPU; see benchmarks/gpu_cost.sh
+    python benchmarks/step_time.py --setting paper --tiny --device cpu --markdown ''   # code path, seconds
+    python benchmarks/step_time.py --setting cpu --profile med_adapter   # torch.profiler table, one step
+
+Writes ``benchmarks/results/cost_<setting>_<device>.json`` and replaces this run's section of
+``benchmarks/cost.md`` (adding it at the end the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from medtuning_peft.tuners.med_adapter.reference import set_reference_form  # noqa: E402
+from medtuning_peft.volumetric import build_segmenter  # noqa: E402
+
+METHODS = ("med_adapter", "med_adapter_reference", "med_adapter+ckpt", "full", "lora", "decoder_only")
+"""Compared methods. ``med_adapter_reference`` runs the direct 3D transcription of the adapter with the same
+parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks."""
+
+BASELINE = "full"
+DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
+FROZEN = "decoder_only"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark size: input, decoder, precision and the backbones (3-channel configs, random init).
+
+    Attributes:
+        description: one line for the report.
+        in_channels: C of the volume; the backbones' 3-channel patch embeddings are adapted to it.
+        num_slices: D, also the adapters' spectral filter size.
+        image_size: H = W of the slices.
+        num_classes: K.
+        decoder_channels: UperNet width.
+        autocast: dtype of ``torch.autocast`` for forward passes, or None for float32.
+        backbones: name -> factory of the transformers backbone.
+        warmup: untimed steps per method before the rounds.
+        rounds: timed training steps (and inferences) per method.
+    """
+
+    description: str
+    in_channels: int
+    num_slices: int
+    image_size: int
+    num_classes: int
+    decoder_channels: int
+    autocast: torch.dtype | None
+    backbones: dict[str, Callable[[], transformers.PreTrainedModel]] = field(repr=False)
+    warmup: int = 2
+    rounds: int = 7
+
+
+def _swin(image: int, embed: int, depths: list[int], heads: list[int], window: int) -> Callable:
+    config = transformers.SwinConfig(
+        image_size=image,
+        patch_size=4,
+        num_channels=3,
+        embed_dim=embed,
+        depths=depths,
+        num_heads=heads,
+        window_size=window,
+    )
+    return lambda: transformers.SwinModel(config)
+
+
+def _vit(image: int, patch: int, hidden: int, layers: int, heads: int) -> Callable:
+    config = transformers.ViTConfig(
+        image_size=image,
+        patch_size=patch,
+        num_channels=3,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+    )
+    return lambda: transformers.ViTModel(config, add_pooling_layer=False)
+
+
+SETTINGS: dict[str, Setting] = {
+    "paper": Setting(
+        description="one 4-channel 128^3 volume (128 slices of 128x128), bf16 autocast, UperNet 512 channels",
+        in_channels=4,
+        num_slices=128,
+        image_size=128,
+        num_classes=4,
+        decoder_channels=512,
+        autocast=torch.bfloat16,
+        backbones={
+            # Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24) with the paper's window 4 at 128 x 128.
+            "swin-t": _swin(128, 96, [2, 2, 6, 2], [3, 6, 12, 24], 4),
+            # ViT-B/16: 8 x 8 tokens per 128 x 128 slice.
+            "vit-b16": _vit(128, 16, 768, 12, 12),
+        },
+        warmup=3,
+        rounds=15,
+    ),
+    "cpu": Setting(
+        description="one 1-channel volume of 32 slices of 64x64, float32, UperNet 64 channels",
+        in_channels=1,
+        num_slices=32,
+        image_size=64,
+        num_classes=3,
+        decoder_channels=64,
+        autocast=None,
+        backbones={
+            # Swin-T depths and heads at half its width: 16 x 16 tokens per slice in the first stage.
+            "swin-t-narrow": _swin(64, 48, [2, 2, 6, 2], [3, 6, 12, 24], 4),
+            # ViT with ViT-B's depth at a quarter of its width; 8 x 8 tokens per slice, as ViT-B/16 at 128.
+            "vit-narrow": _vit(64, 8, 192, 12, 3),
+        },
+    ),
+}
+
+TINY: dict[str, Setting] = {
+    # The same code paths (autocast, both backbone families, every method) at a size that runs in seconds.
+    name: Setting(
+        description=f"tiny version of '{name}' (code path check, not a measurement)",
+        in_channels=setting.in_channels,
+        num_slices=8,
+        image_size=32,
+        num_classes=setting.num_classes,
+        decoder_channels=16,
+        autocast=setting.autocast,
+        backbones={
+            "swin-tiny": _swin(32, 12, [1, 1, 2, 1], [1, 1, 2, 2], 4),
+            "vit-tiny": _vit(32, 8, 24, 6, 2),
+        },
+        warmup=1,
+        rounds=2,
+    )
+    for name, setting in SETTINGS.items()
+}
+
+
+def get_setting(name: str, tiny: bool) -> Setting:
+    """The setting ``name`` (its tiny version with ``tiny``).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    table = TINY if tiny else SETTINGS
+    if name not in table:
+        raise ValueError(f"Unknown --setting {name!r}; known settings: {sorted(table)}.")
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One method
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_method(
+    setting: Setting, backbone: str, method: str, device: torch.device, seed: int = 0
+) -> nn.Module:
+    """The segmenter for one method, from the same seed for every method (identical initial weights).
+
+    Args:
+        setting: the benchmark size.
+        backbone: a key of ``setting.backbones``.
+        method: one of :data:`METHODS`.
+        device: where the model lives.
+        seed: initialization seed.
+
+    Returns:
+        The segmenter (``(B, C, D, H, W)`` -> ``(B, K, D, H, W)``), in training mode, on ``device``.
+
+    Raises:
+        ValueError: for an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; known methods: {list(METHODS)}.")
+    torch.manual_seed(seed)
+    base = method.split("+")[0].removesuffix("_reference")
+    options = {"r": 8} if base == "lora" else {}
+    segmenter = build_segmenter(
+        setting.backbones[backbone](),
+        in_channels=setting.in_channels,
+        num_classes=setting.num_classes,
+        decoder="upernet",
+        method=base,
+        num_slices=setting.num_slices,
+        decoder_kwargs={"channels": setting.decoder_channels},
+        **options,
+    )
+    if method == "med_adapter_reference":
+        set_reference_form(segmenter, True)
+    if method == "med_adapter+ckpt":
+        # After wrapping (PEFT_NOTES.md); the tuner makes recomputation replay the inter-stage context.
+        backbone_model = segmenter.backbone
+        if hasattr(backbone_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            backbone_model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            backbone_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    return segmenter.to(device).train()
+
+
+class Runner:
+    """A method's model and optimizer, with one training step and one inference.
+
+    Args:
+        model: the segmenter.
+        autocast: forward dtype under ``torch.autocast``, or None.
+        device: the model's device.
+    """
+
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None, device: torch.device) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=1e-4)
+        self.autocast = autocast
+        self.device = device
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+    def train_step(self, volume: torch.Tensor, labels: torch.Tensor) -> None:
+        """Forward, cross-entropy, backward and one Adam step. volume (B, C, D, H, W), labels (B, D, H, W)."""
+        self.model.train()
+        with self._autocast():
+            logits = self.model(volume)  # (B, K, D, H, W)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def infer(self, volume: torch.Tensor) -> None:
+        """One forward pass of a volume in eval mode without autograd."""
+        self.model.eval()
+        with torch.inference_mode(), self._autocast():
+            self.model(volume)
+        self.model.train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(
+    runners: dict[str, Runner],
+    action: Callable[[Runner], None],
+    warmup: int,
+    rounds: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Warm every method up, then time ``rounds`` rounds in which each method runs once, in rotating order.
+
+    Returns:
+        Seconds per run, per method.
+    """
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            action(runners[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(lambda r=runners[name]: action(r), device))
+    return times
+
+
+def summary_ms(seconds: list[float]) -> dict[str, float]:
+    """Median and quartiles in milliseconds."""
+    ms = sorted(1000 * s for s in seconds)
+    if len(ms) == 1:
+        return {"median": ms[0], "q1": ms[0], "q3": ms[0], "n": 1}
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    return {"median": statistics.median(ms), "q1": q1, "q3": q3, "n": len(ms)}
+
+
+def checkpoint_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes on disk of what a method saves beyond the frozen backbone.
+
+    ``checkpoint_bytes``: the files of ``VolumetricSegmenter.save_pretrained`` except the base backbone
+    folder (for ``full`` that is the whole model; for the PEFT methods peft's ``save_pretrained``, adapters
+    plus the decoder). ``adapter_bytes`` (PEFT methods only): the tuner's own weights without the decoder,
+    as safetensors.
+    """
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        sizes["checkpoint_bytes"] = sum(
+            p.stat().st_size
+            for p in Path(tmp).rglob("*")
+            if p.is_file() and "backbone" not in p.relative_to(tmp).parts
+        )
+        peft_model = getattr(model, "peft_model", None)
+        if peft_model is not None:
+            state = peft.get_peft_model_state_dict(peft_model)
+            own = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("decoder.")}
+            save_file(own, str(Path(tmp) / "own.safetensors"))
+            sizes["adapter_bytes"] = (Path(tmp) / "own.safetensors").stat().st_size
+    return sizes
+
+
+def paper_swin_t_adapter_bytes() -> dict[str, int]:
+    """Adapter checkpoint of the paper's Swin-T configuration (DESIGN.md: 737,568 adapter parameters).
+
+    ``PeftModel.save_pretrained`` of a Swin-T (embed 96, depths 2-2-2-2, heads 3-6-12-24, window 4, 128 x 128,
+    4 channels) with the default MedAdapterConfig; returns the parameter count and the bytes written.
+    """
+    from medtuning_peft import MedAdapterConfig
+
+    swin = transformers.SwinModel(
+        transformers.SwinConfig(
+            image_size=128,
+            patch_size=4,
+            num_channels=4,
+            embed_dim=96,
+            depths=[2, 2, 2, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=4,
+        )
+    )
+    model = peft.get_peft_model(swin, MedAdapterConfig())
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        size = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+    return {"adapter_params": params, "adapter_model_safetensors_bytes": size}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _status_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"no {field_name} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak RSS (VmHWM) of this process; False where that is not supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def memory_probe(setting: Setting, backbone: str, method: str) -> dict[str, int]:
+    """Peak RSS above the starting RSS while building ``method`` and running two training steps.
+
+    Meant for a fresh CPU process (see :func:`cpu_peak_memory`): the peak (VmHWM) is reset right before the
+    model is built, so the import-time peak of the interpreter does not count.
+    """
+    device = torch.device("cpu")
+    volume, labels = make_input(setting, device)
+    gc.collect()
+    baseline = _status_bytes("VmRSS")
+    if not _reset_peak_rss():  # then the lifetime peak, imports included
+        baseline = 0
+    runner = Runner(build_method(setting, backbone, method, device), setting.autocast, device)
+    for _ in range(2):
+        runner.train_step(volume, labels)
+    peak = _status_bytes("VmHWM")
+    return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "peak_bytes": peak - baseline}
+
+
+def cpu_peak_memory(args: argparse.Namespace, backbone: str, method: str) -> dict[str, int]:
+    """Run :func:`memory_probe` in a subprocess (this script with ``--memory-probe``)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--setting", args.setting, "--device", "cpu"]
+    command += ["--memory-probe", method, "--backbones", backbone, "--threads", str(torch.get_num_threads())]
+    command += ["--tiny"] if args.tiny else []
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe for {method} on {backbone} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch.device) -> dict[str, int]:
+    """Allocator peak of one training step and of one inference, with no other model alive."""
+    volume, labels = make_input(setting, device)
+    runner = Runner(build_method(setting, backbone, method, device), setting.autocast, device)
+    runner.train_step(volume, labels)  # optimizer state exists from here on
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.train_step(volume, labels)
+    torch.cuda.synchronize(device)
+    train_peak = torch.cuda.max_memory_allocated(device)
+    runner.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.infer(volume)
+    torch.cuda.synchronize(device)
+    infer_peak = torch.cuda.max_memory_allocated(device)
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"peak_bytes": train_peak, "inference_peak_bytes": infer_peak}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_input(setting: Setting, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume (1, C, D, H, W) and its labels (1, D, H, W), the same for every method."""
+    gen = torch.Generator().manual_seed(1234)
+    shape = (setting.num_slices, setting.image_size, setting.image_size)
+    volume = torch.randn(1, setting.in_channels, *shape, generator=gen)
+    labels = torch.randint(0, setting.num_classes, (1, *shape), generator=gen)
+    return volume.to(device), labels.to(device)
+
+
+def benchmark_backbone(
+    args: argparse.Namespace, setting: Setting, backbone: str, device: torch.device
+) -> dict:
+    """Every method on one backbone: times in one process, then sizes and peak memory."""
+    volume, labels = make_input(setting, device)
+    runners = {
+        m: Runner(build_method(setting, backbone, m, device), setting.autocast, device) for m in args.methods
+    }
+    print(f"[{backbone}] training steps: {setting.warmup} warm-up + {setting.rounds} rounds", flush=True)
+    train = alternate(runners, lambda r: r.train_step(volume, labels), setting.warmup, setting.rounds, device)
+    print(f"[{backbone}] inference", flush=True)
+    infer = alternate(runners, lambda r: r.infer(volume), setting.warmup, setting.rounds, device)
+    results: dict[str, dict[str, Any]] = {}
+    for name, runner in runners.items():
+        results[name] = {
+            "step_ms": summary_ms(train[name]),
+            "inference_ms": summary_ms(infer[name]),
+            "tuned_params": sum(p.numel() for p in runner.params),
+            "total_params": sum(p.numel() for p in runner.model.parameters()),
+            **checkpoint_sizes(runner.model),
+        }
+    del runners
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"[{backbone}] peak memory", flush=True)
+    for name in args.methods:
+        if device.type == "cuda":
+            results[name]["memory"] = cuda_peak_memory(setting, backbone, name, device)
+        elif args.tiny:  # a code path check: no subprocess per method
+            results[name]["memory"] = memory_probe(setting, backbone, name)
+        else:
+            results[name]["memory"] = cpu_peak_memory(args, backbone, name)
+    _add_ratios(results)
+    return results
+
+
+def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    base, frozen = results.get(BASELINE), results.get(FROZEN)
+    for entry in results.values():
+        ratios = {}
+        if base is not None:
+            ratios["step_vs_full"] = entry["step_ms"]["median"] / base["step_ms"]["median"]
+            if base["memory"]["peak_bytes"] > 0:
+                ratios["memory_vs_full"] = entry["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
+        if frozen is not None:
+            ratios["inference_vs_frozen"] = entry["inference_ms"]["median"] / frozen["inference_ms"]["median"]
+        entry["ratios"] = ratios
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU model (lscpu), cores, threads, GPU name, versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
+        cpu = found.group(1).strip() if found else cpu
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _times(t: dict[str, float]) -> str:
+    return f"{t['median']:.1f} [{t['q1']:.1f}-{t['q3']:.1f}]"
+
+
+def markdown_section(report: dict[str, Any]) -> str:
+    """The markdown of one run: machine, versions, command, date, one table per backbone."""
+    m = report["machine"]
+    hardware = f"{m.get('gpu', '')} (CUDA {m.get('cuda')}), host " if "gpu" in m else ""
+    lines = [
+        f"### `{report['setting']}` setting on {report['device']}",
+        "",
+        f"- Input and model: {report['description']}; Adam (lr 1e-4); cross-entropy over K classes.",
+        f"- Machine: {hardware}{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads.",
+        f"- Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}",
+        f"- Peak memory: {report['memory_method']}",
+        "",
+    ]
+    for backbone, results in report["results"].items():
+        lines += [
+            f"**{backbone}** (step: median [IQR] of {report['rounds']} alternating rounds after "
+            f"{report['warmup']} warm-up steps)",
+            "",
+            "| method | train step ms | x full | peak memory | x full | inference ms/volume | x frozen "
+            "| tuned params | checkpoint MB | adapter MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results.items():
+            ratios = r["ratios"]
+            lines.append(
+                f"| {name} | {_times(r['step_ms'])} | {_ratio(ratios.get('step_vs_full'))} "
+                f"| {_gib(r['memory']['peak_bytes'])} | {_ratio(ratios.get('memory_vs_full'))} "
+                f"| {_times(r['inference_ms'])} | {_ratio(ratios.get('inference_vs_frozen'))} "
+                f"| {r['tuned_params']:,} | {_mb(r['checkpoint_bytes'])} | {_mb(r.get('adapter_bytes'))} |"
+            )
+        lines.append("")
+    paper = report.get("paper_swin_t_adapter")
+    if paper:
+        lines += [
+            f"Adapter checkpoint of the paper's Swin-T configuration (depths 2-2-2-2, {paper['adapter_params']:,} "
+            f"adapter parameters): `adapter_model.safetensors` = {paper['adapter_model_safetensors_bytes']:,} "
+            f"bytes ({paper['adapter_model_safetensors_bytes'] / 1e6:.2f} MB).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, key: str, section: str) -> None:
+    """Replace the section marked ``key`` in ``path`` (append it when absent; create the file if needed)."""
+    start, end = f"<!-- cost:{key} start -->", f"<!-- cost:{key} end -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# Cost of Med-Adapter\n\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiling
+# ---------------------------------------------------------------------------------------------------------
+
+
+def profile_method(setting: Setting, backbone: str, method: str, device: torch.device, rows: int = 30) -> str:
+    """torch.profiler table (self time, top ``rows`` ops) of two training steps after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    volume, labels = make_input(setting, device)
+    runner = Runner(build_method(setting, backbone, method, device), setting.autocast, device)
+    for _ in range(setting.warmup):
+        runner.train_step(volume, labels)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            runner.train_step(volume, labels)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", default="cpu", help=f"benchmark size: {sorted(SETTINGS)}")
+    parser.add_argument("--tiny", action="store_true", help="shrink the setting to seconds (code path check)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backbones", nargs="+", default=None, help="subset of the setting's backbones")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the setting's)")
+    parser.add_argument(
+        "--json", default=None, help="output JSON (default: benchmarks/results/cost_<setting>_<device>.json)"
+    )
+    parser.add_argument(
+        "--markdown", default=None, help="markdown file (default: benchmarks/cost.md; '' to skip)"
+    )
+    parser.add_argument(
+        "--profile", metavar="METHOD", default=None, help="print a torch.profiler table and exit"
+    )
+    parser.add_argument("--memory-probe", metavar="METHOD", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; known: {list(METHODS)}")
+    return args
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    setting = get_setting(args.setting, args.tiny)
+    if args.rounds:
+        setting = Setting(**{**setting.__dict__, "rounds": args.rounds})
+    backbones = args.backbones or list(setting.backbones)
+    missing = sorted(set(backbones) - set(setting.backbones))
+    if missing:
+        raise ValueError(
+            f"Unknown --backbones {missing} for setting {args.setting!r}; known: {list(setting.backbones)}."
+        )
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    if args.memory_probe:
+        print(json.dumps(memory_probe(setting, backbones[0], args.memory_probe)))
+        return None
+    if args.profile:
+        print(profile_method(setting, backbones[0], args.profile, device))
+        return None
+
+    name = f"{args.setting}{'-tiny' if args.tiny else ''}"
+    report: dict[str, Any] = {
+        "setting": name,
+        "description": setting.description,
+        "device": device.type,
+        "machine": machine_info(device),
+        "command": shlex.join(
+            ["python", *(sys.argv if argv is None else ["benchmarks/step_time.py", *argv])]
+        ),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "warmup": setting.warmup,
+        "rounds": setting.rounds,
+        "memory_method": (
+            "CUDA allocator peak (max_memory_allocated) over one training step, one method at a time"
+            if device.type == "cuda"
+            else "peak RSS of a fresh subprocess per method (build + 2 training steps) minus its RSS before "
+            "the model was built"
+        ),
+        "results": {},
+    }
+    with _cudnn_benchmark(device):
+        for backbone in backbones:
+            report["results"][backbone] = benchmark_backbone(args, setting, backbone, device)
+    report["paper_swin_t_adapter"] = paper_swin_t_adapter_bytes()
+
+    section = markdown_section(report)
+    print(section)
+    # A tiny run checks the code path: it writes files only where asked to.
+    default_json = None if args.tiny else ROOT / "benchmarks" / "results" / f"cost_{name}_{device.type}.json"
+    out = Path(args.json) if args.json else default_json
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = args.markdown if args.markdown is not None else ("" if args.tiny else str(DEFAULT_MARKDOWN))
+    if markdown:
+        write_markdown(Path(markdown), f"{name}_{device.type}", section)
+    return report
+
+
+if __name__ == "__main__":
+    main()
