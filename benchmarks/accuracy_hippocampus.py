@@ -39,37 +39,45 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("med_adapter", "lora", "full", "decoder_only")
 
 
-def step_time(settings: TrainSettings, in_channels: int, num_classes: int, repeats: int = 3) -> float:
-    """Seconds per optimizer step (forward, Dice+CE backward, Adam) of ``settings`` on random crops; best repeat."""
+def step_times(methods, base: dict, in_channels: int, num_classes: int, rounds: int = 6) -> dict[str, float]:
+    """Seconds per optimizer step (forward, Dice+CE backward, Adam) of each method on random crops.
+
+    The methods are timed in turns (round-robin, 3 steps each per round after a warm-up round) and each keeps
+    its fastest round, so a burst of load on a shared machine does not shrink one method's share of the budget.
+    """
     from monai.losses import DiceCELoss
 
     from medtuning_peft.volumetric import build_segmenter
 
-    torch.manual_seed(0)
-    model = build_segmenter(
-        settings.backbone,
-        in_channels,
-        num_classes,
-        decoder=settings.decoder,
-        method=settings.method,
-        decoder_kwargs={"channels": settings.decoder_channels},
-        crop_size=settings.crop_size,
-    ).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-    x = torch.randn(settings.batch_size, in_channels, *settings.crop_size)  # (B, C, D, H, W)
-    y = torch.randint(0, num_classes, (settings.batch_size, 1, *settings.crop_size))  # (B, 1, D, H, W)
-    best = float("inf")
-    for _ in range(repeats):
-        for i in range(7):
-            if i == 2:  # two warm-up steps
-                start = time.perf_counter()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        best = min(best, (time.perf_counter() - start) / 5)
+    crop, batch = base["crop_size"], base["batch_size"]
+    x = torch.randn(batch, in_channels, *crop)  # (B, C, D, H, W)
+    y = torch.randint(0, num_classes, (batch, 1, *crop))  # (B, 1, D, H, W)
+    runs = {}
+    for method in methods:
+        torch.manual_seed(0)
+        model = build_segmenter(
+            base["backbone"],
+            in_channels,
+            num_classes,
+            decoder=base["decoder"],
+            method=method,
+            decoder_kwargs={"channels": base["decoder_channels"]},
+            crop_size=crop,
+        ).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[method] = (model, torch.optim.Adam(params, lr=base["lr"], amsgrad=True))
+    best = dict.fromkeys(methods, float("inf"))
+    for round_index in range(rounds + 1):
+        for method, (model, optimizer) in runs.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_index > 0:  # round 0 warms up
+                best[method] = min(best[method], (time.perf_counter() - start) / 3)
     return best
 
 
@@ -172,12 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         "save_predictions": False,
         "seed": 0,
     }
-    times = {}
-    for method in args.methods:  # measured back to back before any training
-        times[method] = step_time(
-            TrainSettings(method=method, max_steps=1, **base), in_channels=1, num_classes=3
-        )
-        print(f"{method}: {times[method]:.3f} s/step", flush=True)
+    times = step_times(args.methods, base, in_channels=1, num_classes=3)
+    print("step times (s):", {k: round(v, 4) for k, v in times.items()}, flush=True)
 
     runs = []
     for method in args.methods:

@@ -1,0 +1,314 @@
+"""The training engine in-process on a tiny synthetic KiTS19-layout set: sharding, schedule, loss, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from medtuning_peft.data import write_synthetic_kits19
+from medtuning_peft.training import (
+    ShardedBatchSampler,
+    TrainSettings,
+    _use_cpu_processes,
+    build_parser,
+    complete_checkpoints,
+    settings_from_args,
+    train,
+    warmup_cosine,
+)
+
+SHAPE = (24, 48, 48)  # (D, H, W) of the synthetic cases
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each train() call in this process starts from a clean Accelerate state, as a launched script does."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kits")
+    write_synthetic_kits19(folder, num_cases=4, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_settings(data_dir, cache_dir, output_dir, **overrides) -> TrainSettings:
+    options = {
+        "dataset": "kits19",
+        "data_dir": str(data_dir),
+        "cache_dir": str(cache_dir),
+        "output_dir": str(output_dir),
+        "backbone": "tiny-swin",
+        "decoder": "fpn",
+        "decoder_channels": 16,
+        "crop_size": [16, 32, 32],
+        "batch_size": 2,
+        "samples_per_case": 4,
+        "max_steps": 6,
+        "val_every": 0,
+        "sw_overlap": 0.25,
+        "val_fraction": 0.25,
+        "log_every": 100,
+    }
+    return TrainSettings(**{**options, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding and schedule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_each_process_gets_whole_disjoint_samples_that_make_up_the_global_batch():
+    num_samples, b, P = 23, 2, 3
+    shards = [list(ShardedBatchSampler(num_samples, b, P, p, seed=5, epoch=2)) for p in range(P)]
+    single = list(ShardedBatchSampler(num_samples, b * P, 1, 0, seed=5, epoch=2))
+    assert [len(s) for s in shards] == [num_samples // (b * P)] * P  # DDP never waits on a missing batch
+    for m, global_batch in enumerate(single):
+        parts = [shards[p][m] for p in range(P)]
+        assert all(len(part) == b for part in parts)  # whole samples (volumes), b per process
+        assert sorted(sum(parts, [])) == sorted(global_batch)  # together: the one-process batch
+        assert len(set(sum(parts, []))) == b * P  # disjoint
+
+
+def test_n_processes_see_the_micro_batches_of_one_process_accumulating_n():
+    two = [list(ShardedBatchSampler(16, 1, 2, p, seed=0)) for p in range(2)]
+    one = list(ShardedBatchSampler(16, 1, 1, 0, seed=0))
+    for t in range(8):  # optimizer step t: micro-batches 2t and 2t+1 of the accumulating process
+        assert [two[0][t], two[1][t]] == [one[2 * t], one[2 * t + 1]]
+
+
+def test_sampler_resumes_mid_epoch_where_it_stopped():
+    full = list(ShardedBatchSampler(20, 2, seed=1, epoch=3))
+    assert list(ShardedBatchSampler(20, 2, seed=1, epoch=3, start=4)) == full[4:]
+    assert list(ShardedBatchSampler(20, 2, seed=1, epoch=4)) != full  # a new permutation each epoch
+
+
+def test_sampler_refuses_a_global_batch_larger_than_the_epoch():
+    with pytest.raises(ValueError, match="samples-per-case"):
+        ShardedBatchSampler(3, 2, num_processes=2)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.1)
+    warm = [factor(s) for s in range(10)]
+    assert warm[0] > 0 and np.all(np.diff(warm) > 0)
+    assert factor(10) == pytest.approx(1.0)
+    decay = [factor(s) for s in range(10, 101)]
+    assert np.all(np.diff(decay) <= 1e-12)
+    assert factor(100) == pytest.approx(0.1)
+    assert factor(55) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings and command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_parser_has_an_option_per_setting_and_script_defaults(tmp_path):
+    parser = build_parser("demo", crop_size=[8, 16, 16], max_steps=7)
+    args = parser.parse_args(["--output-dir", str(tmp_path), "--crop-size", "4", "8", "8", "--flip-tta"])
+    settings = settings_from_args(args, dataset="msd", data_dir=str(tmp_path))
+    assert settings.crop_size == [4, 8, 8] and settings.max_steps == 7 and settings.flip_tta
+    assert settings.dataset == "msd" and settings.lr == 2e-3 and settings.weight_decay == 1e-5
+    assert "--resume" in parser.format_help() and "--report-to" in parser.format_help()
+    with pytest.raises(ValueError, match="not TrainSettings fields"):
+        build_parser("demo", crop=[1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"crop_size": [16, 32]}, "crop_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_steps": None, "epochs": None}, "max-steps"),
+        ({"dataset": "kits"}, "Did you mean 'kits19'"),
+        ({"sw_overlap": 1.0}, "sw_overlap"),
+        ({"resume": True, "overwrite": True}, "resume and overwrite"),
+    ],
+)
+def test_invalid_settings_name_the_field_and_the_fix(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_settings(tmp_path, tmp_path, tmp_path / "out", **overrides)
+
+
+def test_cpu_launch_that_started_one_of_several_processes_is_refused(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --cpu --num_processes 2` sets
+    with pytest.raises(RuntimeError, match="--multi_gpu --num_processes N"):
+        _use_cpu_processes()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _use_cpu_processes() == (not torch.cuda.is_available())  # gloo on a machine without CUDA
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def easy_run(data_dir, cache_dir, tmp_path_factory):
+    """40 steps on the synthetic set (bright kidneys in soft tissue: an easy problem)."""
+    output_dir = tmp_path_factory.mktemp("easy")
+    settings = tiny_settings(data_dir, cache_dir, output_dir, max_steps=40, val_every=20)
+    metrics = train(settings)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return output_dir, metrics
+
+
+def test_loss_is_finite_and_falls_on_an_easy_problem(easy_run):
+    _, metrics = easy_run
+    losses = [h["loss"] for h in metrics["history"]["loss"]]
+    assert len(losses) == 40 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])
+    assert [h["lr"] for h in metrics["history"]["loss"]][:2] == pytest.approx([2e-3 / 5, 2e-3 * 2 / 5])
+
+
+def test_validation_reports_kits_metrics_per_case_and_summary(easy_run):
+    output_dir, metrics = easy_run
+    keys = {"dice_kidney", "dice_tumor", "dice_mean", "hd95_kidney", "hd95_tumor", "hd95_mean"}
+    assert set(metrics["summary"]) == keys
+    assert set(metrics["per_case"]) == set(metrics["data"]["val_cases"]) and len(metrics["per_case"]) == 1
+    assert all(set(case) == keys for case in metrics["per_case"].values())
+    assert [v["step"] for v in metrics["history"]["validation"]] == [20, 40]
+    on_disk = json.loads((output_dir / "metrics.json").read_text())
+    assert (
+        on_disk["summary"] == metrics["summary"] and on_disk["steps"] == 40 and on_disk["samples_seen"] == 80
+    )
+    assert on_disk["parameters"]["tuned"] < on_disk["parameters"]["total"]
+    assert (output_dir / "model" / "segmenter_config.json").is_file() and on_disk["adapter_bytes"] > 0
+    assert sorted(p.name for p in (output_dir / "predictions").iterdir()) == [
+        f"{c}.nii.gz" for c in metrics["data"]["val_cases"]
+    ]
+    assert [step for step, _ in complete_checkpoints(output_dir / "checkpoints")] == [20, 40]  # keep 2
+
+
+def test_saved_model_records_what_prediction_needs(easy_run):
+    output_dir, _ = easy_run
+    config = json.loads((output_dir / "model" / "segmenter_config.json").read_text())
+    assert config["label_values"] == [0, 1, 2] and config["label_names"] == ["background", "kidney", "tumor"]
+    assert config["crop_size"] == [16, 32, 32] and config["preprocessing"]["kind"] == "ct"
+
+
+def test_checkpoints_hold_no_pickle_for_the_model(easy_run):
+    output_dir, _ = easy_run
+    folder = output_dir / "checkpoints" / "step_40"
+    names = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in names and "pytorch_model.bin" not in names
+    state = torch.load(folder / "optimizer.bin", weights_only=True)  # our own file, read without pickle code
+    assert state["param_groups"][0]["amsgrad"] is True and state["param_groups"][0]["weight_decay"] == 1e-5
+
+
+def test_an_earlier_run_needs_resume_or_overwrite(easy_run, data_dir, cache_dir):
+    output_dir, _ = easy_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_settings(data_dir, cache_dir, output_dir, max_steps=40))
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(step: int):
+    def callback(info):
+        if info.step == step:
+            raise Stop
+
+    return callback
+
+
+def optimizer_state(folder):
+    return torch.load(folder / "optimizer.bin", weights_only=True)["state"]
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_optimizer_and_final_weights(
+    data_dir, cache_dir, tmp_path
+):
+    base = tiny_settings(data_dir, cache_dir, tmp_path / "straight", checkpoint_every=3)
+    straight = train(base)
+
+    interrupted = replace(base, output_dir=str(tmp_path / "interrupted"))
+    with pytest.raises(Stop):
+        train(interrupted, on_step_end=stop_after(4))  # killed after step 4; last checkpoint at 3
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    # A half-written checkpoint (killed while saving) and a foreign folder: both ignored by resume.
+    (tmp_path / "interrupted" / "checkpoints" / ".step_6.partial").mkdir()
+    (tmp_path / "interrupted" / "checkpoints" / "step_9").mkdir()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "interrupted" / "checkpoints")] == [3]
+
+    seen = {}
+
+    def record(info):
+        if info.step == 4:  # the first step after resuming: Adam has taken 4 steps, not 1
+            seen["adam_steps"] = {float(s["step"]) for s in info.optimizer.state_dict()["state"].values()}
+
+    resumed = train(replace(interrupted, resume=True), on_step_end=record)
+    assert resumed["resumed_from_step"] == 3 and seen["adam_steps"] == {4.0}
+    assert not (tmp_path / "interrupted" / "checkpoints" / ".step_6.partial").exists()
+    assert [h["step"] for h in resumed["history"]["loss"]] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(
+        [h["loss"] for h in resumed["history"]["loss"]], [h["loss"] for h in straight["history"]["loss"]]
+    )
+    a, b = (tmp_path / name / "checkpoints" / "step_6" for name in ("straight", "interrupted"))
+    state_a, state_b = optimizer_state(a), optimizer_state(b)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        for name in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(state_a[key][name], state_b[key][name], rtol=0, atol=0)
+    weights_a = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
+    weights_b = load_file(tmp_path / "interrupted" / "model" / "adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache_dir, tmp_path):
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    with pytest.raises(Stop):
+        train(settings, on_step_end=stop_after(1))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match="crop_size"):
+        train(replace(settings, resume=True, crop_size=[16, 32, 48]))
+
+
+def test_resume_without_a_checkpoint_starts_from_step_zero(data_dir, cache_dir, tmp_path):
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, resume=True, val_hd95=False)
+    metrics = train(settings)
+    assert metrics["resumed_from_step"] is None and metrics["steps"] == 2
+    assert set(metrics["summary"]) == {"dice_kidney", "dice_tumor", "dice_mean"}
+
+
+def test_overwrite_starts_over(data_dir, cache_dir, tmp_path):
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, val_hd95=False)
+    train(settings)
+    (tmp_path / "run" / "checkpoints" / "step_7").mkdir()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train(replace(settings, overwrite=True))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_1"]
+
+
+def test_missing_data_dir_is_named(tmp_path, cache_dir):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(tiny_settings(tmp_path / "nowhere", cache_dir, tmp_path / "out"))
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
