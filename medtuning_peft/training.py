@@ -69,6 +69,7 @@ __all__ = [
     "TrainSettings",
     "build_parser",
     "complete_checkpoints",
+    "default_cache_dir",
     "parameter_counts",
     "run_example",
     "settings_from_args",
@@ -666,6 +667,11 @@ _RESUME_KEYS = (
     "max_cases",
     "target_spacing",
     "lr",
+    "weight_decay",
+    "warmup_fraction",
+    "min_lr_ratio",
+    "max_steps",
+    "epochs",
 )
 
 
@@ -770,6 +776,118 @@ def _use_cpu_processes() -> bool:
     return world_size > 1 and not torch.cuda.is_available()
 
 
+def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, str]:
+    """The run's ``Accelerator`` and its mixed precision; sets up logging on the main process."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    mixed_precision = settings.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(
+        cpu=_use_cpu_processes(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=settings.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        # Some trainable parameters never get a gradient (the first inter-stage adapter's projection, which sees
+        # zeros as in the reference; unused final norms with method "full"); Adam skips them, and so must DDP.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if accelerator.is_main_process and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    return accelerator, mixed_precision
+
+
+def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Module:
+    """The segmenter for the task's channels and classes, recording what prediction needs."""
+    from .volumetric import build_segmenter
+
+    segmenter = build_segmenter(
+        settings.backbone,
+        in_channels=len(task["channel_names"]),
+        num_classes=len(task["label_values"]),
+        decoder=settings.decoder,
+        method=settings.method,
+        label_names=task["label_names"],
+        decoder_kwargs={"channels": settings.decoder_channels} if settings.decoder_channels else None,
+        crop_size=settings.crop_size,
+        preprocessing=task["preprocessing"],
+    )
+    # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
+    segmenter.segmenter_config["label_values"] = task["label_values"]
+    segmenter.segmenter_config["channel_names"] = task["channel_names"]
+    return segmenter
+
+
+def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None."""
+    checkpoints = complete_checkpoints(checkpoint_dir)
+    if not checkpoints:
+        logger.info("--resume: no complete checkpoint in %s; starting from step 0.", checkpoint_dir)
+        return None
+    step, folder = checkpoints[-1]
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    saved, current = state["settings"], settings.to_dict()
+    changed = {k: (saved.get(k), current[k]) for k in _RESUME_KEYS if saved.get(k) != current[k]}
+    if state["num_processes"] != accelerator.num_processes:
+        changed["num_processes"] = (state["num_processes"], accelerator.num_processes)
+    if changed:
+        raise ValueError(
+            f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
+            f"settings and number of processes, or start a new --output-dir."
+        )
+    accelerator.load_state(
+        str(folder)
+    )  # model, optimizer, scheduler, RNG; torch files read with weights_only
+    logger.info("Resumed from %s at step %d of %d.", folder, step, state["total_steps"])
+    return state
+
+
+def _epoch_loader(
+    dataset: Any, settings: TrainSettings, accelerator: Any, epoch: int, steps: int, first: int
+):
+    """This process's micro-batches of ``epoch``, from optimizer step ``first`` to ``steps`` of the epoch."""
+    A = settings.gradient_accumulation_steps
+    dataset.set_epoch(epoch)
+    sampler = ShardedBatchSampler(
+        len(dataset),
+        settings.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=settings.seed,
+        epoch=epoch,
+        num_batches=steps * A,
+        start=first * A,
+    )
+    num_workers = settings.num_workers
+    if num_workers is None:
+        num_workers = 4 if torch.cuda.is_available() else 0
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # Own generator: creating the iterator must not draw from the global RNG (resume-exact).
+        generator=torch.Generator().manual_seed(settings.seed + epoch),
+    )
+
+
+def _fresh_predictions_dir(accelerator: Any, output_dir: Path) -> Path:
+    folder = output_dir / PREDICTIONS_DIR_NAME
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
 def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | None = None) -> dict[str, Any]:
     """Train a volumetric segmenter, validate it, and write the model, checkpoints and metrics.
 
@@ -791,40 +909,17 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         ValueError: for settings that do not fit the data (too few cases or crops) or a checkpoint whose settings
             differ from these.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     from .data import CropDataset
-    from .volumetric import build_segmenter
 
     started = time.time()
     output_dir = Path(settings.output_dir).expanduser().absolute()
     checkpoint_dir = output_dir / CHECKPOINTS_DIR_NAME
-    if settings.mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    else:
-        mixed_precision = settings.mixed_precision
-    accelerator = Accelerator(
-        cpu=_use_cpu_processes(),
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        log_with=settings.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
-        # Some trainable parameters never get a gradient (the first inter-stage adapter's projection, which sees
-        # zeros as in the reference; unused final norms with method "full"); Adam skips them, and so must DDP.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator, mixed_precision = _make_accelerator(settings, output_dir)
     is_main = accelerator.is_main_process
-    if is_main and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
     _check_output_dir(output_dir, settings, is_main)
     accelerator.wait_for_everyone()
     if is_main:
@@ -834,22 +929,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             shutil.rmtree(stale, ignore_errors=True)
 
     task, train_cases, val_cases = _load_task(settings, accelerator)
+    val_cases = sorted(val_cases, key=lambda c: c.case_id)
     set_seed(settings.seed)
-    decoder_kwargs = {"channels": settings.decoder_channels} if settings.decoder_channels else None
-    segmenter = build_segmenter(
-        settings.backbone,
-        in_channels=len(task["channel_names"]),
-        num_classes=len(task["label_values"]),
-        decoder=settings.decoder,
-        method=settings.method,
-        label_names=task["label_names"],
-        decoder_kwargs=decoder_kwargs,
-        crop_size=settings.crop_size,
-        preprocessing=task["preprocessing"],
-    )
-    # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
-    segmenter.segmenter_config["label_values"] = task["label_values"]
-    segmenter.segmenter_config["channel_names"] = task["channel_names"]
+    segmenter = _build_model(settings, task)
     # Initialization above is identical on every process; stochastic layers (drop path) and anything else drawn
     # from here on get a per-process stream, so processes do not repeat each other's masks.
     set_seed(settings.seed, device_specific=True)
@@ -865,8 +947,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         foreground_probability=settings.foreground_probability,
     )
     P, b, A = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
-    micro_per_epoch = len(dataset) // (b * P)
-    steps_per_epoch = micro_per_epoch // A
+    steps_per_epoch = len(dataset) // (b * P) // A
     if steps_per_epoch < 1:
         raise ValueError(
             f"One optimizer step needs batch_size x num_processes x gradient_accumulation_steps = {b} x {P} x {A} = "
@@ -879,36 +960,20 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         optimizer, warmup_cosine(total_steps, warmup_steps, settings.min_lr_ratio)
     )
     model, optimizer, scheduler = accelerator.prepare(segmenter, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     checkpoint_every = settings.checkpoint_every or settings.val_every or total_steps
 
-    # Resume.
-    step, history, resumed_from, elapsed_before = 0, {"loss": [], "validation": []}, None, 0.0
-    checkpoints = complete_checkpoints(checkpoint_dir)
-    if settings.resume and checkpoints:
-        resumed_from, folder = checkpoints[-1]
-        state = json.loads((folder / TRAINER_STATE_NAME).read_text())
-        saved, current = state["settings"], settings.to_dict()
-        changed = {k: (saved.get(k), current[k]) for k in _RESUME_KEYS if saved.get(k) != current[k]}
-        if state["num_processes"] != P:
-            changed["num_processes"] = (state["num_processes"], P)
-        if changed:
-            raise ValueError(
-                f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
-                f"settings and number of processes, or start a new --output-dir."
-            )
-        accelerator.load_state(str(folder))  # model, optimizer, scheduler, RNG; torch files read weights_only
-        step, history = state["step"], state["history"]
-        elapsed_before = state.get("wall_time_s", 0.0)
-        logger.info("Resumed from %s at step %d of %d.", folder, step, total_steps)
-    elif settings.resume:
-        logger.info("--resume: no complete checkpoint in %s; starting from step 0.", checkpoint_dir)
+    state = _resume(accelerator, settings, checkpoint_dir) if settings.resume else None
+    step = state["step"] if state else 0
+    history = state["history"] if state else {"loss": [], "validation": []}
+    elapsed_before = state.get("wall_time_s", 0.0) if state else 0.0
 
     if settings.report_to:
         accelerator.init_trackers("medtuning", config=_tracker_config(settings))
     logger.info(
         "Training %s (%s, decoder %s): %s of %s parameters tuned (%.2f%%); %d training / %d validation cases; "
-        "%d steps of %d x %d x %d crops %s on %s%s.",
+        "%d steps of %d crops %s (%d per process x %d processes x %d accumulated) on %s%s.",
         settings.method,
         settings.backbone,
         settings.decoder,
@@ -918,53 +983,26 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         len(train_cases),
         len(val_cases),
         total_steps,
+        b * P * A,
+        tuple(settings.crop_size),
         b,
         P,
         A,
-        tuple(settings.crop_size),
         accelerator.device,
         f", {mixed_precision}" if mixed_precision != "no" else "",
     )
 
-    unwrapped = accelerator.unwrap_model(model)
-    val_cases_sorted = sorted(val_cases, key=lambda c: c.case_id)
-    num_workers = (
-        settings.num_workers if settings.num_workers is not None else (4 if torch.cuda.is_available() else 0)
-    )
-    progress = tqdm(
-        total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
-    )
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train")
     train_started = time.time()
     final_validation: tuple[dict, dict] | None = None
     running = torch.zeros((), device=accelerator.device)
     model.train()
     while step < total_steps:
-        epoch, first_micro = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = ShardedBatchSampler(
-            len(dataset),
-            b,
-            P,
-            accelerator.process_index,
-            settings.seed,
-            epoch,
-            steps_per_epoch * A,
-            first_micro * A,
-        )
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # Own generator: creating the iterator must not draw from the global RNG (resume-exact).
-            generator=torch.Generator().manual_seed(settings.seed + epoch),
-        )
-        for batch in loader:
+        epoch, first = divmod(step, steps_per_epoch)
+        for batch in _epoch_loader(dataset, settings, accelerator, epoch, steps_per_epoch, first):
             with accelerator.accumulate(model):
                 images = batch["image"].to(accelerator.device, non_blocking=True)  # (b, C, D, H, W)
-                labels = batch["label"].to(
-                    accelerator.device, non_blocking=True
-                )  # (b, D, H, W) class indices
+                labels = batch["label"].to(accelerator.device, non_blocking=True)  # (b, D, H, W) classes
                 logits = model(images)  # (b, K, D, H, W)
                 loss = loss_fn(logits.float(), labels[:, None])  # targets (b, 1, D, H, W)
                 accelerator.backward(loss)
@@ -985,27 +1023,21 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if settings.report_to:
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
-            if step % settings.log_every == 0 or step == total_steps:
-                recent = [h["loss"] for h in history["loss"][-settings.log_every :]]
-                if is_main:
-                    progress.write(f"step {step}/{total_steps}  loss {np.mean(recent):.4f}  lr {lr:.2e}")
+            if is_main and (step % settings.log_every == 0 or step == total_steps):
+                recent = np.mean([h["loss"] for h in history["loss"][-settings.log_every :]])
+                progress.write(f"step {step}/{total_steps}  loss {recent:.4f}  lr {lr:.2e}")
 
             is_last = step == total_steps
             if (settings.val_every and step % settings.val_every == 0) or is_last:
-                predictions_dir = None
-                if is_last and settings.save_predictions:
-                    predictions_dir = output_dir / PREDICTIONS_DIR_NAME
-                    if is_main:
-                        shutil.rmtree(predictions_dir, ignore_errors=True)
-                        predictions_dir.mkdir(parents=True)
-                    accelerator.wait_for_everyone()
-                per_case, summary = _validate(
-                    accelerator, unwrapped, val_cases_sorted, settings, task, predictions_dir
+                predictions = (
+                    _fresh_predictions_dir(accelerator, output_dir)
+                    if is_last and settings.save_predictions
+                    else None
                 )
+                per_case, summary = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
                 model.train()
                 history["validation"].append({"step": step, "summary": summary})
-                if is_last:
-                    final_validation = (per_case, summary)
+                final_validation = (per_case, summary) if is_last else None
                 if settings.report_to:
                     accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=step)
                 if is_main:
@@ -1014,7 +1046,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                     )
             checkpoint = None
             if step % checkpoint_every == 0 or is_last:
-                state = {
+                trainer_state = {
                     "step": step,
                     "epoch": epoch,
                     "total_steps": total_steps,
@@ -1025,7 +1057,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                     "wall_time_s": elapsed_before + time.time() - train_started,
                 }
                 checkpoint = _save_checkpoint(
-                    accelerator, checkpoint_dir, step, state, settings.keep_checkpoints
+                    accelerator, checkpoint_dir, step, trainer_state, settings.keep_checkpoints
                 )
             if on_step_end is not None:
                 on_step_end(
@@ -1037,18 +1069,11 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     train_time = time.time() - train_started
 
     if final_validation is None:  # a finished run resumed: validate the loaded model again
-        predictions_dir = output_dir / PREDICTIONS_DIR_NAME if settings.save_predictions else None
-        if predictions_dir is not None and is_main:
-            shutil.rmtree(predictions_dir, ignore_errors=True)
-            predictions_dir.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        final_validation = _validate(
-            accelerator, unwrapped, val_cases_sorted, settings, task, predictions_dir
-        )
+        predictions = _fresh_predictions_dir(accelerator, output_dir) if settings.save_predictions else None
+        final_validation = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
     per_case, summary = final_validation
 
     model_dir = output_dir / MODEL_DIR_NAME
-    metrics: dict[str, Any] = {}
     if is_main:
         unwrapped.save_pretrained(model_dir)
     accelerator.wait_for_everyone()
@@ -1062,11 +1087,11 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         "loss_first": float(np.mean(losses[:window])) if losses else None,
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
         "parameters": counts,
-        "adapter_bytes": _directory_bytes(model_dir, skip=("backbone",)) if model_dir.is_dir() else None,
-        "model_dir_bytes": _directory_bytes(model_dir) if model_dir.is_dir() else None,
+        "adapter_bytes": _directory_bytes(model_dir, skip=("backbone",)),
+        "model_dir_bytes": _directory_bytes(model_dir),
         "wall_time_s": round(elapsed_before + time.time() - started, 2),
         "train_time_s": round(train_time, 2),
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": state["step"] if state else None,
         "history": history,
         "settings": settings.to_dict(),
         "data": {**task, "num_train_cases": len(train_cases), "num_val_cases": len(val_cases)},
