@@ -143,7 +143,7 @@ SETTINGS: dict[str, Setting] = {
             "vit-b16": _vit(128, 16, 768, 12, 12),
         },
         warmup=3,
-        rounds=15,
+        rounds=12,
     ),
     "cpu": Setting(
         description="one 1-channel volume of 32 slices of 64x64, float32, UperNet 64 channels",
@@ -293,12 +293,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds (all threads) of ``fn``."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def alternate(
@@ -307,17 +308,17 @@ def alternate(
     warmup: int,
     rounds: int,
     device: torch.device,
-) -> dict[str, list[float]]:
+) -> dict[str, list[tuple[float, float]]]:
     """Warm every method up, then time ``rounds`` rounds in which each method runs once, in rotating order.
 
     Returns:
-        Seconds per run, per method.
+        (wall-clock, process CPU) seconds per run, per method.
     """
     names = list(runners)
     for name in names:
         for _ in range(warmup):
             action(runners[name])
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(rounds):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
@@ -353,7 +354,7 @@ def checkpoint_sizes(model: nn.Module) -> dict[str, int]:
         peft_model = getattr(model, "peft_model", None)
         if peft_model is not None:
             state = peft.get_peft_model_state_dict(peft_model)
-            own = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("decoder.")}
+            own = {k: v.detach().cpu().contiguous() for k, v in state.items() if ".decoder." not in f".{k}"}
             save_file(own, str(Path(tmp) / "own.safetensors"))
             sizes["adapter_bytes"] = (Path(tmp) / "own.safetensors").stat().st_size
     return sizes
@@ -479,9 +480,11 @@ def benchmark_backbone(
 ) -> dict:
     """Every method on one backbone: times in one process, then sizes and peak memory."""
     volume, labels = make_input(setting, device)
-    runners = {
-        m: Runner(build_method(setting, backbone, m, device), setting.autocast, device) for m in args.methods
-    }
+    runners, sizes = {}, {}
+    for method in args.methods:
+        model = build_method(setting, backbone, method, torch.device("cpu"))
+        sizes[method] = checkpoint_sizes(model)  # saved from the CPU: the sizes do not change in training
+        runners[method] = Runner(model.to(device), setting.autocast, device)
     print(f"[{backbone}] training steps: {setting.warmup} warm-up + {setting.rounds} rounds", flush=True)
     train = alternate(runners, lambda r: r.train_step(volume, labels), setting.warmup, setting.rounds, device)
     print(f"[{backbone}] inference", flush=True)
@@ -489,12 +492,14 @@ def benchmark_backbone(
     results: dict[str, dict[str, Any]] = {}
     for name, runner in runners.items():
         results[name] = {
-            "step_ms": summary_ms(train[name]),
-            "inference_ms": summary_ms(infer[name]),
+            "step_ms": summary_ms([wall for wall, _ in train[name]]),
+            "inference_ms": summary_ms([wall for wall, _ in infer[name]]),
             "tuned_params": sum(p.numel() for p in runner.params),
             "total_params": sum(p.numel() for p in runner.model.parameters()),
-            **checkpoint_sizes(runner.model),
+            **sizes[name],
         }
+        if device.type == "cpu":  # less sensitive than wall-clock time to other processes on the machine
+            results[name]["step_cpu_ms"] = summary_ms([cpu for _, cpu in train[name]])
     del runners
     gc.collect()
     if device.type == "cuda":
@@ -517,6 +522,8 @@ def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
         ratios = {}
         if base is not None:
             ratios["step_vs_full"] = entry["step_ms"]["median"] / base["step_ms"]["median"]
+            if "step_cpu_ms" in entry:
+                ratios["step_cpu_vs_full"] = entry["step_cpu_ms"]["median"] / base["step_cpu_ms"]["median"]
             if base["memory"]["peak_bytes"] > 0:
                 ratios["memory_vs_full"] = entry["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
         if frozen is not None:
@@ -583,20 +590,27 @@ def markdown_section(report: dict[str, Any]) -> str:
         f"- Peak memory: {report['memory_method']}",
         "",
     ]
+    cpu_time = report["device"] == "cpu"
     for backbone, results in report["results"].items():
         lines += [
             f"**{backbone}** (step: median [IQR] of {report['rounds']} alternating rounds after "
             f"{report['warmup']} warm-up steps)",
             "",
-            "| method | train step ms | x full | peak memory | x full | inference ms/volume | x frozen "
-            "| tuned params | checkpoint MB | adapter MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | train step ms | x full | "
+            + ("step CPU time ms | x full | " if cpu_time else "")
+            + "peak memory | x full | inference ms/volume | x frozen | tuned params | checkpoint MB | adapter MB |",
+            "|---|---|---|" + ("---|---|" if cpu_time else "") + "---|---|---|---|---|---|---|",
         ]
         for name, r in results.items():
             ratios = r["ratios"]
+            cpu_cells = (
+                f"{_times(r['step_cpu_ms'])} | {_ratio(ratios.get('step_cpu_vs_full'))} | "
+                if cpu_time
+                else ""
+            )
             lines.append(
-                f"| {name} | {_times(r['step_ms'])} | {_ratio(ratios.get('step_vs_full'))} "
-                f"| {_gib(r['memory']['peak_bytes'])} | {_ratio(ratios.get('memory_vs_full'))} "
+                f"| {name} | {_times(r['step_ms'])} | {_ratio(ratios.get('step_vs_full'))} | {cpu_cells}"
+                f"{_gib(r['memory']['peak_bytes'])} | {_ratio(ratios.get('memory_vs_full'))} "
                 f"| {_times(r['inference_ms'])} | {_ratio(ratios.get('inference_vs_frozen'))} "
                 f"| {r['tuned_params']:,} | {_mb(r['checkpoint_bytes'])} | {_mb(r.get('adapter_bytes'))} |"
             )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtuning_peft.tuners.med_adapter import MedAdapter, resample_periodic
-from medtuning_peft.tuners.med_adapter.reference import reference_forward
+from medtuning_peft.tuners.med_adapter import MedAdapter, SpectralFilter, resample_periodic
+from medtuning_peft.tuners.med_adapter.reference import reference_form, reference_forward, set_reference_form
 
 CASES = {
     # name: (C, grid, D, prev_channels, prev_spatial, prev grid)
@@ -108,3 +108,141 @@ def test_init_identity_starts_as_the_identity():
 def test_a_bottleneck_of_zero_width_is_refused():
     with pytest.raises(ValueError, match="reduction_ratio=16 leaves no bottleneck"):
         MedAdapter(8, 16, (3,), True, 4)
+
+
+# --- the spectral branch: circulant matrix product == 1D FFT ------------------------------------------
+
+
+def _spectral_outputs_and_grads(use_matmul: bool, num_bins: int, d: int, dtype: torch.dtype, zero_at=None):
+    gen = torch.Generator().manual_seed(3)
+    spectral = SpectralFilter(num_bins).to(dtype)
+    spectral.weight.data.normal_(generator=gen)
+    spectral.bias.data.normal_(generator=gen)
+    spectral.use_matmul = use_matmul
+    v = torch.randn(2 * d, 4, 3, 5, generator=gen, dtype=dtype)  # (B*D, r, h, w), B = 2
+    if zero_at is not None:
+        v[:, :, zero_at[0], zero_at[1]] = 0.0  # every slice and channel: |filtered| = 0 there
+    v = v.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = spectral(v, d)
+    grads = torch.autograd.grad(out.square().sum(), [v, spectral.weight, spectral.bias])
+    return out, grads
+
+
+@pytest.mark.parametrize("num_bins, d", [(6, 6), (8, 6), (5, 7)], ids=["configured", "fewer", "more"])
+def test_circulant_matmul_spectral_form_equals_the_fft_form_in_float64(num_bins, d):
+    out_mm, grads_mm = _spectral_outputs_and_grads(True, num_bins, d, torch.float64)
+    out_fft, grads_fft = _spectral_outputs_and_grads(False, num_bins, d, torch.float64)
+    torch.testing.assert_close(out_mm, out_fft, rtol=1e-12, atol=1e-12)
+    for g_mm, g_fft in zip(grads_mm, grads_fft):
+        torch.testing.assert_close(g_mm, g_fft, rtol=1e-10, atol=1e-10)
+
+
+def test_circulant_matmul_spectral_form_matches_the_fft_form_in_float32():
+    out_mm, grads_mm = _spectral_outputs_and_grads(True, 32, 32, torch.float32)
+    out_fft, grads_fft = _spectral_outputs_and_grads(False, 32, 32, torch.float32)
+    torch.testing.assert_close(out_mm, out_fft, rtol=1e-5, atol=1e-5)
+    for g_mm, g_fft in zip(grads_mm, grads_fft):
+        torch.testing.assert_close(g_mm, g_fft, rtol=1e-4, atol=1e-4)
+
+
+def test_spectral_gradient_is_zero_where_the_filtered_signal_vanishes():
+    # Token (1, 2) is zero in every slice: its filtered magnitude is exactly 0, where torch.abs of a complex
+    # tensor has gradient 0. The matrix-product form must give 0 there too, not NaN.
+    (out, (grad_v, *_)), (_, (grad_v_fft, *_)) = (
+        _spectral_outputs_and_grads(use_matmul, 6, 6, torch.float64, zero_at=(1, 2))
+        for use_matmul in (True, False)
+    )
+    assert torch.all(out[:, :, 1, 2] == 0)
+    assert torch.isfinite(grad_v).all()
+    torch.testing.assert_close(grad_v, grad_v_fft, rtol=1e-10, atol=1e-10)
+
+
+def test_matmul_spectral_form_is_chosen_by_device_and_slice_count():
+    spectral = SpectralFilter(8)
+    cpu = torch.device("cpu")
+    assert spectral.uses_matmul(SpectralFilter.matmul_max_slices["cpu"], cpu)
+    assert not spectral.uses_matmul(SpectralFilter.matmul_max_slices["cpu"] + 1, cpu)
+    spectral.use_matmul = False
+    assert not spectral.uses_matmul(8, cpu)
+
+
+# --- fast form vs reference in float32 and bf16 --------------------------------------------------------
+
+
+def _adapter_and_input(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    adapter = MedAdapter(96, 6, (3, 5), True, 16, prev_channels=8, prev_spatial=True)
+    _randomize_batchnorm(adapter, gen)
+    x = torch.randn(2 * 16, 8 * 8, 96, generator=gen)
+    prev = torch.randn(2 * 16, 8, 16, 16, generator=gen)  # (B*D, r_prev, 2h, 2w)
+    return adapter, x, prev
+
+
+def _run(adapter: MedAdapter, x: torch.Tensor, prev: torch.Tensor, reference: bool, autocast: bool):
+    adapter.use_reference_form = reference
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, a = adapter(x, (8, 8), 16, prev)
+    grads = torch.autograd.grad(
+        out.float().square().mean(), [x, *adapter.parameters()], materialize_grads=True
+    )
+    return out.float(), a.float(), grads
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fast_form_matches_reference_in_float32_outputs_and_gradients(training):
+    adapter, x, prev = _adapter_and_input()
+    adapter.train(training)
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    out_ref, a_ref, grads_ref = _run(adapter, x, prev, reference=True, autocast=False)
+    adapter.load_state_dict(state)
+    out, a, grads = _run(adapter, x, prev, reference=False, autocast=False)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-5)
+    for (name, _), g, g_ref in zip(adapter.named_parameters(), grads[1:], grads_ref[1:]):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-6)
+
+
+def test_fast_form_matches_reference_under_bf16_autocast():
+    # bf16 keeps 8 bits of mantissa: the two forms round differently, so compare at bf16 tolerances (outputs
+    # relative to their scale, gradients by their direction and size).
+    adapter, x, prev = _adapter_and_input()
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    out_ref, a_ref, grads_ref = _run(adapter, x, prev, reference=True, autocast=True)
+    adapter.load_state_dict(state)
+    out, a, grads = _run(adapter, x, prev, reference=False, autocast=True)
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a, a_ref, rtol=5e-2, atol=5e-2)
+    for (name, _), g, g_ref in zip(adapter.named_parameters(), grads[1:], grads_ref[1:]):
+        if g_ref.abs().max() == 0:  # e.g. P's weight on the first inter-stage block
+            continue
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+        torch.testing.assert_close(g.norm(), g_ref.norm(), rtol=5e-2, atol=0, msg=name)
+
+
+# --- the reference-form switch -------------------------------------------------------------------------
+
+
+def test_reference_form_switch_runs_the_reference_and_restores_the_fast_form():
+    from peft import get_peft_model
+    from tiny_models import build, slices
+
+    from medtuning_peft import MedAdapterConfig
+
+    model = get_peft_model(build("swin"), MedAdapterConfig(num_slices=4)).eval()
+    adapters = [m for m in model.modules() if isinstance(m, MedAdapter)]
+    x = slices(2, 4)
+    with torch.no_grad():
+        fast = model(pixel_values=x).last_hidden_state
+        with reference_form(model) as count:
+            assert count == len(adapters) > 0
+            assert all(a.use_reference_form for a in adapters)
+            ref = model(pixel_values=x).last_hidden_state
+        assert not any(a.use_reference_form for a in adapters)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert set_reference_form(model, True) == len(adapters)
+    with pytest.raises(ValueError, match="reference form only runs at the configured slice count"):
+        model(pixel_values=slices(1, 5), num_slices=5)

@@ -23,6 +23,8 @@ switched to (``MedAdapter.use_reference_form``) for side-by-side timing.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -145,13 +147,26 @@ class _CirculantMagnitude(torch.autograd.Function):
         return grad_rows, grad_mat, grad_bias, None
 
 
-def _circulant_rows(values: torch.Tensor) -> torch.Tensor:
-    """(D,) complex first column c -> (2D, D) real ``[Re C; Im C]`` with ``C[d, e] = c[(d - e) mod D]``."""
-    d = values.shape[0]
-    steps = torch.arange(d, device=values.device)
-    index = (steps.view(d, 1) - steps.view(1, d)) % d  # (D, D)
-    # (D, 2) real/imaginary -> (D, D, 2) -> (2, D, D) -> (2D, D)
-    return torch.view_as_real(values.resolve_conj())[index].permute(2, 0, 1).reshape(2 * d, d)
+@functools.lru_cache(maxsize=32)
+def _inverse_dft_basis(num_slices: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Constant matrix mapping the filter (w, b) to the circulant of ``ifft(w)`` and to ``ifft(b)``.
+
+    Rows ``[0, 2D^2)``: ``[Re C; Im C]`` flattened, with ``C[d, e] = ifft(w)[(d - e) mod D]``; rows
+    ``[2D^2, 2D^2 + 2D)``: ``[Re ifft(b); Im ifft(b)]``. Built in float64 from exact integer phases.
+
+    Returns:
+        (2D^2 + 2D, D) tensor of ``dtype`` on ``device``.
+    """
+    d = num_slices
+    steps = torch.arange(d, dtype=torch.int64)
+    lag = (steps.view(d, 1) - steps.view(1, d)) % d  # (D, D): d - e
+    phase = (lag.view(d, d, 1) * steps.view(1, 1, d)) % d  # (D, D, D): (d - e) * k mod D
+    angle = phase.to(torch.float64) * (2 * math.pi / d)
+    circulant = torch.stack([angle.cos(), angle.sin()]) / d  # (2, D, D, D): real, imaginary
+    # e = 0 gives the inverse transform itself: (2, D, D, D) -> (2, D, D) -> (2D, D)
+    inverse = circulant[:, :, 0, :].reshape(2 * d, d)
+    basis = torch.cat([circulant.reshape(2 * d * d, d), inverse])  # (2D^2 + 2D, D)
+    return basis.to(device=device, dtype=dtype)
 
 
 class SpectralFilter(nn.Module):
@@ -168,7 +183,7 @@ class SpectralFilter(nn.Module):
         num_slices: number of frequency bins T of w and b (initialized to ones, as in the reference).
     """
 
-    matmul_max_slices: ClassVar[dict[str, int]] = {"cpu": 64, "cuda": 256}
+    matmul_max_slices: ClassVar[dict[str, int]] = {"cpu": 64, "cuda": 128}
     """Largest D that uses the matrix product, per device type (others: the FFT)."""
 
     def __init__(self, num_slices: int) -> None:
@@ -189,17 +204,19 @@ class SpectralFilter(nn.Module):
         r = v.shape[1]
         with torch.autocast(device_type=v.device.type, enabled=False):
             weight = resample_periodic(self.weight, num_slices).to(dtype)
-            bias = torch.fft.ifft(resample_periodic(self.bias, num_slices).to(dtype))  # (D,) complex
+            bias = resample_periodic(self.bias, num_slices).to(dtype)
             rows = _volume_rows(v, num_slices).to(dtype)  # (B, D, h*w*r); the (0, 0) token is [:r]
             if self.uses_matmul(num_slices, v.device):
-                mat = _circulant_rows(torch.fft.ifft(weight))  # (2D, D)
-                # (D, 2) -> (2, D) -> (2D,): real parts, then imaginary parts
-                bias_rows = torch.view_as_real(bias.resolve_conj()).t().reshape(2 * num_slices)
-                out = _CirculantMagnitude.apply(rows, mat, bias_rows, r)
+                d2 = 2 * num_slices * num_slices
+                basis = _inverse_dft_basis(num_slices, dtype, v.device)
+                # (2D^2 + 2D, D) @ (D, 2) -> (2D^2 + 2D, 2): column 0 from w, column 1 from b
+                mapped = basis @ torch.stack([weight, bias], dim=1)
+                mat = mapped[:d2, 0].view(2 * num_slices, num_slices)  # [Re C; Im C]
+                out = _CirculantMagnitude.apply(rows, mat, mapped[d2:, 1], r)  # bias: [Re; Im] ifft(b)
             else:
                 spec = torch.fft.fft(rows, dim=1) * weight.view(1, num_slices, 1)
                 filtered = torch.fft.ifft(spec, dim=1)  # complex (B, D, h*w*r)
-                filtered[:, :, :r] += bias.view(1, num_slices, 1)
+                filtered[:, :, :r] += torch.fft.ifft(bias).view(1, num_slices, 1)
                 out = filtered.abs()
             return _slices_from_rows(out, v.shape).to(v.dtype)
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The paper-setting cost benchmark on one CUDA GPU (issue 5), in one command:
+#   Swin-T (depths 2-2-6-2) and ViT-B/16, one 4-channel 128^3 volume, bf16 autocast, UperNet 512;
+#   med_adapter, med_adapter_reference, med_adapter+ckpt, full, lora, decoder_only side by side.
+# About 3-4 minutes on an H100 / H200. Needs only this repository and a python3 with torch (CUDA),
+# transformers 5.x and peft 0.21: nothing is downloaded (random-init backbones built from configs).
+# Writes benchmarks/results/cost_paper_cuda.json and puts the tables into benchmarks/cost.md (replacing the
+# section of an earlier GPU run). Extra arguments go to benchmarks/step_time.py, e.g.
+#   bash benchmarks/gpu_cost.sh --json "$OUT/cost_paper_cuda.json" --markdown "$OUT/cost_paper_cuda.md"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" - <<'PY'
+import sys
+import peft, torch, transformers
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+if not torch.cuda.is_available():
+    sys.exit("gpu_cost.sh: no CUDA GPU visible; for the CPU figures run: python benchmarks/step_time.py --setting cpu")
+print(torch.cuda.get_device_name(0))
+PY
+exec "$PYTHON" benchmarks/step_time.py --setting paper --device cuda "$@"
