@@ -183,6 +183,7 @@ def test_two_process_ddp_over_gloo_matches_one_process_accumulating_two_micro_ba
     common = [*SMALL, "--backbone", str(tmp_path / "swin"), "--max-steps", "4", "--batch-size", "1"]
     common += ["--synthetic-cases", "4", "--samples-per-case", "2", "--no-val-hd95", "--no-save-predictions"]
     script = str(EXAMPLES / "train_kits.py")
+    env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # both runs on the CPU: DDP over gloo
     launch(
         ["--multi_gpu", "--num_processes", "2", script, "--output-dir", str(tmp_path / "ddp"), *common], env
     )
