@@ -58,9 +58,20 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 from medtuning_peft.tuners.med_adapter.reference import set_reference_form  # noqa: E402
 from medtuning_peft.volumetric import build_segmenter  # noqa: E402
 
-METHODS = ("med_adapter", "med_adapter_reference", "med_adapter+ckpt", "full", "lora", "decoder_only")
+METHODS = (
+    "med_adapter",
+    "med_adapter_reference",
+    "med_adapter+ckpt",
+    "full",
+    "lora",
+    "decoder_only",
+    "frozen_backward",
+)
 """Compared methods. ``med_adapter_reference`` runs the direct 3D transcription of the adapter with the same
-parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks."""
+parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks;
+``frozen_backward`` is ``decoder_only`` with the backward pass taken through the whole frozen backbone (to
+its patch embeddings): the floor of any method that trains something after every block, such as
+Med-Adapter, which it cannot beat."""
 
 BASELINE = "full"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
@@ -154,11 +165,22 @@ SETTINGS: dict[str, Setting] = {
         decoder_channels=64,
         autocast=None,
         backbones={
-            # Swin-T depths and heads at half its width: 16 x 16 tokens per slice in the first stage.
-            "swin-t-narrow": _swin(64, 48, [2, 2, 6, 2], [3, 6, 12, 24], 4),
-            # ViT with ViT-B's depth at a quarter of its width; 8 x 8 tokens per slice, as ViT-B/16 at 128.
+            # Swin-T itself (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 4): 16 x 16 tokens per slice.
+            "swin-t": _swin(64, 96, [2, 2, 6, 2], [3, 6, 12, 24], 4),
+            # ViT-B's depth at a quarter of its width (ViT-B would take ~20 s a step on 2 cores); 8 x 8 tokens
+            # per slice, as ViT-B/16 at 128 x 128.
             "vit-narrow": _vit(64, 8, 192, 12, 3),
         },
+    ),
+    "cpu-narrow": Setting(
+        description="as 'cpu' with Swin-T at half its width (embed 48): the adapter's share grows as width falls",
+        in_channels=1,
+        num_slices=32,
+        image_size=64,
+        num_classes=3,
+        decoder_channels=64,
+        autocast=None,
+        backbones={"swin-t-half": _swin(64, 48, [2, 2, 6, 2], [3, 6, 12, 24], 4)},
     ),
 }
 
@@ -221,7 +243,7 @@ def build_method(
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; known methods: {list(METHODS)}.")
     torch.manual_seed(seed)
-    base = method.split("+")[0].removesuffix("_reference")
+    base = "decoder_only" if method == "frozen_backward" else method.split("+")[0].removesuffix("_reference")
     options = {"r": 8} if base == "lora" else {}
     segmenter = build_segmenter(
         setting.backbones[backbone](),
@@ -235,6 +257,9 @@ def build_method(
     )
     if method == "med_adapter_reference":
         set_reference_form(segmenter, True)
+    if method == "frozen_backward":
+        embeddings = segmenter.backbone.get_input_embeddings()
+        embeddings.register_forward_hook(_output_requires_grad)
     if method == "med_adapter+ckpt":
         # After wrapping (PEFT_NOTES.md); the tuner makes recomputation replay the inter-stage context.
         backbone_model = segmenter.backbone
@@ -247,6 +272,13 @@ def build_method(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     return segmenter.to(device).train()
+
+
+def _output_requires_grad(module: nn.Module, args: Any, output: Any) -> None:
+    # Patch embeddings return a tensor (ViT) or (tensor, grid) (Swin): make autograd go through the backbone.
+    if torch.is_grad_enabled():
+        tokens = output[0] if isinstance(output, tuple) else output
+        tokens.requires_grad_(True)
 
 
 class Runner:

@@ -123,7 +123,7 @@ class _CirculantMagnitude(torch.autograd.Function):
     ) -> torch.Tensor:
         b, d, length = rows.shape
         z = torch.matmul(mat, rows)  # (2D, D) @ (B, D, L) -> (B, 2D, L)
-        z[:, :, :width] += bias.view(1, 2 * d, 1)
+        z[:, :, :width].add_(bias.view(1, 2 * d, 1))
         parts = z.view(b, 2, d, length)  # (B, 2D, L) -> (B, 2, D, L): real, imaginary
         magnitude = torch.hypot(parts[:, 0], parts[:, 1])  # (B, D, L)
         ctx.save_for_backward(rows, mat, z, magnitude)
@@ -148,14 +148,16 @@ class _CirculantMagnitude(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=32)
-def _inverse_dft_basis(num_slices: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Constant matrix mapping the filter (w, b) to the circulant of ``ifft(w)`` and to ``ifft(b)``.
+def _inverse_dft_basis(
+    num_slices: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant matrices mapping a filter to the circulant of its inverse DFT, and to its inverse DFT.
 
-    Rows ``[0, 2D^2)``: ``[Re C; Im C]`` flattened, with ``C[d, e] = ifft(w)[(d - e) mod D]``; rows
-    ``[2D^2, 2D^2 + 2D)``: ``[Re ifft(b); Im ifft(b)]``. Built in float64 from exact integer phases.
+    ``circulant @ w`` is ``[Re C; Im C]`` flattened, with ``C[d, e] = ifft(w)[(d - e) mod D]``;
+    ``inverse @ b`` is ``[Re ifft(b); Im ifft(b)]``. Built in float64 from exact integer phases.
 
     Returns:
-        (2D^2 + 2D, D) tensor of ``dtype`` on ``device``.
+        (2D^2, D) and (2D, D) tensors of ``dtype`` on ``device``.
     """
     d = num_slices
     steps = torch.arange(d, dtype=torch.int64)
@@ -165,8 +167,10 @@ def _inverse_dft_basis(num_slices: int, dtype: torch.dtype, device: torch.device
     circulant = torch.stack([angle.cos(), angle.sin()]) / d  # (2, D, D, D): real, imaginary
     # e = 0 gives the inverse transform itself: (2, D, D, D) -> (2, D, D) -> (2D, D)
     inverse = circulant[:, :, 0, :].reshape(2 * d, d)
-    basis = torch.cat([circulant.reshape(2 * d * d, d), inverse])  # (2D^2 + 2D, D)
-    return basis.to(device=device, dtype=dtype)
+    # (2, D, D, D) -> (2D^2, D)
+    return circulant.reshape(2 * d * d, d).to(device=device, dtype=dtype), inverse.to(
+        device=device, dtype=dtype
+    )
 
 
 class SpectralFilter(nn.Module):
@@ -207,16 +211,13 @@ class SpectralFilter(nn.Module):
             bias = resample_periodic(self.bias, num_slices).to(dtype)
             rows = _volume_rows(v, num_slices).to(dtype)  # (B, D, h*w*r); the (0, 0) token is [:r]
             if self.uses_matmul(num_slices, v.device):
-                d2 = 2 * num_slices * num_slices
-                basis = _inverse_dft_basis(num_slices, dtype, v.device)
-                # (2D^2 + 2D, D) @ (D, 2) -> (2D^2 + 2D, 2): column 0 from w, column 1 from b
-                mapped = basis @ torch.stack([weight, bias], dim=1)
-                mat = mapped[:d2, 0].view(2 * num_slices, num_slices)  # [Re C; Im C]
-                out = _CirculantMagnitude.apply(rows, mat, mapped[d2:, 1], r)  # bias: [Re; Im] ifft(b)
+                circulant, inverse = _inverse_dft_basis(num_slices, dtype, v.device)
+                mat = (circulant @ weight).view(2 * num_slices, num_slices)  # [Re C; Im C]
+                out = _CirculantMagnitude.apply(rows, mat, inverse @ bias, r)  # bias: [Re; Im] ifft(b)
             else:
                 spec = torch.fft.fft(rows, dim=1) * weight.view(1, num_slices, 1)
                 filtered = torch.fft.ifft(spec, dim=1)  # complex (B, D, h*w*r)
-                filtered[:, :, :r] += torch.fft.ifft(bias).view(1, num_slices, 1)
+                filtered[:, :, :r].add_(torch.fft.ifft(bias).view(1, num_slices, 1))
                 out = filtered.abs()
             return _slices_from_rows(out, v.shape).to(v.dtype)
 
