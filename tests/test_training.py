@@ -291,10 +291,22 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache
         train(replace(settings, resume=True, crop_size=[16, 32, 48]))
 
 
-def test_resume_without_a_checkpoint_starts_from_step_zero(data_dir, cache_dir, tmp_path):
-    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, resume=True, val_hd95=False)
+def test_resume_without_a_checkpoint_starts_from_step_zero_and_epochs_count_crops(
+    data_dir, cache_dir, tmp_path
+):
+    settings = tiny_settings(
+        data_dir,
+        cache_dir,
+        tmp_path / "run",
+        max_steps=None,
+        epochs=1,
+        samples_per_case=2,
+        resume=True,
+        val_hd95=False,
+    )
     metrics = train(settings)
-    assert metrics["resumed_from_step"] is None and metrics["steps"] == 2
+    assert metrics["resumed_from_step"] is None
+    assert metrics["steps"] == metrics["run"]["steps_per_epoch"] == 3  # 3 training cases x 2 crops / batch 2
     assert set(metrics["summary"]) == {"dice_kidney", "dice_tumor", "dice_mean"}
 
 
