@@ -111,7 +111,8 @@ def markdown(result: dict) -> str:
             "# Accuracy at an equal compute budget: MSD Task04 Hippocampus (real MRI)",
             "",
             f"Date: {result['date']}. Machine: {m['cpu']}, {m['cores']} cores, CPU only, "
-            f"{m['torch_threads']} torch thread(s). {versions}.",
+            f"{m['torch_threads']} torch thread(s). {versions}. Whole benchmark: "
+            f"{result['benchmark_wall_time_s'] / 60:.0f} min.",
             "",
             "Command:",
             "",
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = time.time()
 
     base = {
         "dataset": "msd",
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "runs": runs,
         "best_dice_mean": max((r["summary"]["dice_mean"]["mean"], r["method"]) for r in runs),
+        "benchmark_wall_time_s": round(time.time() - started, 1),
         "notes": args.notes,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
