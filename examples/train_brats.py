@@ -18,8 +18,8 @@ DEFAULTS = {
     "output_dir": "outputs/train_brats",
     "crop_size": [32, 64, 64],
     "decoder_channels": 32,
-    "max_steps": 150,
-    "val_every": 50,
+    "max_steps": 300,
+    "val_every": 100,
     "samples_per_case": 8,
     "sw_overlap": 0.5,
 }
