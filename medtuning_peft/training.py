@@ -169,6 +169,11 @@ class TrainSettings:
     mixed_precision: str = _opt(
         "auto", "auto (bf16 on CUDA, fp32 on CPU), no, bf16 or fp16.", choices=["auto", "no", "bf16", "fp16"]
     )
+    gradient_checkpointing: bool = _opt(
+        False,
+        "Activation checkpointing of the backbone blocks (non-reentrant; exact gradients): less memory, "
+        "more time per step.",
+    )
 
     # Validation
     val_every: int = _opt(0, "Validate every N optimizer steps (0: only at the end).")
@@ -820,6 +825,11 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
         crop_size=settings.crop_size,
         preprocessing=task["preprocessing"],
     )
+    if settings.gradient_checkpointing:
+        # After the adapters are in place (enabling it first breaks Swin); non-reentrant only.
+        segmenter.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
     segmenter.segmenter_config["label_values"] = task["label_values"]
     segmenter.segmenter_config["channel_names"] = task["channel_names"]

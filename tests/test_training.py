@@ -281,6 +281,17 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_and_final_
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp_path):
+    base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
+    plain = train(base)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    checkpointed = train(replace(base, output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True))
+    torch.testing.assert_close(
+        [h["loss"] for h in checkpointed["history"]["loss"]], [h["loss"] for h in plain["history"]["loss"]]
+    )
+
+
 def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache_dir, tmp_path):
     settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
     with pytest.raises(Stop):
