@@ -217,6 +217,17 @@ class FeatureSpec:
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
 
+def _plain_feature_spec(model_class: str, block_list: str, **forward_kwargs: Any) -> FeatureSpec:
+    """A plain (one-resolution) backbone: four tapped blocks of width ``hidden_size``, a simple pyramid."""
+    return FeatureSpec(
+        model_class,
+        partial(_plain_features, block_list=block_list, **forward_kwargs),
+        lambda model: [model.config.hidden_size] * 4,
+        "embeddings.patch_embeddings",
+        True,
+    )
+
+
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "swin": FeatureSpec("SwinModel", _swin_features, _swin_channels, "embeddings.patch_embeddings", False),
     "segformer": FeatureSpec(
@@ -226,27 +237,9 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
         "stages.0.patch_embeddings",
         False,
     ),
-    "vit": FeatureSpec(
-        "ViTModel",
-        partial(_plain_features, block_list="layers", interpolate_pos_encoding=True),
-        lambda model: [model.config.hidden_size] * 4,
-        "embeddings.patch_embeddings",
-        True,
-    ),
-    "dinov2": FeatureSpec(
-        "Dinov2Model",
-        partial(_plain_features, block_list="encoder.layer"),
-        lambda model: [model.config.hidden_size] * 4,
-        "embeddings.patch_embeddings",
-        True,
-    ),
-    "dinov2_with_registers": FeatureSpec(
-        "Dinov2WithRegistersModel",
-        partial(_plain_features, block_list="encoder.layer"),
-        lambda model: [model.config.hidden_size] * 4,
-        "embeddings.patch_embeddings",
-        True,
-    ),
+    "vit": _plain_feature_spec("ViTModel", "layers", interpolate_pos_encoding=True),
+    "dinov2": _plain_feature_spec("Dinov2Model", "encoder.layer"),
+    "dinov2_with_registers": _plain_feature_spec("Dinov2WithRegistersModel", "encoder.layer"),
 }
 
 

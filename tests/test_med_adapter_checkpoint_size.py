@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from peft import get_peft_model
-from transformers import SwinConfig, SwinModel
+from tiny_models import paper_swin_t
 
 from medtuning_peft import MedAdapterConfig
 
 
 def test_paper_swin_t_adapter_checkpoint_is_under_4_mb(tmp_path):
-    swin = SwinModel(
-        SwinConfig(
-            image_size=128,
-            patch_size=4,
-            num_channels=4,
-            embed_dim=96,
-            depths=[2, 2, 2, 2],
-            num_heads=[3, 6, 12, 24],
-            window_size=4,
-        )
-    )
+    swin = paper_swin_t()
     model = get_peft_model(swin, MedAdapterConfig())
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 737_568  # DESIGN.md section 2
     model.save_pretrained(str(tmp_path))

@@ -15,9 +15,9 @@ from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import BUILDERS, HEADS, build, output_tensor, slices
+from tiny_models import BUILDERS, HEADS, build, output_tensor, paper_swin_t, paper_vit_b16, slices
 from torch import nn
-from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
+from transformers import SwinConfig, SwinModel
 
 import medtuning_peft
 from medtuning_peft import MedAdapterConfig
@@ -58,34 +58,11 @@ def _inserted(model) -> tuple[int, int]:
 
 
 def test_parameter_parity_with_the_paper_on_swin_t():
-    swin = SwinModel(
-        SwinConfig(
-            image_size=128,
-            patch_size=4,
-            num_channels=4,
-            embed_dim=96,
-            depths=[2, 2, 2, 2],
-            num_heads=[3, 6, 12, 24],
-            window_size=4,
-        )
-    )
-    assert _inserted(swin) == (737_568, 737_568)
+    assert _inserted(paper_swin_t()) == (737_568, 737_568)
 
 
 def test_parameter_parity_with_the_paper_on_vit_b16():
-    vit = ViTModel(
-        ViTConfig(
-            image_size=128,
-            patch_size=16,
-            num_channels=4,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-        ),
-        add_pooling_layer=False,
-    )
-    assert _inserted(vit) == (2_845_696, 2_845_696)
+    assert _inserted(paper_vit_b16()) == (2_845_696, 2_845_696)
 
 
 # --- training touches only what it should -------------------------------------------------------------

@@ -108,6 +108,37 @@ BUILDERS = {
 HEADS = {"upernet_swin": ["decode_head", "auxiliary_head"], "segformer_semseg": ["decode_head"]}
 
 
+def paper_swin_t() -> SwinModel:
+    """The paper's Swin-T (DESIGN.md section 2): embed 96, depths 2-2-2-2, window 4, 128^2, 4 channels."""
+    return SwinModel(
+        SwinConfig(
+            image_size=128,
+            patch_size=4,
+            num_channels=4,
+            embed_dim=96,
+            depths=[2, 2, 2, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=4,
+        )
+    )
+
+
+def paper_vit_b16() -> ViTModel:
+    """ViT-B/16 at 128^2 with 4 channels, as in the paper's parity figure."""
+    return ViTModel(
+        ViTConfig(
+            image_size=128,
+            patch_size=16,
+            num_channels=4,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+        add_pooling_layer=False,
+    )
+
+
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     """The tiny model ``name`` with weights drawn from ``seed``."""
     torch.manual_seed(seed)
