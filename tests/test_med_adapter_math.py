@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -205,22 +207,38 @@ def test_fast_form_matches_reference_in_float32_outputs_and_gradients(training):
     torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-6)
 
 
-def test_fast_form_matches_reference_under_bf16_autocast():
-    # bf16 keeps 8 bits of mantissa: the two forms round differently, so compare at bf16 tolerances (outputs
-    # relative to their scale, gradients by their direction and size).
+def test_fast_form_under_bf16_autocast_is_as_accurate_as_the_reference():
+    # bf16 keeps 8 bits of mantissa, so both forms are compared with the exact function (the reference in
+    # float64): the fast form runs its bottleneck in float32 under autocast and must be at least as accurate
+    # as the reference form under the same autocast, for outputs and for every gradient.
     adapter, x, prev = _adapter_and_input()
     state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    exact = copy.deepcopy(adapter).double()
+    out64, a64, grads64 = _run(exact, x.double(), prev.double(), reference=True, autocast=False)
     out_ref, a_ref, grads_ref = _run(adapter, x, prev, reference=True, autocast=True)
     adapter.load_state_dict(state)
     out, a, grads = _run(adapter, x, prev, reference=False, autocast=True)
-    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(a, a_ref, rtol=5e-2, atol=5e-2)
-    for (name, _), g, g_ref in zip(adapter.named_parameters(), grads[1:], grads_ref[1:]):
-        if g_ref.abs().max() == 0:  # e.g. P's weight on the first inter-stage block
+
+    def error(t, t64):
+        return ((t.double() - t64).norm() / t64.norm()).item()
+
+    torch.testing.assert_close(out, out64, rtol=2e-2, atol=2e-2)
+    assert error(out, out64) <= 1.5 * error(out_ref, out64) + 1e-4
+    assert error(a, a64) <= 1.5 * error(a_ref, a64) + 1e-4
+    largest = max(g.norm() for g in grads64)
+    checked = 0
+    for (name, _), g, g_ref, g64 in zip(adapter.named_parameters(), grads[1:], grads_ref[1:], grads64[1:]):
+        if g64.norm() < 1e-9 * largest:
+            # Exactly 0: biases just before a training-mode BatchNorm, and P's weight on the first inter-stage
+            # block (it convolves zeros). Both forms return rounding noise there.
+            assert name.endswith(("across.bias", "project_prev.weight")), name
             continue
-        cosine = torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0)
+        cosine = torch.nn.functional.cosine_similarity(g.double().flatten(), g64.double().flatten(), dim=0)
         assert cosine > 0.99, (name, cosine)
-        torch.testing.assert_close(g.norm(), g_ref.norm(), rtol=5e-2, atol=0, msg=name)
+        assert error(g, g64) <= max(1.5 * error(g_ref, g64), 2e-2), name
+        checked += 1
+    assert checked >= 15
+    assert error(grads[0], grads64[0]) <= 1.5 * error(grads_ref[0], grads64[0]) + 1e-4
 
 
 # --- the reference-form switch -------------------------------------------------------------------------

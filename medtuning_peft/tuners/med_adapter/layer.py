@@ -211,12 +211,15 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             )
         dtype = adapter.down.weight.dtype
         prev = ctx.prev.get(name) if adapter.is_inter_stage else None
-        out, a = adapter(hidden[:, prefix:].to(dtype), (h, w), num_slices, prev)
+        # One split (its backward is one concatenation), and none without prefix tokens: slicing would add a
+        # zero-fill and a copy per slice to the backward.
+        head, grid_tokens = hidden.split([prefix, h * w], dim=1) if prefix else (None, hidden)
+        out, a = adapter(grid_tokens.to(dtype), (h, w), num_slices, prev)
         if a is not None:
             ctx.prev[name] = a
         out = out.to(hidden.dtype)
         if prefix:
-            out = torch.cat([hidden[:, :prefix], out], dim=1)  # prefix tokens bypass the adapter
+            out = torch.cat([head, out], dim=1)  # prefix tokens bypass the adapter
         return out
 
     @staticmethod

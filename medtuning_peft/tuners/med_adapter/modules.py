@@ -122,7 +122,9 @@ class _CirculantMagnitude(torch.autograd.Function):
         ctx: Any, rows: torch.Tensor, mat: torch.Tensor, bias: torch.Tensor, width: int
     ) -> torch.Tensor:
         b, d, length = rows.shape
-        z = torch.matmul(mat, rows)  # (2D, D) @ (B, D, L) -> (B, 2D, L)
+        # (2D, D) @ (B, D, L) -> (B, 2D, L) as a batched product with the matrix broadcast (stride 0):
+        # torch.matmul would copy ``rows`` into (B*L, D) and the result back.
+        z = torch.bmm(mat.expand(b, 2 * d, d), rows)
         z[:, :, :width].add_(bias.view(1, 2 * d, 1))
         parts = z.view(b, 2, d, length)  # (B, 2D, L) -> (B, 2, D, L): real, imaginary
         magnitude = torch.hypot(parts[:, 0], parts[:, 1])  # (B, D, L)
@@ -139,9 +141,9 @@ class _CirculantMagnitude(torch.autograd.Function):
         grad_z = (z.view(b, 2, d, length) * scale.unsqueeze(1)).view(b, 2 * d, length)
         grad_rows = grad_mat = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = torch.matmul(mat.t(), grad_z)  # (D, 2D) @ (B, 2D, L) -> (B, D, L)
+            grad_rows = torch.bmm(mat.t().expand(b, d, 2 * d), grad_z)  # (D, 2D) @ (B, 2D, L) -> (B, D, L)
         if ctx.needs_input_grad[1]:
-            grad_mat = torch.matmul(grad_z, rows.transpose(1, 2)).sum(0)  # (B, 2D, D) -> (2D, D)
+            grad_mat = torch.bmm(grad_z, rows.transpose(1, 2)).sum(0)  # (B, 2D, D) -> (2D, D)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_z[:, :, : ctx.width].sum((0, 2))  # (2D,)
         return grad_rows, grad_mat, grad_bias, None
@@ -322,20 +324,26 @@ class MedAdapter(nn.Module):
         h, w = grid
         n = x.shape[0]
         r = self.bottleneck
-        z = self.act(self.down(x)).view(n, h, w, r)  # (B*D, h*w, r) -> (B*D, h, w, r)
-        v = z.permute(0, 3, 1, 2)  # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory: no copy
-        feats = [branch(v, num_slices) for branch in self.branches]
-        if self.spectral is not None:
-            feats.append(self.spectral(v, num_slices))
-        total = feats[0]
-        for feat in feats[1:]:
-            total = total + feat  # (B*D, r, h, w)
-        # (B*D, r, h, w) -> (B*D, h, w, r): a view of channels-last memory; the 1x1x1 conv as a matmul.
-        y = F.linear(total.permute(0, 2, 3, 1), self.mix.weight.view(r, r), self.mix.bias)
-        a = None
-        if self.fuse is not None:
-            y = a = self._fuse(y, prev, num_slices)  # (B*D, h, w, r)
-        tokens = (z + y).view(n, h * w, r)  # U = V + Y; (B*D, h, w, r) -> (B*D, h*w, r)
+        # The projections are the adapter's only products over the block width C: they follow the caller's
+        # autocast. The bottleneck between them (depthwise and spectral filters, 1x1x1 mixing) is memory-bound
+        # work on r channels: it runs in the parameters' dtype with autocast off, so its 14-16 parameters and
+        # their gradients are not cast every step (two casts of z instead).
+        z = self.act(self.down(x))  # (B*D, h*w, r)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = z.to(self.mix.weight.dtype).view(n, h, w, r)  # (B*D, h*w, r) -> (B*D, h, w, r)
+            v = z.permute(0, 3, 1, 2)  # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory: no copy
+            feats = [branch(v, num_slices) for branch in self.branches]
+            if self.spectral is not None:
+                feats.append(self.spectral(v, num_slices))
+            total = feats[0]
+            for feat in feats[1:]:
+                total = total + feat  # (B*D, r, h, w)
+            # (B*D, r, h, w) -> (B*D, h, w, r): a view of channels-last memory; the 1x1x1 conv as a matmul.
+            y = F.linear(total.permute(0, 2, 3, 1), self.mix.weight.view(r, r), self.mix.bias)
+            a = None
+            if self.fuse is not None:
+                y = a = self._fuse(y, prev, num_slices)  # (B*D, h, w, r)
+            tokens = (z + y).view(n, h * w, r)  # U = V + Y; (B*D, h, w, r) -> (B*D, h*w, r)
         out = x + self.act(self.up(tokens))
         # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory
         return out, (a.permute(0, 3, 1, 2) if a is not None else None)
