@@ -26,6 +26,7 @@ Writes ``benchmarks/results/cost_<setting>_<device>.json`` and replaces this run
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import gc
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
@@ -304,13 +306,17 @@ class Runner:
 
     def train_step(self, volume: torch.Tensor, labels: torch.Tensor) -> None:
         """Forward, cross-entropy, backward and one Adam step. volume (B, C, D, H, W), labels (B, D, H, W)."""
+        self.forward_backward(volume, labels)
+        self.optimizer.step()
+
+    def forward_backward(self, volume: torch.Tensor, labels: torch.Tensor) -> None:
+        """The training step without the optimizer: forward, cross-entropy, backward (fresh gradients)."""
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             logits = self.model(volume)  # (B, K, D, H, W)
         loss = F.cross_entropy(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
 
     def infer(self, volume: torch.Tensor) -> None:
         """One forward pass of a volume in eval mode without autograd."""
@@ -494,6 +500,94 @@ def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Operation counts (a device-independent proxy of kernel launches) and the CUDA kernel profile
+# ---------------------------------------------------------------------------------------------------------
+
+METADATA_OPS = frozenset(
+    {
+        "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "squeeze",
+        "unsqueeze", "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "narrow", "as_strided",
+        "alias", "detach", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+        "_local_scalar_dense", "is_same_size", "promote_types", "result_type",
+    }
+)  # fmt: skip
+"""aten operations that change only metadata (views, allocations, host scalars): they launch no kernel."""
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(runner: Runner, volume: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """aten operations of one forward + backward (no optimizer step: its implementation differs by device).
+
+    Counted at the dispatcher, so the figure is the same on every device: ``kernels`` are the operations that
+    compute (each is at least one kernel launch on a GPU), ``casts`` the dtype conversions among them
+    (``_to_copy``, mostly autocast casting weights and their gradients back), ``top`` the most frequent.
+    """
+    runner.forward_backward(volume, labels)  # caches (autocast, spectral bases) as in a timed step
+    with _OpCounter() as counter:
+        runner.forward_backward(volume, labels)
+    computing = {k: v for k, v in counter.counts.items() if k not in METADATA_OPS}
+    return {
+        "kernels": sum(computing.values()),
+        "casts": computing.get("_to_copy", 0),
+        "all": sum(counter.counts.values()),
+        "top": dict(collections.Counter(computing).most_common(12)),
+    }
+
+
+def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (device busy time: concurrent kernels count once)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        busy += end - max(start, reach)
+        reach = end
+    return busy
+
+
+def device_activity(
+    runner: Runner, volume: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 3
+) -> dict[str, float]:
+    """Kernels launched and device busy time per training step, from torch.profiler, against the wall time.
+
+    On CUDA this is the GPU's side of a step: ``busy_ms`` well below ``wall_ms`` means the step waits on the
+    host (launches, Python), not on the GPU. On CPU the same figures count the profiled operator events.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.train_step(volume, labels)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.train_step(volume, labels)
+        _sync(device)
+    wall = time.perf_counter() - start
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
+    intervals = [(e.time_range.start, e.time_range.end) for e in events]
+    return {
+        "kernels_per_step": len(events) / steps,
+        "busy_ms_per_step": busy_microseconds(intervals) / 1000 / steps,
+        "profiled_wall_ms_per_step": 1000 * wall / steps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------------------
 
@@ -532,6 +626,17 @@ def benchmark_backbone(
         }
         if device.type == "cpu":  # less sensitive than wall-clock time to other processes on the machine
             results[name]["step_cpu_ms"] = summary_ms([cpu for _, cpu in train[name]])
+    print(
+        f"[{backbone}] operation counts" + (" and kernel profiles" if device.type == "cuda" else ""),
+        flush=True,
+    )
+    for name, runner in runners.items():
+        results[name]["operations"] = count_operations(runner, volume, labels)
+        if device.type == "cuda":
+            try:  # a diagnosis next to the timings: a profiler failure must not lose them
+                results[name]["device_activity"] = device_activity(runner, volume, labels, device)
+            except Exception as error:  # noqa: BLE001 - recorded in the report instead
+                results[name]["device_activity"] = {"error": f"{type(error).__name__}: {error}"}
     del runners
     gc.collect()
     if device.type == "cuda":
@@ -558,6 +663,8 @@ def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
                 ratios["step_cpu_vs_full"] = entry["step_cpu_ms"]["median"] / base["step_cpu_ms"]["median"]
             if base["memory"]["peak_bytes"] > 0:
                 ratios["memory_vs_full"] = entry["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
+            if "operations" in entry and base.get("operations", {}).get("kernels"):
+                ratios["kernels_vs_full"] = entry["operations"]["kernels"] / base["operations"]["kernels"]
         if frozen is not None:
             ratios["inference_vs_frozen"] = entry["inference_ms"]["median"] / frozen["inference_ms"]["median"]
         entry["ratios"] = ratios
@@ -647,6 +754,7 @@ def markdown_section(report: dict[str, Any]) -> str:
                 f"| {r['tuned_params']:,} | {_mb(r['checkpoint_bytes'])} | {_mb(r.get('adapter_bytes'))} |"
             )
         lines.append("")
+        lines += _operations_table(results)
     paper = report.get("paper_swin_t_adapter")
     if paper:
         lines += [
@@ -656,6 +764,37 @@ def markdown_section(report: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _operations_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Operation counts per method; on CUDA also the profiled kernels and GPU busy time per step."""
+    if not all("operations" in r for r in results.values()):
+        return []
+    cuda = any("device_activity" in r for r in results.values())
+    lines = [
+        "Operations of one forward + backward (aten operations that compute, counted at the dispatcher: a "
+        "device-independent proxy of kernel launches; casts are the dtype conversions among them)"
+        + ("; kernels and GPU busy time per training step from torch.profiler" if cuda else "")
+        + ":",
+        "",
+        "| method | operations | x full | casts |"
+        + (" CUDA kernels / step | GPU busy ms / step | wall ms / step |" if cuda else ""),
+        "|---|---|---|---|" + ("---|---|---|" if cuda else ""),
+    ]
+    for name, r in results.items():
+        ops = r["operations"]
+        row = f"| {name} | {ops['kernels']:,} | {_ratio(r['ratios'].get('kernels_vs_full'))} | {ops['casts']:,} |"
+        if cuda:
+            act = r.get("device_activity", {})
+            if "error" in act or not act:
+                row += f" {act.get('error', 'not measured')} | - | - |"
+            else:
+                row += (
+                    f" {act['kernels_per_step']:,.0f} | {act['busy_ms_per_step']:.1f} | "
+                    f"{act['profiled_wall_ms_per_step']:.1f} |"
+                )
+        lines.append(row)
+    return [*lines, ""]
 
 
 def write_markdown(path: Path, key: str, section: str) -> None:

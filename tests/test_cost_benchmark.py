@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,6 +56,53 @@ def test_paper_setting_code_path_runs_every_method_on_cpu(tmp_path):
         assert results["full"]["ratios"]["step_vs_full"] == 1.0
         assert results["med_adapter"]["tuned_params"] < results["full"]["tuned_params"]
         assert results["med_adapter"]["adapter_bytes"] < results["med_adapter"]["checkpoint_bytes"]
+        assert results["full"]["ratios"]["kernels_vs_full"] == 1.0
+        assert results["med_adapter"]["operations"]["kernels"] > results["frozen_backward"]["operations"]["kernels"]
     assert report["paper_swin_t_adapter"]["adapter_params"] == 737_568
     text = md.read_text()
     assert "<!-- cost:paper-tiny_cpu start -->" in text and "| med_adapter_reference |" in text
+    assert "| method | operations | x full | casts |" in text
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert step_time.busy_microseconds([]) == 0
+    assert step_time.busy_microseconds([(20, 30), (0, 10), (5, 15)]) == 25  # overlap counted once
+    assert step_time.busy_microseconds([(0, 10), (2, 3), (10, 12)]) == 12  # nested and touching
+
+
+def _tiny_runners(methods, autocast=torch.bfloat16):
+    setting = step_time.get_setting("paper", tiny=True)
+    device = torch.device("cpu")
+    volume, labels = step_time.make_input(setting, device)
+    runners = {
+        m: step_time.Runner(step_time.build_method(setting, "vit-tiny", m, device), autocast, device)
+        for m in methods
+    }
+    return runners, volume, labels
+
+
+def test_adapter_bottleneck_is_not_cast_under_bf16_autocast():
+    # Under autocast only the two projections of an adapter follow autocast; the bottleneck runs in float32
+    # with autocast off, so its parameters and their gradients are not cast every step (the reference form
+    # casts them all).
+    from medtuning_peft.tuners.med_adapter import MedAdapter
+
+    runners, volume, labels = _tiny_runners(["med_adapter", "med_adapter_reference", "frozen_backward"])
+    casts = {m: step_time.count_operations(r, volume, labels)["casts"] for m, r in runners.items()}
+    adapters = sum(isinstance(m, MedAdapter) for m in runners["med_adapter"].model.modules())
+    assert adapters == 6
+    per_adapter = (casts["med_adapter"] - casts["frozen_backward"]) / adapters
+    per_adapter_reference = (casts["med_adapter_reference"] - casts["frozen_backward"]) / adapters
+    # x, z, U and the projections' weights and biases, forward and backward: 15 casts at most.
+    assert 0 < per_adapter <= 15 < per_adapter_reference
+
+
+def test_operation_count_and_profiled_activity_of_a_step():
+    runners, volume, labels = _tiny_runners(["med_adapter"], autocast=None)
+    runner = runners["med_adapter"]
+    ops = step_time.count_operations(runner, volume, labels)
+    assert ops["casts"] == 0  # float32 throughout without autocast
+    assert ops["all"] > ops["kernels"] > 0 and "convolution" in ops["top"]
+    activity = step_time.device_activity(runner, volume, labels, torch.device("cpu"), steps=2)
+    assert activity["kernels_per_step"] > 0
+    assert 0 < activity["busy_ms_per_step"] <= activity["profiled_wall_ms_per_step"]
