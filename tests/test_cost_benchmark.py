@@ -57,7 +57,10 @@ def test_paper_setting_code_path_runs_every_method_on_cpu(tmp_path):
         assert results["med_adapter"]["tuned_params"] < results["full"]["tuned_params"]
         assert results["med_adapter"]["adapter_bytes"] < results["med_adapter"]["checkpoint_bytes"]
         assert results["full"]["ratios"]["kernels_vs_full"] == 1.0
-        assert results["med_adapter"]["operations"]["kernels"] > results["frozen_backward"]["operations"]["kernels"]
+        assert (
+            results["med_adapter"]["operations"]["kernels"]
+            > results["frozen_backward"]["operations"]["kernels"]
+        )
     assert report["paper_swin_t_adapter"]["adapter_params"] == 737_568
     text = md.read_text()
     assert "<!-- cost:paper-tiny_cpu start -->" in text and "| med_adapter_reference |" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import subprocess
@@ -403,6 +404,43 @@ def test_checkpointed_recomputation_replays_its_own_forward():
     plain, checkpointed = grads(False), grads(True)
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["swin", "vit"])
+def test_checkpointing_recomputes_each_adapted_block_once(name):
+    # transformers checkpoints Swin stages and the blocks inside them; Med-Adapter checkpoints each adapted
+    # block (block + adapter) as one unit instead: one forward and one recomputation per training step, and the
+    # backbone's own flags are as the user set them after the step.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = adapted(name).train()
+    backbone = model.base_model.model
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flags = {
+        n: m.gradient_checkpointing
+        for n, m in backbone.named_modules()
+        if hasattr(m, "gradient_checkpointing")
+    }
+    assert (
+        sum(
+            isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in backbone.modules()
+        )
+        > 0
+    )
+    calls = collections.Counter()
+    layers = [m for m in model.modules() if isinstance(m, MedAdapterLayer)]
+    for i, layer in enumerate(layers):
+        # Pre-hooks: a non-reentrant recomputation stops as soon as it has what backward needs.
+        layer.base_layer.register_forward_pre_hook(lambda *_, i=i: calls.update([("block", i)]))
+        layer.med_adapter["default"].register_forward_pre_hook(lambda *_, i=i: calls.update([("adapter", i)]))
+    run(model, slices(2, D)).square().mean().backward()
+    assert set(calls.values()) == {2} and len(calls) == 2 * len(layers)
+    assert flags == {n: m.gradient_checkpointing for n, m in backbone.named_modules() if n in flags}
+
+    backbone.gradient_checkpointing_disable()
+    calls.clear()
+    run(model, slices(2, D)).square().mean().backward()
+    assert set(calls.values()) == {1}
 
 
 def test_reentrant_gradient_checkpointing_is_refused():

@@ -126,6 +126,9 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         self.context = context
         self._active_adapter = adapter_name
         self._disable_adapters = False
+        # Set by the tuner before each backbone forward: the (context-replaying) checkpoint function when this
+        # adapted block is a unit of activation checkpointing, else None (MedAdapterModel._plan_checkpointing).
+        self.checkpoint_func: Callable | None = None
         self.merged_adapters = []
         self.update_layer(adapter_name, plan, config)
 
@@ -177,7 +180,23 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         raise NotImplementedError("Med-Adapter is never merged, so there is nothing to unmerge.")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
+        if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
+            return self.checkpoint_func(functools.partial(self._adapted_block, **kwargs), *args)
+        return self._adapted_block(*args, **kwargs)
+
+    def _adapted_block(self, *args: Any, **kwargs: Any) -> Any:
+        base = self.base_layer
+        if getattr(base, "gradient_checkpointing", False):
+            # This whole call is the checkpointed unit (or runs without gradients): the block must not
+            # checkpoint itself inside it, which would recompute it a second time.
+            base.gradient_checkpointing = False
+            try:
+                out = base(*args, **kwargs)
+            finally:
+                base.gradient_checkpointing = True
+        else:
+            out = base(*args, **kwargs)
         if self.disable_adapters:
             return out
         active = [name for name in self.active_adapters if name in self.med_adapter]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
@@ -51,6 +52,7 @@ class MedAdapterModel(BaseTuner):
             self._plans: dict[str, dict[str, BlockPlan]] = {}
             self._pending_plans: dict[str, BlockPlan] = {}
             self._hook_handles: list = []
+            self._suspended_checkpointing: list[nn.Module] = []
 
     def _prepare_adapter_config(self, peft_config: MedAdapterConfig, model_config: dict) -> MedAdapterConfig:
         # Targets are found from the module tree in `_prepare_model`, which sees the model: a backbone may
@@ -232,7 +234,11 @@ class MedAdapterModel(BaseTuner):
             pop_num_slices(kwargs)
             ctx.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
             self._wrap_checkpoint_functions(module)
+            self._plan_checkpointing(module)
             return args, kwargs
+
+        def backbone_post_hook(module, args, kwargs, output):
+            self._restore_suspended_checkpointing()
 
         def root_post_hook(module, args, kwargs, output):
             ctx.end()
@@ -246,6 +252,9 @@ class MedAdapterModel(BaseTuner):
         for owner in backbones.values():
             # Appended, so that on a bare backbone (owner is model) it runs after root_pre_hook.
             handles.append(owner.register_forward_pre_hook(backbone_pre_hook, with_kwargs=True))
+            handles.append(
+                owner.register_forward_hook(backbone_post_hook, with_kwargs=True, always_call=True)
+            )
         handles.append(model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True))
         self._hook_handles = handles
 
@@ -258,6 +267,44 @@ class MedAdapterModel(BaseTuner):
             wrapped = fn is None or hasattr(fn, "med_adapter_original")
             if not wrapped and getattr(module, "gradient_checkpointing", False):
                 module._gradient_checkpointing_func = self._context.checkpoint_func(fn)
+
+    def _plan_checkpointing(self, backbone: nn.Module) -> None:
+        """Make each adapted block (frozen block + its adapter) the unit of activation checkpointing.
+
+        transformers checkpoints the modules whose ``gradient_checkpointing`` flag is on: blocks, and for Swin
+        also the stages around them, so a Swin block would be recomputed twice in backward (once in its stage's
+        recomputation, once in its own) and every adapter once. Instead, an adapted block is checkpointed as a
+        whole, recomputed once, when its block or any container of it has checkpointing on; those containers'
+        flags are off for the duration of this forward (restored by the backbone's forward hook, also on
+        error) and the block's own flag while it runs inside the adapted block.
+        """
+        self._restore_suspended_checkpointing()
+        adapted = {name: m for name, m in backbone.named_modules() if isinstance(m, MedAdapterLayer)}
+        if not adapted:
+            return
+        containers = {name.rsplit(".", i)[0] for name in adapted for i in range(1, name.count(".") + 1)}
+        containers.add("")
+        funcs: dict[str, Callable | None] = {}
+        for name, module in backbone.named_modules():  # parents come before their children
+            if name in adapted:
+                continue
+            parent = funcs.get(name.rpartition(".")[0]) if name else None
+            if name in containers and getattr(module, "gradient_checkpointing", False):
+                fn = module.__dict__.get("_gradient_checkpointing_func")
+                if fn is not None:
+                    self._suspended_checkpointing.append(module)
+                    module.gradient_checkpointing = False
+                    parent = parent or fn
+            funcs[name] = parent
+        for name, layer in adapted.items():
+            base = layer.base_layer
+            own = base.__dict__.get("_gradient_checkpointing_func")
+            own = own if getattr(base, "gradient_checkpointing", False) else None
+            layer.checkpoint_func = own or funcs.get(name.rpartition(".")[0])
+
+    def _restore_suspended_checkpointing(self) -> None:
+        while self._suspended_checkpointing:
+            self._suspended_checkpointing.pop().gradient_checkpointing = True
 
     def _unwrap_checkpoint_functions(self) -> None:
         for module in self.model.modules():
@@ -280,7 +327,11 @@ class MedAdapterModel(BaseTuner):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self._restore_suspended_checkpointing()
         self._unwrap_checkpoint_functions()
+        for module in self.model.modules():
+            if isinstance(module, MedAdapterLayer):
+                module.checkpoint_func = None
         self._context.end()
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
