@@ -13,9 +13,33 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PAR
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" - <<'PY'
+# Preflight: the packages the benchmark imports, at the versions pyproject.toml asks for, and a GPU.
+import importlib.metadata as metadata
 import sys
-import peft, torch, transformers
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+import tomllib
+
+from packaging.requirements import Requirement
+
+used = {"torch", "transformers", "peft", "huggingface-hub", "safetensors", "accelerate", "scipy", "numpy", "tqdm"}
+with open("pyproject.toml", "rb") as f:
+    requirements = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+problems = []
+for req in requirements:
+    name = req.name.lower().replace("_", "-")
+    if name not in used:
+        continue
+    try:
+        version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        problems.append(f"{req.name} is not installed (pyproject.toml: {req})")
+        continue
+    print(f"{req.name} {version}")
+    if not req.specifier.contains(version, prereleases=True):
+        problems.append(f"{req.name} {version} does not satisfy pyproject.toml's {req}")
+if problems:
+    sys.exit("gpu_cost.sh: " + "; ".join(problems) + ". Install matching versions (e.g. pip install 'peft>=0.21,<0.22').")
+import torch
+
 if not torch.cuda.is_available():
     sys.exit("gpu_cost.sh: no CUDA GPU visible; for the CPU figures run: python benchmarks/step_time.py --setting cpu")
 print(torch.cuda.get_device_name(0))

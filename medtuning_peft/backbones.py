@@ -75,6 +75,17 @@ class BackboneSpec:
         plain = re.sub(r"\(\?P<\w+>", "(?:", self.block_path)
         return rf"(?:.*\.)?{plain}"
 
+    @property
+    def block_list(self) -> str:
+        """Path of the module list holding the blocks of a plain backbone (e.g. ``encoder.layer``).
+
+        Raises:
+            ValueError: for a hierarchical backbone, whose blocks sit in several lists.
+        """
+        if self.hierarchical or not self.block_path.endswith(r"\.(?P<block>\d+)"):
+            raise ValueError(f"{self.model_type} blocks do not sit in one module list: {self.block_path!r}")
+        return self.block_path.removesuffix(r"\.(?P<block>\d+)").replace("\\.", ".")
+
     def parse(self, name: str) -> tuple[int, int] | None:
         """(stage, block) indices of a block name, or None when ``name`` is not a block of this spec."""
         m = re.search(rf"(?:^|\.){self.block_path}$", name)

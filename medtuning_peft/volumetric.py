@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .backbones import BACKBONE_SPECS
 from .decoders import build_decoder
 from .io_utils import check_safetensors, read_json_file
 from .tuners.med_adapter import MedAdapterConfig
@@ -217,11 +218,14 @@ class FeatureSpec:
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
 
-def _plain_feature_spec(model_class: str, block_list: str, **forward_kwargs: Any) -> FeatureSpec:
-    """A plain (one-resolution) backbone: four tapped blocks of width ``hidden_size``, a simple pyramid."""
+def _plain_feature_spec(model_type: str, model_class: str, **forward_kwargs: Any) -> FeatureSpec:
+    """A plain (one-resolution) backbone: four tapped blocks of width ``hidden_size``, a simple pyramid.
+
+    The blocks are found where the tuner finds them (:data:`~medtuning_peft.backbones.BACKBONE_SPECS`).
+    """
     return FeatureSpec(
         model_class,
-        partial(_plain_features, block_list=block_list, **forward_kwargs),
+        partial(_plain_features, block_list=BACKBONE_SPECS[model_type].block_list, **forward_kwargs),
         lambda model: [model.config.hidden_size] * 4,
         "embeddings.patch_embeddings",
         True,
@@ -237,9 +241,9 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
         "stages.0.patch_embeddings",
         False,
     ),
-    "vit": _plain_feature_spec("ViTModel", "layers", interpolate_pos_encoding=True),
-    "dinov2": _plain_feature_spec("Dinov2Model", "encoder.layer"),
-    "dinov2_with_registers": _plain_feature_spec("Dinov2WithRegistersModel", "encoder.layer"),
+    "vit": _plain_feature_spec("vit", "ViTModel", interpolate_pos_encoding=True),
+    "dinov2": _plain_feature_spec("dinov2", "Dinov2Model"),
+    "dinov2_with_registers": _plain_feature_spec("dinov2_with_registers", "Dinov2WithRegistersModel"),
 }
 
 

@@ -152,7 +152,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         self, adapter_name: str, device: torch.device | None = None
     ) -> None:
         # Blocks have no `weight`: take the device from the block's first parameter that is not on meta.
-        # Adapters stay in float32 (float64 for a float64 model); bf16/fp16 blocks run them under autocast.
+        # Adapters stay in float32 (float64 for a float64 model); a bf16/fp16 block's output is cast to them.
         if adapter_name not in self.med_adapter:
             return
         adapter = self.med_adapter[adapter_name]

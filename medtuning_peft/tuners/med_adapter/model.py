@@ -259,9 +259,9 @@ class MedAdapterModel(BaseTuner):
         self._hook_handles = handles
 
     def _wrap_checkpoint_functions(self, backbone: nn.Module) -> None:
-        # transformers checkpoints whole stages (Swin) or blocks; the recomputation in backward must see the
-        # inter-stage features of the forward it replays. Cheap when nothing changed: one attribute read per
-        # checkpointable module.
+        # The adapted blocks checkpoint with transformers' checkpoint functions (see _plan_checkpointing); the
+        # recomputation in backward must see the inter-stage features of the forward it replays. Cheap when
+        # nothing changed: one attribute read per checkpointable module.
         for module in backbone.modules():
             fn = module.__dict__.get("_gradient_checkpointing_func")
             wrapped = fn is None or hasattr(fn, "med_adapter_original")
