@@ -53,6 +53,7 @@ class MedAdapterModel(BaseTuner):
             self._pending_plans: dict[str, BlockPlan] = {}
             self._hook_handles: list = []
             self._suspended_checkpointing: list[nn.Module] = []
+            self._checkpointing_layers: list[MedAdapterLayer] = []
 
     def _prepare_adapter_config(self, peft_config: MedAdapterConfig, model_config: dict) -> MedAdapterConfig:
         # Targets are found from the module tree in `_prepare_model`, which sees the model: a backbone may
@@ -301,8 +302,13 @@ class MedAdapterModel(BaseTuner):
             own = base.__dict__.get("_gradient_checkpointing_func")
             own = own if getattr(base, "gradient_checkpointing", False) else None
             layer.checkpoint_func = own or funcs.get(name.rpartition(".")[0])
+            if layer.checkpoint_func is not None:
+                self._checkpointing_layers.append(layer)
 
     def _restore_suspended_checkpointing(self) -> None:
+        # After the backbone's forward: the checkpoints taken hold their functions; the layers need not.
+        while self._checkpointing_layers:
+            self._checkpointing_layers.pop().checkpoint_func = None
         while self._suspended_checkpointing:
             self._suspended_checkpointing.pop().gradient_checkpointing = True
 
@@ -329,9 +335,6 @@ class MedAdapterModel(BaseTuner):
         self._hook_handles = []
         self._restore_suspended_checkpointing()
         self._unwrap_checkpoint_functions()
-        for module in self.model.modules():
-            if isinstance(module, MedAdapterLayer):
-                module.checkpoint_func = None
         self._context.end()
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
