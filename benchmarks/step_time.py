@@ -755,6 +755,8 @@ def markdown_section(report: dict[str, Any]) -> str:
             )
         lines.append("")
         lines += _operations_table(results)
+    if report.get("incomplete"):
+        lines += [f"Incomplete run: {report['incomplete']}.", ""]
     paper = report.get("paper_swin_t_adapter")
     if paper:
         lines += [
@@ -914,22 +916,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         ),
         "results": {},
     }
-    with _cudnn_benchmark(device):
-        for backbone in backbones:
-            report["results"][backbone] = benchmark_backbone(args, setting, backbone, device)
-    report["paper_swin_t_adapter"] = paper_swin_t_adapter_bytes()
-
-    section = markdown_section(report)
-    print(section)
     # A tiny run checks the code path: it writes files only where asked to.
     default_json = None if args.tiny else ROOT / "benchmarks" / "results" / f"cost_{name}_{device.type}.json"
     out = Path(args.json) if args.json else default_json
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
     markdown = args.markdown if args.markdown is not None else ("" if args.tiny else str(DEFAULT_MARKDOWN))
-    if markdown:
-        write_markdown(Path(markdown), f"{name}_{device.type}", section)
+
+    def write(report: dict[str, Any]) -> str:
+        section = markdown_section(report)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if markdown:
+            write_markdown(Path(markdown), f"{name}_{device.type}", section)
+        return section
+
+    with _cudnn_benchmark(device):
+        for i, backbone in enumerate(backbones):
+            report["results"][backbone] = benchmark_backbone(args, setting, backbone, device)
+            if i + 1 < len(backbones):  # written as it goes: a run cut short keeps its finished backbones
+                report["incomplete"] = f"stopped before {backbones[i + 1 :]}"
+                write(report)
+    report.pop("incomplete", None)
+    report["paper_swin_t_adapter"] = paper_swin_t_adapter_bytes()
+    print(write(report))
     return report
 
 
