@@ -444,6 +444,30 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
     assert set(calls.values()) == {1}
 
 
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_outputs_and_gradients():
+    # torch.compile of the whole PeftModel (hooks, the per-forward context, the custom spectral backward):
+    # the same function as eager, in training mode, with trained (slice-mixing) spectral filters.
+    model = train_steps(adapted("swin"), slices(2, D, seed=3)).train()
+    for m in model.modules():  # no random masks: compare the math
+        if isinstance(m, nn.Dropout) or type(m).__name__ == "SwinDropPath":
+            m.eval()
+    x = slices(2, D, seed=4)
+
+    def output_and_grads(m):
+        model.zero_grad(set_to_none=True)
+        out = run(m, x, num_slices=D)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, eager_grads = output_and_grads(model)
+    compiled, compiled_grads = output_and_grads(torch.compile(model))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for n in eager_grads:
+        torch.testing.assert_close(compiled_grads[n], eager_grads[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
 def test_reentrant_gradient_checkpointing_is_refused():
     model = adapted("swin").train()
     model.base_model.model.gradient_checkpointing_enable(

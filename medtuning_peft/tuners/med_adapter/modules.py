@@ -149,8 +149,7 @@ class _CirculantMagnitude(torch.autograd.Function):
         return grad_rows, grad_mat, grad_bias, None
 
 
-@functools.lru_cache(maxsize=32)
-def _inverse_dft_basis(
+def _build_inverse_dft_basis(
     num_slices: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Constant matrices mapping a filter to the circulant of its inverse DFT, and to its inverse DFT.
@@ -173,6 +172,10 @@ def _inverse_dft_basis(
     return circulant.reshape(2 * d * d, d).to(device=device, dtype=dtype), inverse.to(
         device=device, dtype=dtype
     )
+
+
+_inverse_dft_basis = functools.lru_cache(maxsize=32)(_build_inverse_dft_basis)
+"""Cached :func:`_build_inverse_dft_basis` for eager mode (torch.compile traces the builder instead)."""
 
 
 class SpectralFilter(nn.Module):
@@ -213,7 +216,8 @@ class SpectralFilter(nn.Module):
             bias = resample_periodic(self.bias, num_slices).to(dtype)
             rows = _volume_rows(v, num_slices).to(dtype)  # (B, D, h*w*r); the (0, 0) token is [:r]
             if self.uses_matmul(num_slices, v.device):
-                circulant, inverse = _inverse_dft_basis(num_slices, dtype, v.device)
+                basis = _build_inverse_dft_basis if torch.compiler.is_compiling() else _inverse_dft_basis
+                circulant, inverse = basis(num_slices, dtype, v.device)
                 mat = (circulant @ weight).view(2 * num_slices, num_slices)  # [Re C; Im C]
                 out = _CirculantMagnitude.apply(rows, mat, inverse @ bias, r)  # bias: [Re; Im] ifft(b)
             else:
