@@ -109,3 +109,9 @@ def test_operation_count_and_profiled_activity_of_a_step():
     activity = step_time.device_activity(runner, volume, labels, torch.device("cpu"), steps=2)
     assert activity["kernels_per_step"] > 0
     assert 0 < activity["busy_ms_per_step"] <= activity["profiled_wall_ms_per_step"]
+
+
+def test_compiled_methods_run_only_when_named():
+    assert not set(step_time.OPTIONAL_METHODS) & set(step_time.parse_args([]).methods)
+    args = step_time.parse_args(["--methods", "med_adapter+compile", "full+compile"])
+    assert args.methods == ["med_adapter+compile", "full+compile"]
