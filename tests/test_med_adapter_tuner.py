@@ -406,7 +406,7 @@ def test_checkpointed_recomputation_replays_its_own_forward():
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", ["swin", "vit"])
+@pytest.mark.parametrize("name", ["swin", "vit", "segformer", "dinov2_registers", "upernet_swin"])
 def test_checkpointing_recomputes_each_adapted_block_once(name):
     # transformers checkpoints Swin stages and the blocks inside them; Med-Adapter checkpoints each adapted
     # block (block + adapter) as one unit instead: one forward and one recomputation per training step, and the
@@ -415,6 +415,7 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
 
     model = adapted(name).train()
     backbone = model.base_model.model
+    backbone = getattr(backbone, "backbone", backbone)  # a task model (UperNet): checkpoint its backbone
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flags = {
         n: m.gradient_checkpointing
