@@ -264,3 +264,14 @@ def test_reference_form_switch_runs_the_reference_and_restores_the_fast_form():
     assert set_reference_form(model, True) == len(adapters)
     with pytest.raises(ValueError, match="reference form only runs at the configured slice count"):
         model(pixel_values=slices(1, 5), num_slices=5)
+
+
+@pytest.mark.parametrize("use_matmul", [True, False], ids=["matmul", "fft"])
+def test_meta_device_forward_gives_the_shapes(use_matmul):
+    # Shape inference without memory (e.g. models built under accelerate's init_empty_weights).
+    adapter = MedAdapter(24, 6, (3, 5), True, 3, prev_channels=4, prev_spatial=True).to("meta")
+    adapter.spectral.use_matmul = use_matmul
+    x = torch.empty(2 * 3, 4 * 4, 24, device="meta")
+    prev = torch.empty(2 * 3, 4, 8, 8, device="meta")
+    out, a = adapter(x, (4, 4), 3, prev)
+    assert out.device.type == "meta" and out.shape == x.shape and a.shape == (6, 4, 4, 4)

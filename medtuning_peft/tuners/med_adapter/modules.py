@@ -23,6 +23,7 @@ switched to (``MedAdapter.use_reference_form``) for side-by-side timing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, ClassVar
@@ -54,6 +55,13 @@ def resample_periodic(values: torch.Tensor, size: int) -> torch.Tensor:
     hi = (lo + 1) % num_bins
     frac = (pos - pos.floor()).to(values.dtype)
     return values[lo] * (1 - frac) + values[hi] * frac
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device_type``; a no-op where it is not on (or not available, e.g. "meta")."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _volume_rows(v: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -211,7 +219,7 @@ class SpectralFilter(nn.Module):
         """(B*D, r, h, w) -> (B*D, r, h, w); channels-last memory in and out avoids copies."""
         dtype = torch.promote_types(v.dtype, torch.float32)
         r = v.shape[1]
-        with torch.autocast(device_type=v.device.type, enabled=False):
+        with _autocast_off(v.device.type):
             weight = resample_periodic(self.weight, num_slices).to(dtype)
             bias = resample_periodic(self.bias, num_slices).to(dtype)
             rows = _volume_rows(v, num_slices).to(dtype)  # (B, D, h*w*r); the (0, 0) token is [:r]
@@ -333,7 +341,7 @@ class MedAdapter(nn.Module):
         # work on r channels: it runs in the parameters' dtype with autocast off, so its 14-16 parameters and
         # their gradients are not cast every step (two casts of z instead).
         z = self.act(self.down(x))  # (B*D, h*w, r)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             z = z.to(self.mix.weight.dtype).view(n, h, w, r)  # (B*D, h*w, r) -> (B*D, h, w, r)
             v = z.permute(0, 3, 1, 2)  # (B*D, h, w, r) -> (B*D, r, h, w), channels-last memory: no copy
             feats = [branch(v, num_slices) for branch in self.branches]
