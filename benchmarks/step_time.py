@@ -564,7 +564,7 @@ def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def device_activity(
-    runner: Runner, volume: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 3
+    runner: Runner, volume: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 2
 ) -> dict[str, float]:
     """Kernels launched and device busy time per training step, from torch.profiler, against the wall time.
 
