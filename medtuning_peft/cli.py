@@ -1,4 +1,4 @@
-"""The ``medtuning`` command line: predict, evaluate, verify-data, push.
+"""The ``medtuning`` command line: predict, evaluate, verify-data, push, cache.
 
 ::
 
@@ -6,6 +6,7 @@
     medtuning evaluate --pred predictions/ --labels /data/kits19/data --task kits19 --output metrics.json
     medtuning verify-data --task brats --data-dir /data/MICCAI_BraTS2020_TrainingData
     medtuning push --model runs/kits/model --repo-id my-org/kits19-swin --dataset kits19
+    medtuning cache --prune-stale --max-size 200 --dry-run
 
 Every command checks its inputs case by case: a bad file (truncated ``.nii.gz``, not a NIfTI, 2D or 4D
 where 3D is expected, NaN/Inf voxels, mismatched grids, unexpected labels) is reported with the case, the
@@ -23,10 +24,12 @@ import csv
 import dataclasses
 import io
 import math
+import os
 import struct
 import sys
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -837,6 +840,134 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 # -----------------------------------------------------------------------------------------------------
+# cache
+# -----------------------------------------------------------------------------------------------------
+
+_CACHE_DIR_HELP = (
+    "the cache folder given to training as --cache-dir (default: $MEDTUNING_CACHE, else "
+    "$XDG_CACHE_HOME/medtuning_peft, else ~/.cache/medtuning_peft; its arrays/ subfolder holds the "
+    "entries), or a folder given to load_cases(cache_dir=...)"
+)
+
+
+def _size(num_bytes: float) -> str:
+    """``num_bytes`` in decimal units: ``812 B``, ``12.3 MB``, ``4.6 GB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def _cache_folder(cache_dir: str | None, *, writable: bool) -> Path:
+    """The folder holding the entries: ``<cache_dir>/arrays`` when it exists (training), else ``cache_dir``."""
+    if cache_dir is None:
+        from .training import default_cache_dir
+
+        root = default_cache_dir()
+        named = f"the default cache folder '{root}' (from $MEDTUNING_CACHE, $XDG_CACHE_HOME or ~/.cache)"
+    else:
+        root = Path(cache_dir).expanduser()
+        named = f"--cache-dir '{root}'"
+    fix = "pass --cache-dir with the folder given to training as --cache-dir or to load_cases(cache_dir=...)"
+    if not root.exists():
+        raise CommandError(f"{named} does not exist; {fix}.")
+    if not root.is_dir():
+        raise CommandError(f"{named} is not a folder; {fix}.")
+    folder = root / "arrays" if (root / "arrays").is_dir() else root
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise CommandError(
+            f"cache folder '{folder}' cannot be read (permission denied); run as a user who can read it."
+        )
+    if writable and not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(
+            f"cache folder '{folder}' is not writable, so nothing can be removed from it; run as its owner "
+            "or use --dry-run to see what would be removed."
+        )
+    return folder
+
+
+def _state(entry: Any) -> str:
+    return {True: "current", False: "stale", None: "unknown"}[entry.current]
+
+
+def _count(entries: list[Any]) -> str:
+    """``3 entries, 1.2 GB``."""
+    size = _size(sum(e.size_bytes for e in entries))
+    return f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, {size}"
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    pruning = args.prune_stale or args.prune_older_than is not None or args.max_size is not None
+    if args.dry_run and not pruning:
+        print(
+            "medtuning cache: error: --dry-run shows what a prune would remove; add --prune-stale, "
+            "--prune-older-than DAYS or --max-size GB.",
+            file=sys.stderr,
+        )
+        return 2
+    folder = _cache_folder(args.cache_dir, writable=pruning and not args.dry_run)
+
+    from .data.cache import TEMPORARY_PREFIX, CaseCache
+
+    cache = CaseCache(folder)
+    result, temporaries = None, 0
+    try:
+        entries = cache.entries()
+        others = sum(1 for p in folder.iterdir() if not p.name.startswith(TEMPORARY_PREFIX)) - len(entries)
+        if pruning:
+            result = cache.prune(
+                stale=args.prune_stale,
+                older_than_s=None if args.prune_older_than is None else args.prune_older_than * 86400.0,
+                max_bytes=None if args.max_size is None else int(args.max_size * 1e9),
+                dry_run=args.dry_run,
+            )
+            temporaries = cache.remove_temporaries(dry_run=args.dry_run)
+    except OSError as error:
+        raise CommandError(f"cache folder '{folder}': {error}") from error
+
+    removing = "would remove" if args.dry_run else "removed"
+    removed = {e.path for e in result.removed} if result else set()
+    header = ["last used", "size", "state", "case", "entry", "note"]
+    rows = [
+        [
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
+            _size(e.size_bytes),
+            _state(e),
+            e.case_id,
+            e.path.name,
+            e.reason,
+        ]
+        for e in (entries if args.list or result is None else result.removed)
+    ]
+    if result is not None:  # which entries go: (action, *columns)
+        header.insert(0, "action")
+        shown = entries if args.list else result.removed
+        rows = [[removing if e.path in removed else "kept", *row] for e, row in zip(shown, rows)]
+    print(f"medtuning cache: '{folder}'")
+    if rows:
+        _print_table(header, rows)
+    by_state = {s: [e for e in entries if _state(e) == s] for s in ("current", "stale", "unknown")}
+    detail = "; ".join(f"{state}: {_count(found)}" for state, found in by_state.items() if found)
+    print(f"total: {_count(entries)}" + (f" ({detail})" if detail else ""))
+    if result is not None:
+        print(f"{removing}: {_count(result.removed)}")
+        print(f"{'would keep' if args.dry_run else 'kept'}: {_count(result.kept)}")
+        if temporaries:
+            print(
+                f"{removing}: {temporaries} {TEMPORARY_PREFIX}* folder(s) of interrupted writes (over an hour old)"
+            )
+    if others > 0:
+        print(f"left alone: {others} other item(s) in '{folder}' that are not cache entries")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------
 # Parser
 # -----------------------------------------------------------------------------------------------------
 
@@ -853,6 +984,21 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be a positive integer.")
     return value
+
+
+def _non_negative(what: str, example: str) -> Callable[[str], float]:
+    """An argparse type: a finite number >= 0 of ``what``, refused with ``example`` in the message."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of {what} >= 0; pass e.g. {example}.")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -982,6 +1128,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the card and the file list; upload nothing"
     )
     push.set_defaults(func=_cmd_push)
+
+    cache = commands.add_parser(
+        "cache",
+        help="list the decoded-volume cache and reclaim its space",
+        description="List the entries of the decode-once cache (case, size, last use, whether current) and "
+        "remove stale, unused or least recently used ones. An entry is stale when its source files or the "
+        "cache version changed: it is never loaded again. Entries of other preprocessing parameters stay "
+        "until unused or over the size budget (CaseCache.prune(cases=...) removes them by case). Only "
+        "complete entry folders are removed, never other files or links; a removed entry is rebuilt when "
+        "next needed. A prune also deletes the .tmp-* folders of interrupted writes older than an hour.",
+    )
+    cache.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
+    cache.add_argument(
+        "--list", action="store_true", help="print every entry (the default when nothing is pruned)"
+    )
+    cache.add_argument(
+        "--prune-stale",
+        action="store_true",
+        help="remove entries that can never be loaded again (source files changed, older cache version)",
+    )
+    cache.add_argument(
+        "--prune-older-than",
+        type=_non_negative("days", "30 or 0.5"),
+        metavar="DAYS",
+        help="remove entries not used for more than DAYS days",
+    )
+    cache.add_argument(
+        "--max-size",
+        type=_non_negative("gigabytes", "200 or 0.5"),
+        metavar="GB",
+        help="then remove least recently used entries until the cache holds at most GB gigabytes (1e9 bytes)",
+    )
+    cache.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    cache.set_defaults(func=_cmd_cache)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The `medtuning` command line: predict, evaluate, verify-data, push; in-process and as a subprocess.
+"""The `medtuning` command line: predict, evaluate, verify-data, push, cache; in-process and as a subprocess.
 
 Bad inputs go through the real command; a tiny random segmenter stands in for a trained one (the CLI
 must not depend on what the model predicts, only on shapes, geometry and the saved settings).
@@ -22,7 +22,14 @@ import torch
 
 from medtuning_peft import cli
 from medtuning_peft.cli import main, png_bytes
-from medtuning_peft.data import CTPreprocessing, MRIPreprocessing, load_case
+from medtuning_peft.data import (
+    CaseCache,
+    CTPreprocessing,
+    MRIPreprocessing,
+    list_kits19_cases,
+    load_case,
+    write_synthetic_kits19,
+)
 from medtuning_peft.data.kits19 import kits19_case_files
 from medtuning_peft.evaluation import REFERENCE_OVERLAP, sliding_window_predict
 from medtuning_peft.io_utils import PARTIAL_PREFIX
@@ -130,6 +137,7 @@ def leftovers(folder: Path) -> list[str]:
         ("evaluate", "--labels"),
         ("verify-data", "--data-dir"),
         ("push", "--repo-id"),
+        ("cache", "--max-size"),
     ],
 )
 def test_every_command_has_help(command, option, capsys):
@@ -576,6 +584,95 @@ def test_verify_data_passes_a_clean_kits_folder(tmp_path, capsys):
     assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path)]) == 0
     assert "1 without label" in capsys.readouterr().out
     assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--require-labels"]) == 1
+
+
+# -----------------------------------------------------------------------------------------------------
+# cache
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def training_cache(tmp_path) -> tuple[Path, Path]:
+    """A training cache folder (entries in arrays/): a current entry per case, a stale one, a user file.
+
+    Returns:
+        The cache folder and the stale entry.
+    """
+    write_synthetic_kits19(tmp_path / "kits", num_cases=2, shape=(16, 16, 16))
+    files = list_kits19_cases(tmp_path / "kits")
+    cache = CaseCache(tmp_path / "cache" / "arrays")
+    cache.load_many(files)
+    stale = cache.entry_dir(files[0])
+    stat = os.stat(files[0].images[0])
+    os.utime(files[0].images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced
+    cache.load(files[0])
+    (tmp_path / "cache" / "arrays" / "notes.txt").write_text("keep me")
+    return tmp_path / "cache", stale
+
+
+def test_cache_lists_every_entry_with_totals(training_cache, capsys):
+    root, stale = training_cache
+    assert main(["cache", "--cache-dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert str(root / "arrays") in out and stale.name in out and "source files changed" in out
+    assert "total: 3 entries" in out and "stale: 1 entry" in out
+    assert "left alone: 1 other item(s)" in out
+
+
+def test_cache_dry_run_removes_nothing_then_prune_removes_the_stale_entry(training_cache, capsys):
+    root, stale = training_cache
+    assert main(["cache", "--cache-dir", str(root), "--prune-stale", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove: 1 entry" in out and "would keep: 2 entries" in out and stale.is_dir()
+    assert main(["cache", "--cache-dir", str(root), "--prune-stale", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "removed: 1 entry" in out and out.count("kept ") == 2 and not stale.exists()
+    assert len(CaseCache(root / "arrays").entries()) == 2
+    assert (root / "arrays" / "notes.txt").read_text() == "keep me"
+
+
+def test_cache_defaults_to_the_training_cache_folder(training_cache, monkeypatch, capsys):
+    from medtuning_peft.training import default_cache_dir
+
+    root, _ = training_cache
+    monkeypatch.setenv("MEDTUNING_CACHE", str(root))
+    assert default_cache_dir() == root  # where training keeps its arrays/ entries
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"'{root / 'arrays'}'" in out and "total: 3 entries" in out
+
+
+def test_cache_names_a_missing_or_wrong_folder(tmp_path, capsys):
+    assert main(["cache", "--cache-dir", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "does not exist" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["cache", "--cache-dir", str(tmp_path / "file")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--max-size", "-1", "number of gigabytes >= 0"), ("--prune-older-than", "soon", "number of days >= 0")],
+)
+def test_cache_refuses_bad_values(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "--cache-dir", str(tmp_path), option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cache_dry_run_needs_a_prune_option(tmp_path, capsys):
+    assert main(["cache", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
+    assert "--prune-stale" in capsys.readouterr().err
+
+
+def test_cache_size_budget_as_a_subprocess(training_cache):
+    root, _ = training_cache
+    result = run_cli("cache", "--cache-dir", str(root), "--max-size", "0")
+    assert result.returncode == 0, result.stderr
+    assert "removed: 3 entries" in result.stdout and "kept: 0 entries, 0 B" in result.stdout
+    assert CaseCache(root / "arrays").entries() == []
+    assert sorted(p.name for p in (root / "arrays").iterdir()) == ["notes.txt"]
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Cache: decode once, memory-map later, key on sources and parameters, write atomically, self-repair."""
+"""Cache: decode once, memory-map later, key on sources and parameters, write atomically, self-repair, prune."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -160,3 +162,204 @@ def test_missing_source_raises_the_case_error(kits_dir, tmp_path):
     files.images[0].unlink()
     with pytest.raises(CaseFileMissingError, match="case_00000"):
         load_cases([files], cache_dir=tmp_path / "cache")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Listing and pruning
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_cases(tmp_path):
+    write_synthetic_kits19(tmp_path / "kits3", num_cases=3, shape=(16, 16, 16))
+    return list_kits19_cases(tmp_path / "kits3")
+
+
+def touch_source(files):
+    """Gives the case's image a new modification time, as when the file is replaced."""
+    stat = os.stat(files.images[0])
+    os.utime(files.images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def entry_names(cache):
+    return sorted(e.path.name for e in cache.entries())
+
+
+def test_entries_report_case_size_and_last_use(three_cases, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load_many(three_cases)
+    entries = cache.entries()
+    assert [e.case_id for e in entries] == ["case_00000", "case_00001", "case_00002"]
+    for entry, files in zip(entries, three_cases):
+        assert entry.path == cache.entry_dir(files) and entry.key == cache.key(files)
+        assert entry.size_bytes == sum(p.stat().st_size for p in entry.path.iterdir())
+        assert entry.current is True and entry.reason == ""
+        assert abs(entry.last_used - entry.path.stat().st_mtime) < 1e-6
+
+
+def test_stale_entries_are_pruned_and_current_ones_kept(three_cases, tmp_path, count_decodes):
+    cache = CaseCache(tmp_path / "cache")
+    windowed = CTPreprocessing(window=(-100.0, 300.0))
+    cache.load_many(three_cases)
+    cache.load_many(three_cases, windowed)  # another experiment's preprocessing
+    replaced = [cache.entry_dir(three_cases[0]), cache.entry_dir(three_cases[0], windowed)]
+    touch_source(three_cases[0])
+    cache.load(three_cases[0])  # case 0 re-decoded: both its earlier entries are stale
+    old_version = cache.entry_dir(three_cases[1], windowed)
+    meta = json.loads((old_version / "meta.json").read_text())
+    meta["cache_version"] = 0  # written by an older release
+    (old_version / "meta.json").write_text(json.dumps(meta))
+    assert len(cache.entries()) == 7
+    current = {cache.entry_dir(f).name for f in three_cases}
+
+    # Without the cases in use, only entries that can never load again are stale.
+    result = cache.prune(stale=True)
+    assert {e.path.name: e.reason for e in result.removed} == {
+        replaced[0].name: "source files changed since it was written",
+        replaced[1].name: "source files changed since it was written",
+        old_version.name: f"cache version 0; this code reads version {cache_module.CACHE_VERSION}",
+    }
+    assert result.removed_bytes == sum(e.size_bytes for e in result.removed) > 0
+    assert not any(p.exists() for p in [*replaced, old_version]) and len(entry_names(cache)) == 4
+
+    # With them, the entries of another preprocessing are stale too.
+    marked = {e.path.name: e.current for e in cache.entries(three_cases)}
+    assert marked == {n: n in current for n in marked}
+    result = cache.prune(stale=True, cases=three_cases)
+    assert [e.path for e in result.removed] == [cache.entry_dir(three_cases[2], windowed)]
+    assert {e.path.name for e in result.kept} == current
+    assert entry_names(cache) == sorted(current)
+    decodes = len(count_decodes)
+    cache.load_many(three_cases)
+    assert len(count_decodes) == decodes  # the current entries still serve every case
+
+
+def test_entry_with_a_missing_source_is_unknown_and_kept(three_cases, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load_many(three_cases)
+    shutil.rmtree(three_cases[2].images[0].parent)  # e.g. the data drive is not mounted
+    entry = next(e for e in cache.entries() if e.case_id == "case_00002")
+    assert entry.current is None and "source file not found" in entry.reason
+    assert cache.prune(stale=True).removed == [] and len(cache.entries()) == 3
+
+
+def test_loads_update_last_use_and_the_size_budget_removes_least_recently_used(three_cases, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load_many(three_cases)  # cases 0, 1, 2
+    before = {e.case_id: e.last_used for e in cache.entries()}
+    cache.load(three_cases[0])  # now case 1 is the least recently used, then 2, then 0
+    after = {e.case_id: e.last_used for e in cache.entries()}
+    assert after["case_00000"] > before["case_00000"] and after["case_00001"] == before["case_00001"]
+    assert [e.case_id for e in cache.entries()] == ["case_00001", "case_00002", "case_00000"]
+    sizes = {e.case_id: e.size_bytes for e in cache.entries()}
+
+    budget = sizes["case_00002"] + sizes["case_00000"]
+    result = cache.prune(max_bytes=budget)
+    assert [e.case_id for e in result.removed] == ["case_00001"]
+    assert result.kept_bytes <= budget and sum(e.size_bytes for e in cache.entries()) == result.kept_bytes
+
+    result = cache.prune(max_bytes=sizes["case_00000"])
+    assert [e.case_id for e in result.removed] == ["case_00002"]
+    assert [e.case_id for e in cache.entries()] == ["case_00000"]
+
+
+def test_entries_unused_for_longer_than_the_age_are_pruned(three_cases, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load_many(three_cases)
+    month_ago = os.stat(cache.entry_dir(three_cases[1])).st_mtime - 30 * 86400
+    os.utime(cache.entry_dir(three_cases[1]), (month_ago, month_ago))
+    result = cache.prune(older_than_s=7 * 86400)
+    assert [e.case_id for e in result.removed] == ["case_00001"]
+    assert [e.case_id for e in cache.entries()] == ["case_00000", "case_00002"]
+
+
+def test_dry_run_deletes_nothing(three_cases, tmp_path, count_decodes):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load_many(three_cases)
+    touch_source(three_cases[0])
+    cache.load(three_cases[0])
+    on_disk = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    result = cache.prune(stale=True, older_than_s=0, max_bytes=0, dry_run=True)
+    assert result.dry_run and len(result.removed) == 4 and result.kept == []
+    assert result.removed_bytes == sum(e.size_bytes for e in cache.entries())
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == on_disk
+    decodes = len(count_decodes)
+    cache.load_many(three_cases)
+    assert len(count_decodes) == decodes
+
+
+def test_prune_never_deletes_what_is_not_a_cache_entry(three_cases, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache = CaseCache(cache_dir)
+    cache.load(three_cases[0])
+    real = cache.entry_dir(three_cases[0])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cache.load(three_cases[2])
+    moved = cache.entry_dir(three_cases[2])
+    moved.rename(outside / moved.name)  # a complete entry outside the cache folder ...
+    moved.symlink_to(outside / moved.name)  # ... linked in under its own name
+    (cache_dir / "my_results").mkdir()
+    (cache_dir / "my_results" / "table.csv").write_text("dice\n0.9\n")
+    (cache_dir / "case_00008-0123456789abcdef0123").mkdir()  # entry-like name, no meta.json
+    (cache_dir / "case_00008-0123456789abcdef0123" / "image.npy").write_bytes(b"user data")
+    garbled = cache_dir / "case_00007-0123456789abcdef0123"
+    garbled.mkdir()
+    (garbled / "meta.json").write_text("{")
+    renamed = cache_dir / "case_00006-0123456789abcdef0123"  # meta.json names another case and key
+    shutil.copytree(real, renamed)
+    linked = cache_dir / "case_00005-aaaaaaaaaaaaaaaaaaaa"  # a valid entry holding a link out
+    cache.load(three_cases[1])
+    cache.entry_dir(three_cases[1]).rename(linked)
+    meta = json.loads((linked / "meta.json").read_text())
+    meta["case"]["case_id"], meta["key"] = "case_00005", "a" * 64
+    (linked / "meta.json").write_text(json.dumps(meta))
+    (linked / "label.npy").unlink()
+    (linked / "label.npy").symlink_to(outside / moved.name / "label.npy")
+    writer = cache_dir / ".tmp-case_00002-0123456789abcdef0123-123-deadbeef"  # a writer at work
+    writer.mkdir()
+    (writer / "image.npy").write_bytes(b"partial")
+    decoy = sorted(p.name for p in cache_dir.iterdir() if p != real)
+
+    assert [e.path for e in cache.entries()] == [real]
+    result = cache.prune(stale=True, older_than_s=0, max_bytes=0)
+    assert [e.path for e in result.removed] == [real]
+    assert sorted(p.name for p in cache_dir.iterdir()) == decoy
+    assert sorted(p.name for p in (outside / moved.name).iterdir()) == ["image.npy", "label.npy", "meta.json"]
+    assert (cache_dir / "my_results" / "table.csv").read_text() == "dice\n0.9\n"
+    assert (writer / "image.npy").exists() and (linked / "label.npy").is_symlink()
+
+
+def test_interrupted_prune_leaves_no_entry_that_looks_valid(three_cases, tmp_path, monkeypatch):
+    cache = CaseCache(tmp_path / "cache")
+    cache.load(three_cases[0])
+    entry = cache.entry_dir(three_cases[0])
+    original_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        (Path(path) / "label.npy").unlink()  # half-way through the deletion
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prune(max_bytes=0)
+    monkeypatch.setattr(cache_module.shutil, "rmtree", original_rmtree)
+    assert not entry.exists() and cache.entries() == []
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(cache_module.TEMPORARY_PREFIX)
+    assert cache.load(three_cases[0]).label is not None  # rebuilt
+    assert cache.remove_temporaries(older_than_s=0) == 1 and len(cache.entries()) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "nothing to prune by"),
+        ({"older_than_s": -1.0}, "older_than_s=-1.0"),
+        ({"max_bytes": -5}, "max_bytes=-5"),
+        ({"stale": True, "preprocessing": CTPreprocessing()}, "without cases"),
+    ],
+)
+def test_prune_refuses_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CaseCache(tmp_path / "cache").prune(**kwargs)

@@ -10,19 +10,27 @@ new entry, so a stale entry is never returned. An entry is written into a tempor
 moved into place with one ``os.replace``, so a crash leaves either the whole entry or none (plus at
 most a ``.tmp-*`` folder that :meth:`CaseCache.remove_temporaries` deletes). An entry whose metadata
 or arrays do not match (truncated, edited, wrong version) is detected on load and rebuilt.
+
+Every load sets the entry folder's modification time (its "last used" time; no array is rewritten).
+Entries made for older sources, parameters or versions are never deleted by loading:
+:meth:`CaseCache.entries` lists them and :meth:`CaseCache.prune` reclaims their space (stale entries,
+entries unused for a given time, least recently used entries beyond a size budget).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,9 @@ from .preprocessing import Preprocessing, default_preprocessing
 # Bump when the meaning of cached arrays changes (loader, orientation or normalization code).
 CACHE_VERSION = 1
 TEMPORARY_PREFIX = ".tmp-"
+KEY_PREFIX_LENGTH = 20  # hex digits of the key in an entry's folder name
+ENTRY_NAME_PATTERN = re.compile(rf"^(?P<case_id>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f]{{{KEY_PREFIX_LENGTH}}})$")
+""":func:`re.match` pattern of an entry folder name, ``<case_id>-<first 20 hex digits of the key>``."""
 
 
 class CacheEntryError(RuntimeError):
@@ -48,8 +59,89 @@ def _sha256(path: Path) -> str:
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
-    stat = os.stat(path)  # raises FileNotFoundError for a missing file
-    return {"path": str(Path(path).absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    info = os.stat(path)  # raises FileNotFoundError for a missing file
+    return {"path": str(Path(path).absolute()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def _key(case: dict[str, Any], preprocessing: dict[str, Any]) -> str:
+    """The cache key of ``CaseFiles.to_dict()`` and ``Preprocessing.to_dict()`` (stats the sources)."""
+    sources = [_fingerprint(Path(p)) for p in case["images"]]
+    if case["label"] is not None:
+        sources.append(_fingerprint(Path(case["label"])))
+    payload = {
+        "cache_version": CACHE_VERSION,
+        "case": case,
+        "sources": sources,
+        "preprocessing": preprocessing,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _safe_case_id(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)
+
+
+def _mark_used(entry: Path) -> None:
+    """Sets the entry folder's modification time to now: its "last used" time."""
+    now = time.time_ns()
+    try:
+        os.utime(entry, ns=(now, now))
+    except PermissionError:  # someone else's entry in a shared cache: "now" needs only write access
+        with contextlib.suppress(OSError):
+            os.utime(entry)
+    except OSError:  # read-only cache: the entry still loads, its last use is not recorded
+        pass
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry folder of a :class:`CaseCache`, as listed by :meth:`CaseCache.entries`.
+
+    Attributes:
+        path: The entry folder ``<cache_dir>/<case_id>-<key[:20]>``.
+        case_id: The case it holds.
+        key: Its full hex SHA-256 key (from ``meta.json``).
+        size_bytes: Total size of its files.
+        last_used: When it was last loaded (or written), seconds since the epoch.
+        current: ``True`` if :meth:`CaseCache.load` still returns it: its cache version and source files
+            (path, size, modification time) are unchanged and, when cases were given, it is their entry
+            under the given preprocessing. ``False`` if it is stale: it will never be loaded again.
+            ``None`` if unknown (a source file is missing, e.g. on an unmounted drive).
+        reason: Why it is stale or unknown; empty when current.
+    """
+
+    path: Path
+    case_id: str
+    key: str
+    size_bytes: int
+    last_used: float
+    current: bool | None
+    reason: str = ""
+
+
+@dataclass
+class PruneResult:
+    """What :meth:`CaseCache.prune` removed (or, with ``dry_run``, would remove) and what it kept.
+
+    Attributes:
+        removed: Removed entries, in the order they were chosen.
+        kept: The other entries, least recently used first.
+        dry_run: Whether nothing was deleted.
+    """
+
+    removed: list[CacheEntry] = field(default_factory=list)
+    kept: list[CacheEntry] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def removed_bytes(self) -> int:
+        """Bytes freed (or that would be freed)."""
+        return sum(e.size_bytes for e in self.removed)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes left in the entries that were kept."""
+        return sum(e.size_bytes for e in self.kept)
 
 
 def _write_bytes_durably(path: Path, writer) -> None:
@@ -57,6 +149,28 @@ def _write_bytes_durably(path: Path, writer) -> None:
         writer(handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _judge(
+    meta: dict[str, Any], case_id: str, key: str, expected: dict[str, set[str]], unknown: set[str]
+) -> tuple[bool | None, str]:
+    """``(current, reason)`` of an entry (see :attr:`CacheEntry.current`)."""
+    version = meta.get("cache_version")
+    if version != CACHE_VERSION:
+        return False, f"cache version {version!r}; this code reads version {CACHE_VERSION}"
+    if expected.get(case_id) and case_id not in unknown:
+        if key in expected[case_id]:
+            return True, ""
+        return False, "superseded: the given case under the given preprocessing has another key"
+    try:
+        now = _key(meta["case"], meta["preprocessing"])
+    except FileNotFoundError as error:
+        return None, f"source file not found: '{error.filename}'"
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        return None, f"sources cannot be checked: {error}"
+    if now != key:
+        return False, "source files changed since it was written"
+    return True, ""
 
 
 class CaseCache:
@@ -84,21 +198,12 @@ class CaseCache:
             FileNotFoundError: If a source file is missing.
         """
         preprocessing = preprocessing or default_preprocessing(files.modality, files.dataset)
-        sources = [_fingerprint(Path(p)) for p in files.images]
-        if files.label is not None:
-            sources.append(_fingerprint(Path(files.label)))
-        payload = {
-            "cache_version": CACHE_VERSION,
-            "case": files.to_dict(),
-            "sources": sources,
-            "preprocessing": preprocessing.to_dict(),
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return _key(files.to_dict(), preprocessing.to_dict())
 
     def entry_dir(self, files: CaseFiles, preprocessing: Preprocessing | None = None) -> Path:
         """Folder of the entry for ``files`` under ``preprocessing`` (it may not exist yet)."""
-        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", files.case_id)
-        return self.cache_dir / f"{safe_id}-{self.key(files, preprocessing)[:20]}"
+        key = self.key(files, preprocessing)[:KEY_PREFIX_LENGTH]
+        return self.cache_dir / f"{_safe_case_id(files.case_id)}-{key}"
 
     def load(self, files: CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:
         """Returns the preprocessed case, decoding the NIfTI files only if no valid entry exists.
@@ -121,10 +226,13 @@ class CaseCache:
             return load_case(files, preprocessing)  # raises the case-naming missing-file error
         if entry.exists():
             try:
-                return self._read_entry(entry, files)
+                case = self._read_entry(entry, files)
             except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as error:
                 warnings.warn(f"rebuilding corrupt cache entry '{entry}': {error}", stacklevel=2)
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                _mark_used(entry)
+                return case
         case = load_case(files, preprocessing)
         self._write_entry(entry, case, files, preprocessing)
         return self._read_entry(entry, files)
@@ -135,22 +243,207 @@ class CaseCache:
         """:meth:`load` for each case, in order."""
         return [self.load(f, preprocessing) for f in files]
 
-    def remove_temporaries(self, older_than_s: float = 3600.0) -> int:
-        """Deletes ``.tmp-*`` folders left by crashed writers that are older than ``older_than_s``.
+    def entries(
+        self, cases: Iterable[CaseFiles] | None = None, preprocessing: Preprocessing | None = None
+    ) -> list[CacheEntry]:
+        """The complete entries in the cache folder, least recently used first.
+
+        A folder counts as an entry only if it is a real folder (not a symbolic link) named
+        ``<case_id>-<key[:20]>`` (:data:`ENTRY_NAME_PATTERN`) whose ``meta.json`` parses and names that
+        case id and key, and it holds only regular files: ``meta.json`` and the ``<name>.npy`` arrays the
+        metadata lists. Anything else in the cache folder (``.tmp-*`` folders of writers, user files,
+        links) is not listed, so :meth:`prune` never deletes it.
+
+        Args:
+            cases: The cases in use. An entry with one of their case ids is current only if it is the
+                entry :meth:`load` returns for that case under ``preprocessing``; entries of other case
+                ids are judged on their own cache version and source files.
+            preprocessing: As :meth:`load` (default per case); only together with ``cases``.
 
         Returns:
-            How many were deleted.
+            One :class:`CacheEntry` per entry folder, least recently used first.
+
+        Raises:
+            ValueError: If ``preprocessing`` is given without ``cases``.
+            OSError: If the cache folder cannot be listed.
+        """
+        if preprocessing is not None and cases is None:
+            raise ValueError(
+                "CaseCache.entries: preprocessing was given without cases; pass the cases it applies to."
+            )
+        expected: dict[str, set[str]] = {}
+        unknown: set[str] = set()  # case ids with a missing source file: their current key is unknown
+        for files in cases or ():
+            try:
+                expected.setdefault(files.case_id, set()).add(self.key(files, preprocessing))
+            except FileNotFoundError:
+                unknown.add(files.case_id)
+        found = []
+        with os.scandir(self.cache_dir) as listing:
+            for item in listing:
+                entry = self._inspect(Path(item.path), expected, unknown)
+                if entry is not None:
+                    found.append(entry)
+        return sorted(found, key=lambda e: (e.last_used, e.path.name))
+
+    def prune(
+        self,
+        *,
+        stale: bool = False,
+        older_than_s: float | None = None,
+        max_bytes: int | None = None,
+        cases: Iterable[CaseFiles] | None = None,
+        preprocessing: Preprocessing | None = None,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        """Deletes stale, unused or least recently used entries to reclaim disk space.
+
+        The rules apply in this order, each to the entries the previous ones kept:
+
+        1. ``stale``: entries that will never be loaded again (:attr:`CacheEntry.current` is ``False``):
+           another cache version, changed source files, or, with ``cases``, an entry of one of their case
+           ids other than the one :meth:`load` returns under ``preprocessing`` (for instance one made with
+           other preprocessing parameters).
+        2. ``older_than_s``: entries not loaded for longer than this many seconds.
+        3. ``max_bytes``: least recently used entries until the entries total at most this many bytes.
+
+        Only folders listed by :meth:`entries` are deleted. Each is first renamed to a ``.tmp-*`` name
+        and then deleted, so an interrupted prune never leaves a half-deleted entry under an entry name
+        (at most a temporary that :meth:`remove_temporaries` deletes). Folders being written are
+        ``.tmp-*`` temporaries and are never touched; an entry loaded after it was listed is kept. A
+        process that has an entry memory-mapped keeps reading it (POSIX); its space is freed when that
+        process closes it.
+
+        Args:
+            stale: Delete the entries that are not current (rule 1).
+            older_than_s: Delete the entries last used more than this many seconds ago (rule 2).
+            max_bytes: Size budget of the entries in bytes (rule 3).
+            cases: The cases in use, to find the entries other preprocessing made (see :meth:`entries`).
+            preprocessing: As :meth:`load`; only together with ``cases``.
+            dry_run: Delete nothing; return what would be deleted.
+
+        Returns:
+            :class:`PruneResult` with the removed and the kept entries.
+
+        Raises:
+            ValueError: If no rule is given, ``older_than_s`` or ``max_bytes`` is negative, or
+                ``preprocessing`` is given without ``cases``.
+        """
+        if not stale and older_than_s is None and max_bytes is None:
+            raise ValueError(
+                "CaseCache.prune: nothing to prune by; pass stale=True, older_than_s or max_bytes."
+            )
+        if older_than_s is not None and not older_than_s >= 0:
+            raise ValueError(
+                f"CaseCache.prune: older_than_s={older_than_s!r}; pass a number of seconds >= 0."
+            )
+        if max_bytes is not None and not max_bytes >= 0:
+            raise ValueError(f"CaseCache.prune: max_bytes={max_bytes!r}; pass a number of bytes >= 0.")
+        now = time.time()
+        result = PruneResult(dry_run=dry_run)
+        kept: list[CacheEntry] = []
+
+        def remove(entry: CacheEntry) -> bool:
+            outcome = True if dry_run else self._remove(entry)
+            if outcome:
+                result.removed.append(entry)
+            elif outcome is False:  # in use or not removable: it stays
+                kept.append(entry)
+            return bool(outcome)
+
+        candidates = []
+        for entry in self.entries(cases, preprocessing):  # least recently used first
+            if (stale and entry.current is False) or (
+                older_than_s is not None and now - entry.last_used > older_than_s
+            ):
+                remove(entry)
+            else:
+                candidates.append(entry)
+        total = sum(e.size_bytes for e in [*kept, *candidates])
+        for entry in candidates:
+            if max_bytes is None or total <= max_bytes:
+                kept.append(entry)
+            elif remove(entry):
+                total -= entry.size_bytes
+        result.kept = sorted(kept, key=lambda e: (e.last_used, e.path.name))
+        return result
+
+    def remove_temporaries(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> int:
+        """Deletes ``.tmp-*`` folders left by crashed writers that are older than ``older_than_s``.
+
+        Args:
+            older_than_s: Minimum age in seconds (younger ones may belong to a running writer).
+            dry_run: Delete nothing; count what would be deleted.
+
+        Returns:
+            How many were deleted (or would be).
         """
         removed = 0
         now = time.time()
         for path in self.cache_dir.glob(f"{TEMPORARY_PREFIX}*"):
             try:
-                if now - path.stat().st_mtime >= older_than_s:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
+                info = path.lstat()
             except FileNotFoundError:
                 continue
+            if stat.S_ISDIR(info.st_mode) and now - info.st_mtime >= older_than_s:  # never a link
+                if not dry_run:
+                    shutil.rmtree(path, ignore_errors=True)
+                removed += 1
         return removed
+
+    def _inspect(self, path: Path, expected: dict[str, set[str]], unknown: set[str]) -> CacheEntry | None:
+        """The :class:`CacheEntry` of ``path``, or None if it is not a complete entry folder."""
+        if path.name.startswith(TEMPORARY_PREFIX) or ENTRY_NAME_PATTERN.match(path.name) is None:
+            return None
+        try:
+            if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG(
+                (path / "meta.json").lstat().st_mode
+            ):
+                return None
+            meta = json.loads((path / "meta.json").read_text())
+            case_id, key = meta["case"]["case_id"], meta["key"]
+            if not (
+                isinstance(case_id, str)
+                and isinstance(key, str)
+                and re.fullmatch(r"[0-9a-f]{64}", key)
+                and path.name == f"{_safe_case_id(case_id)}-{key[:KEY_PREFIX_LENGTH]}"
+                and isinstance(meta["arrays"], dict)
+            ):
+                return None
+            allowed = {"meta.json", *(f"{name}.npy" for name in meta["arrays"])}
+            size = 0
+            with os.scandir(path) as contents:
+                for item in contents:
+                    if item.name not in allowed or not item.is_file(follow_symlinks=False):
+                        return None
+                    size += item.stat(follow_symlinks=False).st_size
+            last_used = path.lstat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON or encoding
+            return None
+        current, reason = _judge(meta, case_id, key, expected, unknown)
+        return CacheEntry(path, case_id, key, size, last_used, current, reason)
+
+    def _remove(self, entry: CacheEntry) -> bool | None:
+        """Renames ``entry`` to a temporary name, then deletes it.
+
+        Returns:
+            True if removed; False if kept (loaded since it was listed, or not removable: warns);
+            None if another process removed it meanwhile.
+        """
+        doomed = self.cache_dir / (
+            f"{TEMPORARY_PREFIX}{entry.path.name}-removed-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            if entry.path.lstat().st_mtime != entry.last_used:
+                return False  # loaded since it was listed: in use
+            os.rename(entry.path, doomed)  # the entry disappears whole, then its files are deleted
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            warnings.warn(f"cannot remove cache entry '{entry.path}': {error}", stacklevel=3)
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def _write_entry(
         self, entry: Path, case: VolumeCase, files: CaseFiles, preprocessing: Preprocessing
