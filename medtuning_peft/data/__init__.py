@@ -8,7 +8,7 @@ prediction back onto the original file.
 """
 
 from .brats import BRATS_LABELS, BRATS_MODALITIES, brats_case_files, list_brats_cases, load_brats_case
-from .cache import CACHE_VERSION, CaseCache, load_cases
+from .cache import CACHE_VERSION, CacheEntry, CaseCache, PruneResult, load_cases
 from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase
 from .geometry import CANONICAL_AXCODES, VolumeGeometry, canonical_transform, resample_to_shape
 from .kits19 import KITS19_LABELS, kits19_case_files, list_kits19_cases, load_kits19_case
@@ -31,6 +31,7 @@ __all__ = [
     "CACHE_VERSION",
     "CANONICAL_AXCODES",
     "CTPreprocessing",
+    "CacheEntry",
     "CaseCache",
     "CaseFileMissingError",
     "CaseFiles",
@@ -40,6 +41,7 @@ __all__ = [
     "MRIPreprocessing",
     "MSDTask",
     "Preprocessing",
+    "PruneResult",
     "VolumeCase",
     "VolumeDataset",
     "VolumeGeometry",
