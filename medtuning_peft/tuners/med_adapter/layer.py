@@ -182,21 +182,23 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
-            return self.checkpoint_func(functools.partial(self._adapted_block, **kwargs), *args)
+            return self.checkpoint_func(functools.partial(self._checkpointed_block, **kwargs), *args)
         return self._adapted_block(*args, **kwargs)
 
-    def _adapted_block(self, *args: Any, **kwargs: Any) -> Any:
+    def _checkpointed_block(self, *args: Any, **kwargs: Any) -> Any:
+        # This call is the checkpointed unit, in forward and in its recomputation: the block must not checkpoint
+        # itself inside it, which would recompute it a second time.
         base = self.base_layer
-        if getattr(base, "gradient_checkpointing", False):
-            # This whole call is the checkpointed unit (or runs without gradients): the block must not
-            # checkpoint itself inside it, which would recompute it a second time.
-            base.gradient_checkpointing = False
-            try:
-                out = base(*args, **kwargs)
-            finally:
-                base.gradient_checkpointing = True
-        else:
-            out = base(*args, **kwargs)
+        if not getattr(base, "gradient_checkpointing", False):
+            return self._adapted_block(*args, **kwargs)
+        base.gradient_checkpointing = False
+        try:
+            return self._adapted_block(*args, **kwargs)
+        finally:
+            base.gradient_checkpointing = True
+
+    def _adapted_block(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
         if self.disable_adapters:
             return out
         active = [name for name in self.active_adapters if name in self.med_adapter]
