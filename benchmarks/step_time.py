@@ -371,13 +371,18 @@ def alternate(
     return times
 
 
+def quartiles(values: list[float]) -> dict[str, float]:
+    """Median, first and third quartiles and count of ``values``."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return {"median": ordered[0], "q1": ordered[0], "q3": ordered[0], "n": 1}
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "n": len(ordered)}
+
+
 def summary_ms(seconds: list[float]) -> dict[str, float]:
     """Median and quartiles in milliseconds."""
-    ms = sorted(1000 * s for s in seconds)
-    if len(ms) == 1:
-        return {"median": ms[0], "q1": ms[0], "q3": ms[0], "n": 1}
-    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    return {"median": statistics.median(ms), "q1": q1, "q3": q3, "n": len(ms)}
+    return quartiles([1000 * s for s in seconds])
 
 
 def checkpoint_sizes(model: nn.Module) -> dict[str, int]:
@@ -633,6 +638,11 @@ def benchmark_backbone(
         }
         if device.type == "cpu":  # less sensitive than wall-clock time to other processes on the machine
             results[name]["step_cpu_ms"] = summary_ms([cpu for _, cpu in train[name]])
+        if BASELINE in train:
+            # Each round's step against full fine-tuning's step of the same round (run moments apart): the
+            # spread of these ratios is what a slow period of the machine leaves of the comparison.
+            paired = [mine / base for (mine, _), (base, _) in zip(train[name], train[BASELINE], strict=True)]
+            results[name]["step_vs_full_per_round"] = quartiles(paired)
     print(
         f"[{backbone}] operation counts" + (" and kernel profiles" if device.type == "cuda" else ""),
         flush=True,
@@ -718,6 +728,14 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _paired(r: dict[str, Any]) -> str:
+    """The per-round ratio against full fine-tuning, median [IQR], or the ratio of medians without it."""
+    paired = r.get("step_vs_full_per_round")
+    if paired is None:
+        return _ratio(r["ratios"].get("step_vs_full"))
+    return f"{paired['median']:.2f} [{paired['q1']:.2f}-{paired['q3']:.2f}]"
+
+
 def _times(t: dict[str, float]) -> str:
     return f"{t['median']:.1f} [{t['q1']:.1f}-{t['q3']:.1f}]"
 
@@ -741,9 +759,9 @@ def markdown_section(report: dict[str, Any]) -> str:
     for backbone, results in report["results"].items():
         lines += [
             f"**{backbone}** (step: median [IQR] of {report['rounds']} alternating rounds after "
-            f"{report['warmup']} warm-up steps)",
+            f"{report['warmup']} warm-up steps; x full: median [IQR] of each round's ratio to full fine-tuning)",
             "",
-            "| method | train step ms | x full | "
+            "| method | train step ms | x full (per round) | "
             + ("step CPU time ms | x full | " if cpu_time else "")
             + "peak memory | x full | inference ms/volume | x frozen | tuned params | checkpoint MB | adapter MB |",
             "|---|---|---|" + ("---|---|" if cpu_time else "") + "---|---|---|---|---|---|---|",
@@ -756,7 +774,7 @@ def markdown_section(report: dict[str, Any]) -> str:
                 else ""
             )
             lines.append(
-                f"| {name} | {_times(r['step_ms'])} | {_ratio(ratios.get('step_vs_full'))} | {cpu_cells}"
+                f"| {name} | {_times(r['step_ms'])} | {_paired(r)} | {cpu_cells}"
                 f"{_gib(r['memory']['peak_bytes'])} | {_ratio(ratios.get('memory_vs_full'))} "
                 f"| {_times(r['inference_ms'])} | {_ratio(ratios.get('inference_vs_frozen'))} "
                 f"| {r['tuned_params']:,} | {_mb(r['checkpoint_bytes'])} | {_mb(r.get('adapter_bytes'))} |"

@@ -57,6 +57,7 @@ def test_paper_setting_code_path_runs_every_method_on_cpu(tmp_path):
         assert results["med_adapter"]["tuned_params"] < results["full"]["tuned_params"]
         assert results["med_adapter"]["adapter_bytes"] < results["med_adapter"]["checkpoint_bytes"]
         assert results["full"]["ratios"]["kernels_vs_full"] == 1.0
+        assert results["full"]["step_vs_full_per_round"] == {"median": 1.0, "q1": 1.0, "q3": 1.0, "n": 2}
         assert (
             results["med_adapter"]["operations"]["kernels"]
             > results["frozen_backward"]["operations"]["kernels"]
