@@ -116,3 +116,18 @@ def test_compiled_methods_run_only_when_named():
     assert not set(step_time.OPTIONAL_METHODS) & set(step_time.parse_args([]).methods)
     args = step_time.parse_args(["--methods", "med_adapter+compile", "full+compile"])
     assert args.methods == ["med_adapter+compile", "full+compile"]
+
+
+@pytest.mark.slow
+def test_operation_counts_of_the_paper_models(tmp_path):
+    # The paper's Swin-T and ViT-B/16 at their real widths under bf16 autocast: 12 adapters each, and the
+    # adapters' casts are their projections' only (15 per adapter).
+    out = tmp_path / "ops.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "operation_counts.py"), "--json", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    counts = json.loads(out.read_text())["counts"]
+    for backbone in ("swin-t", "vit-b16"):
+        c = counts[backbone]
+        assert (c["med_adapter"]["casts"] - c["frozen_backward"]["casts"]) / 12 <= 15, backbone
+        assert c["frozen_backward"]["operations"] < c["med_adapter"]["operations"]
+        assert c["med_adapter"]["operations"] < c["med_adapter+ckpt"]["operations"]

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...backbones import BackboneSpec
-from .modules import MedAdapter
+from .modules import MedAdapter, autocast_enabled
 
 try:  # transformers 5 records ViT / DINOv2 hidden states with hooks on the block class.
     from transformers.utils.output_capturing import _active_collector
@@ -230,12 +230,16 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"{type(self.base_layer).__name__} returned {num_tokens} tokens, fewer than its {h}x{w} token grid."
             )
-        dtype = adapter.down.weight.dtype
         prev = ctx.prev.get(name) if adapter.is_inter_stage else None
         # One split (its backward is one concatenation), and none without prefix tokens: slicing would add a
         # zero-fill and a copy per slice to the backward.
         head, grid_tokens = hidden.split([prefix, h * w], dim=1) if prefix else (None, hidden)
-        out, a = adapter(grid_tokens.to(dtype), (h, w), num_slices, prev)
+        if not autocast_enabled(grid_tokens.device.type):
+            # A bf16/fp16 block without autocast: its tokens meet the float32 adapter in the adapter's dtype.
+            # Under autocast the down-projection takes them as they are (a bf16 residual stream, as in Swin
+            # after the first stage, is not cast up and back down).
+            grid_tokens = grid_tokens.to(adapter.down.weight.dtype)
+        out, a = adapter(grid_tokens, (h, w), num_slices, prev)
         if a is not None:
             ctx.prev[name] = a
         out = out.to(hidden.dtype)

@@ -57,9 +57,14 @@ def resample_periodic(values: torch.Tensor, size: int) -> torch.Tensor:
     return values[lo] * (1 - frac) + values[hi] * frac
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False where it is not available, e.g. "meta")."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled on ``device_type``; a no-op where it is not on (or not available, e.g. "meta")."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    """Autocast disabled on ``device_type``; a no-op where it is not on."""
+    if autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
