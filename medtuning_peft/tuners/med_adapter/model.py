@@ -234,7 +234,6 @@ class MedAdapterModel(BaseTuner):
         def backbone_pre_hook(module, args, kwargs):
             pop_num_slices(kwargs)
             ctx.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
-            self._wrap_checkpoint_functions(module)
             self._plan_checkpointing(module)
             return args, kwargs
 
@@ -259,16 +258,6 @@ class MedAdapterModel(BaseTuner):
         handles.append(model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True))
         self._hook_handles = handles
 
-    def _wrap_checkpoint_functions(self, backbone: nn.Module) -> None:
-        # The adapted blocks checkpoint with transformers' checkpoint functions (see _plan_checkpointing); the
-        # recomputation in backward must see the inter-stage features of the forward it replays. Cheap when
-        # nothing changed: one attribute read per checkpointable module.
-        for module in backbone.modules():
-            fn = module.__dict__.get("_gradient_checkpointing_func")
-            wrapped = fn is None or hasattr(fn, "med_adapter_original")
-            if not wrapped and getattr(module, "gradient_checkpointing", False):
-                module._gradient_checkpointing_func = self._context.checkpoint_func(fn)
-
     def _plan_checkpointing(self, backbone: nn.Module) -> None:
         """Make each adapted block (frozen block + its adapter) the unit of activation checkpointing.
 
@@ -280,13 +269,16 @@ class MedAdapterModel(BaseTuner):
         error) and the block's own flag while it runs inside the adapted block.
         """
         self._restore_suspended_checkpointing()
-        adapted = {name: m for name, m in backbone.named_modules() if isinstance(m, MedAdapterLayer)}
+        modules = list(backbone.named_modules())  # one traversal per forward when checkpointing is off
+        if not self._wrap_checkpoint_functions(modules):
+            return
+        adapted = {name: m for name, m in modules if isinstance(m, MedAdapterLayer)}
         if not adapted:
             return
         containers = {name.rsplit(".", i)[0] for name in adapted for i in range(1, name.count(".") + 1)}
         containers.add("")
         funcs: dict[str, Callable | None] = {}
-        for name, module in backbone.named_modules():  # parents come before their children
+        for name, module in modules:  # parents come before their children
             if name in adapted:
                 continue
             parent = funcs.get(name.rpartition(".")[0]) if name else None
@@ -304,6 +296,22 @@ class MedAdapterModel(BaseTuner):
             layer.checkpoint_func = own or funcs.get(name.rpartition(".")[0])
             if layer.checkpoint_func is not None:
                 self._checkpointing_layers.append(layer)
+
+    def _wrap_checkpoint_functions(self, modules: list[tuple[str, nn.Module]]) -> bool:
+        """Make transformers' checkpoint functions replay this forward's context; whether any module checkpoints.
+
+        The recomputation in backward must see the inter-stage features of the forward it replays. Cheap when
+        nothing changed: one attribute read per module.
+        """
+        any_on = False
+        for _, module in modules:
+            if not getattr(module, "gradient_checkpointing", False):
+                continue
+            any_on = True
+            fn = module.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and not hasattr(fn, "med_adapter_original"):
+                module._gradient_checkpointing_func = self._context.checkpoint_func(fn)
+        return any_on
 
     def _restore_suspended_checkpointing(self) -> None:
         # After the backbone's forward: the checkpoints taken hold their functions; the layers need not.
