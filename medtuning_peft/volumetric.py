@@ -207,7 +207,9 @@ class FeatureSpec:
         channels: ``model -> [C_i]``, the widths of the maps ``extract`` returns.
         patch_embedding: name (suffix) of the first patch embedding module, which holds the input Conv2d.
         simple_pyramid: True for plain backbones (one resolution): the decoder builds a pyramid.
-        attention_projections: names of the attention input projections (LoRA targets).
+        attention_projections: names of the attention input projections (LoRA targets). Both spellings
+            transformers 5 uses are listed: some models (DINOv2 with registers before 5.24) still call them
+            ``query`` / ``key`` / ``value``.
     """
 
     model_class: str
@@ -215,7 +217,7 @@ class FeatureSpec:
     channels: Callable[[nn.Module], list[int]]
     patch_embedding: str
     simple_pyramid: bool
-    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "query", "key", "value")
 
 
 def _plain_feature_spec(model_type: str, model_class: str, **forward_kwargs: Any) -> FeatureSpec:

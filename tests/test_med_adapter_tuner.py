@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors import safe_open
@@ -446,6 +447,10 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    Version(torch.__version__).release < (2, 7),
+    reason="Dynamo before torch 2.7 fails inside transformers' own output capturing (NameError), adapters or not",
+)
 def test_torch_compile_gives_the_eager_outputs_and_gradients():
     # torch.compile of the whole PeftModel (hooks, the per-forward context, the custom spectral backward):
     # the same function as eager, in training mode, with trained (slice-mixing) spectral filters.
