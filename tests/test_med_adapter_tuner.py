@@ -446,11 +446,26 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
     assert set(calls.values()) == {1}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    Version(torch.__version__).release < (2, 7),
-    reason="Dynamo before torch 2.7 fails inside transformers' own output capturing (NameError), adapters or not",
+# Dynamo before torch 2.7 fails inside transformers' own output capturing (NameError), adapters or not.
+needs_dynamo_for_transformers = pytest.mark.skipif(
+    Version(torch.__version__).release < (2, 7), reason="torch.compile of transformers models needs torch >= 2.7"
 )
+
+
+@needs_dynamo_for_transformers
+@pytest.mark.parametrize("backbone", ["swin", "vit"])
+def test_torch_compile_traces_the_adapted_model_as_one_graph(backbone):
+    # A graph break per adapter (torch 2.11 could not trace the autocast-availability check) splits the model
+    # into dozens of graphs: launches come back, and inductor 2.11 failed on the split graphs' dynamic shapes.
+    torch._dynamo.reset()
+    model = get_peft_model(build(backbone), MedAdapterConfig(num_slices=D)).train()
+    explanation = torch._dynamo.explain(model)(pixel_values=slices(2, D), num_slices=D)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@needs_dynamo_for_transformers
 def test_torch_compile_gives_the_eager_outputs_and_gradients():
     # torch.compile of the whole PeftModel (hooks, the per-forward context, the custom spectral backward):
     # the same function as eager, in training mode, with trained (slice-mixing) spectral filters.
