@@ -448,7 +448,8 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
 
 # Dynamo before torch 2.7 fails inside transformers' own output capturing (NameError), adapters or not.
 needs_dynamo_for_transformers = pytest.mark.skipif(
-    Version(torch.__version__).release < (2, 7), reason="torch.compile of transformers models needs torch >= 2.7"
+    Version(torch.__version__).release < (2, 7),
+    reason="torch.compile of transformers models needs torch >= 2.7",
 )
 
 
