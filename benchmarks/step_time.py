@@ -347,28 +347,63 @@ def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for the report: the exception's type and the first line of its message."""
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"[:500]
+
+
 def alternate(
     runners: dict[str, Runner],
     action: Callable[[Runner], None],
     warmup: int,
     rounds: int,
     device: torch.device,
+    failed: dict[str, str],
 ) -> dict[str, list[tuple[float, float]]]:
     """Warm every method up, then time ``rounds`` rounds in which each method runs once, in rotating order.
 
+    A method that raises (a compiler or kernel failure, running out of memory) leaves the comparison: it is
+    removed from ``runners`` and its error recorded in ``failed``; the other methods go on, so one failure
+    does not cost the run.
+
     Returns:
-        (wall-clock, process CPU) seconds per run, per method.
+        (wall-clock, process CPU) seconds per run, per method still in ``runners``.
     """
-    names = list(runners)
-    for name in names:
+
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+
+    def run(name: str, timed: bool) -> None:
+        runner = runners[name]
+        try:
+            if timed:
+                times[name].append(_timed(lambda: action(runner), device))
+            else:
+                action(runner)
+        except Exception as error:  # noqa: BLE001 - recorded in the report instead
+            failed[name] = describe_error(error)
+            print(f"  {name} failed and leaves the comparison: {failed[name]}", flush=True)
+            del runners[name], times[name], runner
+            _release(device)
+
+    for name in list(runners):
         for _ in range(warmup):
-            action(runners[name])
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            if name in runners:
+                run(name, timed=False)
+    names = list(runners)
     for i in range(rounds):
-        shift = i % len(names)
+        shift = i % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
-            times[name].append(_timed(lambda r=runners[name]: action(r), device))
+            if name in runners:
+                run(name, timed=True)
     return times
+
+
+def _release(device: torch.device) -> None:
+    """Give a dropped method's memory back before the next one runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def quartiles(values: list[float]) -> dict[str, float]:
@@ -618,15 +653,21 @@ def benchmark_backbone(
 ) -> dict:
     """Every method on one backbone: times in one process, then sizes and peak memory."""
     volume, labels = make_input(setting, device)
-    runners, sizes = {}, {}
+    runners, sizes, failed = {}, {}, {}
     for method in args.methods:
-        model = build_method(setting, backbone, method, torch.device("cpu"))
-        sizes[method] = checkpoint_sizes(model)  # saved from the CPU: the sizes do not change in training
-        runners[method] = Runner(model.to(device), setting.autocast, device)
+        try:
+            model = build_method(setting, backbone, method, torch.device("cpu"))
+            sizes[method] = checkpoint_sizes(model)  # saved from the CPU: the sizes do not change in training
+            runners[method] = Runner(model.to(device), setting.autocast, device)
+        except Exception as error:  # noqa: BLE001 - recorded in the report instead
+            failed[method] = describe_error(error)
+            print(f"  {method} failed to build: {failed[method]}", flush=True)
     print(f"[{backbone}] training steps: {setting.warmup} warm-up + {setting.rounds} rounds", flush=True)
-    train = alternate(runners, lambda r: r.train_step(volume, labels), setting.warmup, setting.rounds, device)
+    train = alternate(
+        runners, lambda r: r.train_step(volume, labels), setting.warmup, setting.rounds, device, failed
+    )
     print(f"[{backbone}] inference", flush=True)
-    infer = alternate(runners, lambda r: r.infer(volume), setting.warmup, setting.rounds, device)
+    infer = alternate(runners, lambda r: r.infer(volume), setting.warmup, setting.rounds, device, failed)
     results: dict[str, dict[str, Any]] = {}
     for name, runner in runners.items():
         results[name] = {
@@ -660,14 +701,21 @@ def benchmark_backbone(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     print(f"[{backbone}] peak memory", flush=True)
-    for name in args.methods:
-        if device.type == "cuda":
-            results[name]["memory"] = cuda_peak_memory(setting, backbone, name, device)
-        elif args.tiny:  # a code path check: no subprocess per method
-            results[name]["memory"] = memory_probe(setting, backbone, name)
-        else:
-            results[name]["memory"] = cpu_peak_memory(args, backbone, name)
+    for name in list(results):
+        try:
+            if device.type == "cuda":
+                results[name]["memory"] = cuda_peak_memory(setting, backbone, name, device)
+            elif args.tiny:  # a code path check: no subprocess per method
+                results[name]["memory"] = memory_probe(setting, backbone, name)
+            else:
+                results[name]["memory"] = cpu_peak_memory(args, backbone, name)
+        except Exception as error:  # noqa: BLE001 - the timings stand; the memory is recorded as failed
+            results[name]["memory"] = {"peak_bytes": 0, "error": describe_error(error)}
+            _release(device)
     _add_ratios(results)
+    for name in args.methods:  # after the measured ones, in the methods' order
+        if name in failed:
+            results[name] = {"error": failed[name]}
     return results
 
 
@@ -679,7 +727,7 @@ def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
             ratios["step_vs_full"] = entry["step_ms"]["median"] / base["step_ms"]["median"]
             if "step_cpu_ms" in entry:
                 ratios["step_cpu_vs_full"] = entry["step_cpu_ms"]["median"] / base["step_cpu_ms"]["median"]
-            if base["memory"]["peak_bytes"] > 0:
+            if base["memory"]["peak_bytes"] > 0 and entry["memory"]["peak_bytes"] > 0:
                 ratios["memory_vs_full"] = entry["memory"]["peak_bytes"] / base["memory"]["peak_bytes"]
             if "operations" in entry and base.get("operations", {}).get("kernels"):
                 ratios["kernels_vs_full"] = entry["operations"]["kernels"] / base["operations"]["kernels"]
@@ -766,7 +814,8 @@ def markdown_section(report: dict[str, Any]) -> str:
             + "peak memory | x full | inference ms/volume | x frozen | tuned params | checkpoint MB | adapter MB |",
             "|---|---|---|" + ("---|---|" if cpu_time else "") + "---|---|---|---|---|---|---|",
         ]
-        for name, r in results.items():
+        measured = {name: r for name, r in results.items() if "error" not in r}
+        for name, r in measured.items():
             ratios = r["ratios"]
             cpu_cells = (
                 f"{_times(r['step_cpu_ms'])} | {_ratio(ratios.get('step_cpu_vs_full'))} | "
@@ -780,7 +829,15 @@ def markdown_section(report: dict[str, Any]) -> str:
                 f"| {r['tuned_params']:,} | {_mb(r['checkpoint_bytes'])} | {_mb(r.get('adapter_bytes'))} |"
             )
         lines.append("")
-        lines += _operations_table(results)
+        failures = [f"- {name} failed: `{r['error']}`" for name, r in results.items() if "error" in r]
+        failures += [
+            f"- {name}: peak memory not measured: `{r['memory']['error']}`"
+            for name, r in measured.items()
+            if "error" in r["memory"]
+        ]
+        if failures:
+            lines += ["Not measured:", "", *failures, ""]
+        lines += _operations_table(measured)
     if report.get("incomplete"):
         lines += [f"Incomplete run: {report['incomplete']}.", ""]
     paper = report.get("paper_swin_t_adapter")

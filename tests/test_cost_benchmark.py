@@ -131,3 +131,54 @@ def test_operation_counts_of_the_paper_models(tmp_path):
         assert (c["med_adapter"]["casts"] - c["frozen_backward"]["casts"]) / 12 <= 15, backbone
         assert c["frozen_backward"]["operations"] < c["med_adapter"]["operations"]
         assert c["med_adapter"]["operations"] < c["med_adapter+ckpt"]["operations"]
+
+
+def test_a_failing_method_leaves_the_comparison_and_the_others_are_measured(monkeypatch):
+    # The GPU run is one command on a borrowed machine: a method that fails (a compiler error, running out of
+    # memory) must not cost the figures of the others. Failures are injected: one method cannot be built, one
+    # fails in its second timed round.
+    setting = step_time.get_setting("paper", tiny=True)
+    assert (setting.warmup, setting.rounds) == (1, 2)
+    real_build = step_time.build_method
+    calls = {"lora": 0}
+
+    def build(setting, backbone, method, device, seed=0):
+        if method == "decoder_only":
+            raise ValueError("no decoder (injected)")
+        model = real_build(setting, backbone, method, device, seed)
+        if method == "lora":
+
+            def fail_on_third_call(*_):
+                calls["lora"] += 1
+                if calls["lora"] == 3:  # warm-up, round 1, then round 2
+                    raise RuntimeError("CUDA out of memory (injected)\nsecond line")
+
+            model.register_forward_pre_hook(fail_on_third_call)
+        return model
+
+    monkeypatch.setattr(step_time, "build_method", build)
+    args = step_time.parse_args(["--tiny", "--methods", "full", "med_adapter", "lora", "decoder_only"])
+    results = step_time.benchmark_backbone(args, setting, "vit-tiny", torch.device("cpu"))
+
+    assert list(results) == ["full", "med_adapter", "lora", "decoder_only"]
+    assert results["lora"] == {"error": "RuntimeError: CUDA out of memory (injected)"}
+    assert results["decoder_only"] == {"error": "ValueError: no decoder (injected)"}
+    assert results["med_adapter"]["step_vs_full_per_round"]["n"] == 2
+    assert results["med_adapter"]["ratios"]["step_vs_full"] > 0
+    assert "error" not in results["med_adapter"]["memory"]
+    report = {
+        "setting": "paper-tiny",
+        "description": setting.description,
+        "device": "cpu",
+        "machine": step_time.machine_info(torch.device("cpu")),
+        "command": "python benchmarks/step_time.py",
+        "date": "2026-11-28T00:00:00+00:00",
+        "warmup": 1,
+        "rounds": 2,
+        "memory_method": "peak RSS",
+        "results": {"vit-tiny": results},
+    }
+    text = step_time.markdown_section(report)
+    assert "| med_adapter |" in text and "| lora |" not in text
+    assert "- lora failed: `RuntimeError: CUDA out of memory (injected)`" in text
+    assert "- decoder_only failed: `ValueError: no decoder (injected)`" in text
