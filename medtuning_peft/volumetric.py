@@ -44,7 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbones import BACKBONE_SPECS
 from .decoders import build_decoder
-from .io_utils import check_safetensors, read_json_file
+from .io_utils import check_safetensors, read_json_file, safetensors_header
 from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
@@ -600,6 +600,29 @@ def _check_model_files(path: Path, config: dict[str, Any]) -> None:
             check_safetensors(file)
 
 
+def _check_adapter_keys(path: Path, peft_model: peft.PeftModel, config: dict[str, Any]) -> None:
+    """Refuse adapter weights that do not all land on the model, and a model that lacks some of them.
+
+    peft only warns about missing adapter keys and drops saved tensors that match no module, which leaves a
+    model with freshly initialized adapters. That happens when transformers renamed the backbone's modules
+    between the version that saved the model and this one (DINOv2 with registers called its attention
+    projections ``query`` / ``key`` / ``value`` before 5.24, ``q_proj`` / ``k_proj`` / ``v_proj`` since).
+    """
+    saved = {k for k in safetensors_header(path / "adapter_model.safetensors") if k != "__metadata__"}
+    expected = set(peft.get_peft_model_state_dict(peft_model))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if not missing and not unexpected:
+        return
+    saved_with = config.get("versions", {}).get("transformers")
+    raise ValueError(
+        f"The adapter weights in '{path / 'adapter_model.safetensors'}' do not fit this backbone's modules: "
+        f"{len(missing)} tensor(s) the model expects are not in the file (e.g. {missing[:2]}) and "
+        f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]}). The model was saved with "
+        f"transformers {saved_with}, and this is transformers {transformers.__version__}: module names differ "
+        f"between them. Load it with transformers=={saved_with}."
+    )
+
+
 def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """State dict of ``module`` as it was before tuner layers were injected (adapters dropped)."""
     if isinstance(module, BaseTunerLayer):
@@ -1027,6 +1050,7 @@ def from_pretrained(
     if method in ("med_adapter", "lora"):
         importlib.import_module("medtuning_peft")  # registers MED_ADAPTER with peft
         peft_model = peft.PeftModel.from_pretrained(segmenter, str(path), is_trainable=is_trainable)
+        _check_adapter_keys(path, peft_model, config)
         segmenter._attach_peft_model(peft_model)
     else:
         state = load_file(str(path / WEIGHTS_NAME))

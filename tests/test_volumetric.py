@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -441,3 +442,28 @@ def test_from_pretrained_explains_a_missing_config(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         from_pretrained(tmp_path / "missing")
+
+
+def test_adapter_weights_saved_under_other_module_names_are_refused(saved_models, tmp_path):
+    # A LoRA segmenter saved where transformers named the attention projections query / key / value (DINOv2
+    # with registers before transformers 5.24): peft alone would only warn and leave fresh LoRA weights.
+    root, _, _ = saved_models
+    copy = tmp_path / "vit-lora"
+    shutil.copytree(root / "vit-lora", copy)
+    weights = copy / "adapter_model.safetensors"
+    renamed = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+    state = {}
+    for key, value in load_file(str(weights)).items():
+        for new, old in renamed.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        state[key] = value
+    assert state.keys() != load_file(str(root / "vit-lora" / "adapter_model.safetensors")).keys()
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config = json.loads((copy / "segmenter_config.json").read_text())
+    config["versions"]["transformers"] = "5.17.0"
+    (copy / "segmenter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"saved with transformers 5\.17\.0.*Load it with transformers==5\.17\.0"
+    ):
+        from_pretrained(copy)
+    assert from_pretrained(root / "vit-lora") is not None  # the original still loads
