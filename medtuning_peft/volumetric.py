@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -1049,7 +1050,9 @@ def from_pretrained(
 
     if method in ("med_adapter", "lora"):
         importlib.import_module("medtuning_peft")  # registers MED_ADAPTER with peft
-        peft_model = peft.PeftModel.from_pretrained(segmenter, str(path), is_trainable=is_trainable)
+        with warnings.catch_warnings():  # _check_adapter_keys raises instead, naming the cause
+            warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+            peft_model = peft.PeftModel.from_pretrained(segmenter, str(path), is_trainable=is_trainable)
         _check_adapter_keys(path, peft_model, config)
         segmenter._attach_peft_model(peft_model)
     else:
