@@ -182,20 +182,37 @@ def _adapter_and_input(seed: int = 0):
 
 
 def _run(adapter: MedAdapter, x: torch.Tensor, prev: torch.Tensor, reference: bool, autocast: bool):
+    """Output, A and gradients (input first, then every parameter) on the adapter's device, returned on the CPU."""
     adapter.use_reference_form = reference
-    x = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out, a = adapter(x, (8, 8), 16, prev)
+    device = adapter.down.weight.device
+    x = x.to(device).requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out, a = adapter(x, (8, 8), 16, prev.to(device))
     grads = torch.autograd.grad(
         out.float().square().mean(), [x, *adapter.parameters()], materialize_grads=True
     )
-    return out.float(), a.float(), grads
+    return out.float().cpu(), a.float().cpu(), [g.cpu() for g in grads]
 
 
+# The same comparisons on a GPU, where the spectral branch takes its matrix-product form and the depthwise
+# convolutions run in cuDNN (run them with `python -m pytest -m gpu` on a machine with CUDA).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def exact_float32():
+    """No TF32 for the float32 comparison on CUDA (the function's exactness, not TF32's 10-bit products)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fast_form_matches_reference_in_float32_outputs_and_gradients(training):
+def test_fast_form_matches_reference_in_float32_outputs_and_gradients(training, device, exact_float32):
     adapter, x, prev = _adapter_and_input()
-    adapter.train(training)
+    adapter.to(device).train(training)
     state = {k: v.clone() for k, v in adapter.state_dict().items()}
     out_ref, a_ref, grads_ref = _run(adapter, x, prev, reference=True, autocast=False)
     adapter.load_state_dict(state)
@@ -207,13 +224,15 @@ def test_fast_form_matches_reference_in_float32_outputs_and_gradients(training):
     torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-6)
 
 
-def test_fast_form_under_bf16_autocast_is_as_accurate_as_the_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_form_under_bf16_autocast_is_as_accurate_as_the_reference(device):
     # bf16 keeps 8 bits of mantissa, so both forms are compared with the exact function (the reference in
-    # float64): the fast form runs its bottleneck in float32 under autocast and must be at least as accurate
-    # as the reference form under the same autocast, for outputs and for every gradient.
+    # float64 on the CPU): the fast form runs its bottleneck in float32 under autocast and must be at least as
+    # accurate as the reference form under the same autocast, for outputs and for every gradient.
     adapter, x, prev = _adapter_and_input()
-    state = {k: v.clone() for k, v in adapter.state_dict().items()}
     exact = copy.deepcopy(adapter).double()
+    adapter.to(device)
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
     out64, a64, grads64 = _run(exact, x.double(), prev.double(), reference=True, autocast=False)
     out_ref, a_ref, grads_ref = _run(adapter, x, prev, reference=True, autocast=True)
     adapter.load_state_dict(state)

@@ -362,12 +362,15 @@ def test_bf16_base_weights_keep_float32_adapters():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["swin", "vit", "segformer"])
-def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name):
-    x = slices(2, D)
+def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name, device):
+    x = slices(2, D).to(device)
+    # cuDNN's convolution backward may sum in another order in the recomputation: float32 rounding apart.
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
 
     def grads(checkpointing: bool):
-        model = adapted(name).train()
+        model = adapted(name).to(device).train()
         for m in model.modules():  # dropout off: compare the math, not the random masks
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
@@ -381,7 +384,7 @@ def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name):
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys()
     for n in plain:
-        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(checkpointed[n], plain[n], **tolerance, msg=n)
 
 
 def test_checkpointed_recomputation_replays_its_own_forward():
