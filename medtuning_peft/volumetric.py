@@ -615,12 +615,21 @@ def _check_adapter_keys(path: Path, peft_model: peft.PeftModel, config: dict[str
     if not missing and not unexpected:
         return
     saved_with = config.get("versions", {}).get("transformers")
+    if saved_with and saved_with != transformers.__version__:
+        cause = (
+            f"The model was saved with transformers {saved_with}, and this is transformers "
+            f"{transformers.__version__}: module names differ between them. Load it with "
+            f"transformers=={saved_with}."
+        )
+    else:
+        cause = (
+            f"{SEGMENTER_CONFIG_NAME} and adapter_config.json do not describe the model these weights were "
+            "saved from (edited, or copied from another model); re-save it with VolumetricSegmenter.save_pretrained."
+        )
     raise ValueError(
         f"The adapter weights in '{path / 'adapter_model.safetensors'}' do not fit this backbone's modules: "
         f"{len(missing)} tensor(s) the model expects are not in the file (e.g. {missing[:2]}) and "
-        f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]}). The model was saved with "
-        f"transformers {saved_with}, and this is transformers {transformers.__version__}: module names differ "
-        f"between them. Load it with transformers=={saved_with}."
+        f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]}). {cause}"
     )
 
 

@@ -466,4 +466,8 @@ def test_adapter_weights_saved_under_other_module_names_are_refused(saved_models
         ValueError, match=r"saved with transformers 5\.17\.0.*Load it with transformers==5\.17\.0"
     ):
         from_pretrained(copy)
+    config["versions"]["transformers"] = volumetric.transformers.__version__  # same version: another cause
+    (copy / "segmenter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensor\(s\) the model expects are not in the file.*re-save it"):
+        from_pretrained(copy)
     assert from_pretrained(root / "vit-lora") is not None  # the original still loads

@@ -59,8 +59,8 @@ def resample_periodic(values: torch.Tensor, size: int) -> torch.Tensor:
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (False where it is not available, e.g. "meta")."""
-    # Under torch.compile the availability check is skipped: Dynamo (torch < 2.13) cannot trace it and would
-    # break the graph at every adapter, and a compiled graph never runs on "meta".
+    # Under torch.compile the availability check is skipped: Dynamo of some torch versions (2.11, for one) cannot
+    # trace it and would break the graph at every adapter, and a compiled graph never runs on "meta".
     if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return False
     return torch.is_autocast_enabled(device_type)
