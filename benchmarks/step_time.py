@@ -384,7 +384,9 @@ def alternate(
             failed[name] = describe_error(error)
             print(f"  {name} failed and leaves the comparison: {failed[name]}", flush=True)
             del runners[name], times[name], runner
-            _release(device)
+        else:
+            return
+        _release(device)  # outside the handler: the traceback's frames no longer hold the method's tensors
 
     for name in list(runners):
         for _ in range(warmup):
@@ -711,7 +713,7 @@ def benchmark_backbone(
                 results[name]["memory"] = cpu_peak_memory(args, backbone, name)
         except Exception as error:  # noqa: BLE001 - the timings stand; the memory is recorded as failed
             results[name]["memory"] = {"peak_bytes": 0, "error": describe_error(error)}
-            _release(device)
+        _release(device)
     _add_ratios(results)
     for name in args.methods:  # after the measured ones, in the methods' order
         if name in failed:
