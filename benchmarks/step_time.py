@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -78,6 +79,8 @@ Med-Adapter, which it cannot beat."""
 OPTIONAL_METHODS = ("med_adapter+compile", "full+compile")
 """Run only when named in ``--methods``: ``torch.compile`` of the whole segmenter (compiling takes minutes on a
 GPU, longer on CPU). Compare them with each other: compilation speeds up full fine-tuning too."""
+
+ALL_METHODS = METHODS + OPTIONAL_METHODS
 
 BASELINE = "full"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
@@ -246,8 +249,8 @@ def build_method(
     Raises:
         ValueError: for an unknown method.
     """
-    if method not in METHODS + OPTIONAL_METHODS:
-        raise ValueError(f"Unknown method {method!r}; known methods: {list(METHODS + OPTIONAL_METHODS)}.")
+    if method not in ALL_METHODS:
+        raise ValueError(f"Unknown method {method!r}; known methods: {list(ALL_METHODS)}.")
     torch.manual_seed(seed)
     base = "decoder_only" if method == "frozen_backward" else method.split("+")[0].removesuffix("_reference")
     options = {"r": 8} if base == "lora" else {}
@@ -713,7 +716,8 @@ def benchmark_backbone(
                 results[name]["memory"] = cpu_peak_memory(args, backbone, name)
         except Exception as error:  # noqa: BLE001 - the timings stand; the memory is recorded as failed
             results[name]["memory"] = {"peak_bytes": 0, "error": describe_error(error)}
-        _release(device)
+        if "error" in results[name]["memory"]:
+            _release(device)  # outside the handler, as in `alternate`; a measured method released its own
     _add_ratios(results)
     for name in args.methods:  # after the measured ones, in the methods' order
         if name in failed:
@@ -950,9 +954,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-probe", metavar="METHOD", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(METHODS + OPTIONAL_METHODS))
+    unknown = sorted(set(args.methods) - set(ALL_METHODS))
     if unknown:
-        parser.error(f"unknown --methods {unknown}; known: {list(METHODS + OPTIONAL_METHODS)}")
+        parser.error(f"unknown --methods {unknown}; known: {list(ALL_METHODS)}")
     return args
 
 
@@ -973,7 +977,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     setting = get_setting(args.setting, args.tiny)
     if args.rounds:
-        setting = Setting(**{**setting.__dict__, "rounds": args.rounds})
+        setting = dataclasses.replace(setting, rounds=args.rounds)
     backbones = args.backbones or list(setting.backbones)
     missing = sorted(set(backbones) - set(setting.backbones))
     if missing:

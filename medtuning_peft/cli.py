@@ -934,6 +934,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     removing = "would remove" if args.dry_run else "removed"
     removed = {e.path for e in result.removed} if result else set()
     header = ["last used", "size", "state", "case", "entry", "note"]
+    shown = entries if args.list or result is None else result.removed
     rows = [
         [
             time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
@@ -943,11 +944,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             e.path.name,
             e.reason,
         ]
-        for e in (entries if args.list or result is None else result.removed)
+        for e in shown
     ]
     if result is not None:  # which entries go: (action, *columns)
         header.insert(0, "action")
-        shown = entries if args.list else result.removed
         rows = [[removing if e.path in removed else "kept", *row] for e, row in zip(shown, rows)]
     print(f"medtuning cache: '{folder}'")
     if rows:

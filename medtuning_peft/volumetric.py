@@ -609,7 +609,8 @@ def _check_adapter_keys(path: Path, peft_model: peft.PeftModel, config: dict[str
     between the version that saved the model and this one (DINOv2 with registers called its attention
     projections ``query`` / ``key`` / ``value`` before 5.24, ``q_proj`` / ``k_proj`` / ``v_proj`` since).
     """
-    saved = {k for k in safetensors_header(path / "adapter_model.safetensors") if k != "__metadata__"}
+    weights = path / "adapter_model.safetensors"
+    saved = {k for k in safetensors_header(weights) if k != "__metadata__"}
     expected = set(peft.get_peft_model_state_dict(peft_model))
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if not missing and not unexpected:
@@ -627,7 +628,7 @@ def _check_adapter_keys(path: Path, peft_model: peft.PeftModel, config: dict[str
             "saved from (edited, or copied from another model); re-save it with VolumetricSegmenter.save_pretrained."
         )
     raise ValueError(
-        f"The adapter weights in '{path / 'adapter_model.safetensors'}' do not fit this backbone's modules: "
+        f"The adapter weights in '{weights}' do not fit this backbone's modules: "
         f"{len(missing)} tensor(s) the model expects are not in the file (e.g. {missing[:2]}) and "
         f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]}). {cause}"
     )

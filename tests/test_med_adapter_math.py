@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import DEVICES
 
 from medtuning_peft.tuners.med_adapter import MedAdapter, SpectralFilter, resample_periodic
 from medtuning_peft.tuners.med_adapter.reference import reference_form, reference_forward, set_reference_form
@@ -194,9 +195,8 @@ def _run(adapter: MedAdapter, x: torch.Tensor, prev: torch.Tensor, reference: bo
     return out.float().cpu(), a.float().cpu(), [g.cpu() for g in grads]
 
 
-# The same comparisons on a GPU, where the spectral branch takes its matrix-product form and the depthwise
-# convolutions run in cuDNN (run them with `python -m pytest -m gpu` on a machine with CUDA).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The comparisons below also run on a GPU, where the spectral branch takes its matrix-product form and the
+# depthwise convolutions run in cuDNN (`python -m pytest -m gpu` on a machine with CUDA).
 
 
 @pytest.fixture

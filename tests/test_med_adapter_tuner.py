@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import BUILDERS, HEADS, build, output_tensor, paper_swin_t, paper_vit_b16, slices
+from tiny_models import BUILDERS, DEVICES, HEADS, build, output_tensor, paper_swin_t, paper_vit_b16, slices
 from torch import nn
 from transformers import SwinConfig, SwinModel
 
@@ -362,7 +362,7 @@ def test_bf16_base_weights_keep_float32_adapters():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["swin", "vit", "segformer"])
 def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name, device):
     x = slices(2, D).to(device)

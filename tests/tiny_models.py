@@ -6,6 +6,7 @@ same model from the same seed. Sizes are odd and non-square on purpose.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (
     Dinov2Config,
@@ -25,6 +26,9 @@ from transformers import (
 )
 
 IMAGE_HW = (36, 44)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+"""Devices for tests that also check CUDA: the CUDA variant is marked ``gpu`` (skipped without a GPU)."""
 CHANNELS = 1
 
 
