@@ -99,6 +99,13 @@ class SegmentationDecoder(nn.Module):
         simple_pyramid: put a :class:`SimpleFeaturePyramid` in front (plain backbones; then all
             ``in_channels`` must be equal and there must be four).
 
+    Attributes:
+        channels_last: run the decoder in channels-last memory format (default True): the feature maps are
+            converted on entry, and convolutions, BatchNorm, interpolation and concatenation keep that
+            layout. cuDNN's bf16/fp16 convolutions and oneDNN's run natively in it; in contiguous NCHW
+            layout the paper setting's UperNet training step took several times longer on an H200
+            (``benchmarks/cost.md``). The function computed is the same in either layout.
+
     Raises:
         ValueError: for empty or non-positive ``in_channels``, ``num_classes < 1``, or a simple pyramid over
             unequal or other than four inputs.
@@ -129,6 +136,7 @@ class SegmentationDecoder(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.neck = SimpleFeaturePyramid(in_channels[0]) if simple_pyramid else None
+        self.channels_last = True
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Logits ``(B*D, K, h_0, w_0)`` at the resolution of the finest map."""
@@ -154,6 +162,8 @@ class SegmentationDecoder(nn.Module):
                 f"{type(self).__name__} was built for feature maps with in_channels={self.in_channels}, got "
                 f"maps with channels {got}; build the decoder with the channels the backbone produces."
             )
+        if self.channels_last:
+            features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         if self.neck is not None:
             features = self.neck(features)
         logits = self.decode(features)
@@ -185,6 +195,18 @@ class UperNetDecoder(SegmentationDecoder):
         super().__init__(in_channels, num_classes, simple_pyramid)
         config = UperNetConfig(pool_scales=list(pool_scales), hidden_size=channels, num_labels=num_classes)
         self.head = UperNetHead(config, in_channels=self.in_channels)
+        # The pyramid pooling module concatenates 1 x 1 pooled maps, which leaves its output in NCHW; the FPN
+        # sums and concatenates it with every level, so the fused (4 x hidden_size)-channel map, input of the
+        # head's largest convolution, would be NCHW too. The hooks put both back into the decoder's layout
+        # (the second is a no-op unless the coarsest map is 1 x 1, whose layout is ambiguous).
+        self.head.bottleneck.register_forward_hook(self._pooled_in_layout)
+        self.head.fpn_bottleneck.register_forward_pre_hook(self._fused_in_layout)
+
+    def _pooled_in_layout(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return output.contiguous(memory_format=torch.channels_last) if self.channels_last else None
+
+    def _fused_in_layout(self, module: nn.Module, args: tuple) -> tuple | None:
+        return (args[0].contiguous(memory_format=torch.channels_last),) if self.channels_last else None
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.head(features)  # (B*D, K, h_0, w_0)

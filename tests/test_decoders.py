@@ -85,6 +85,82 @@ def test_decoder_gradients_reach_every_parameter(name):
     assert not missing
 
 
+def _permuted_token_grids(batch: int, grid: tuple[int, int], channels: int) -> list[torch.Tensor]:
+    """Maps as a plain backbone hands them over: (N, h, w, C) token grids viewed as (N, C, h, w)."""
+    return [torch.randn(batch, *grid, channels).permute(0, 3, 1, 2) for _ in range(4)]
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["nchw-maps", "token-grids"])
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_channels_last_layout_computes_the_same_logits_and_gradients(name, plain):
+    torch.manual_seed(0)
+    if plain:
+        decoder = build_decoder(name, [12] * 4, num_classes=3, simple_pyramid=True, **DECODER_SPECS[name])
+        features = _permuted_token_grids(4, (3, 5), 12)
+    else:
+        decoder = build_decoder(name, [8, 16, 24, 32], num_classes=3, **DECODER_SPECS[name])
+        features = hierarchical_features(4, (12, 20))
+    assert decoder.channels_last  # the default
+    results = {}
+    for channels_last in (True, False):
+        decoder.channels_last = channels_last
+        decoder.zero_grad(set_to_none=True)
+        logits = decoder(features, (48, 80))
+        logits.square().mean().backward()
+        results[channels_last] = (logits.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for n, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("coarsest", [(4, 4), (1, 1)], ids=["4x4", "1x1"])
+@pytest.mark.parametrize("plain", [False, True], ids=["nchw-maps", "token-grids"])
+def test_upernet_convolutions_over_the_fused_maps_run_channels_last(plain, coarsest):
+    """The pooled branch (NCHW after pyramid pooling) must not pull the fused map back into NCHW."""
+    if plain:
+        decoder = build_decoder("upernet", [12] * 4, num_classes=3, simple_pyramid=True, channels=16)
+        features = _permuted_token_grids(2, tuple(2 * c for c in coarsest), 12)
+    else:
+        decoder = build_decoder("upernet", [8, 16, 24, 32], num_classes=3, channels=16)
+        features = hierarchical_features(2, tuple(8 * c for c in coarsest))
+    seen = {}
+
+    def record(name: str, x: torch.Tensor) -> None:  # a 1 x 1 map is in both layouts
+        seen[name] = x.is_contiguous(memory_format=torch.channels_last) or x.shape[-2:] == (1, 1)
+
+    for name, module in decoder.named_modules():
+        # every convolution at the finest map's resolution or over a fused map (the pooled branch's own 3 x 3
+        # convolution runs on the coarsest map in NCHW: small, and converted once after it)
+        if isinstance(module, torch.nn.Conv2d) and (".fpn_" in name or name.endswith("classifier")):
+            module.register_forward_pre_hook(lambda m, args, name=name: record(name, args[0]))
+    # Ahead of the decoder's own hook: the concatenation is already channels-last (no copy of the largest
+    # map) unless the coarsest map is 1 x 1.
+    decoder.head.fpn_bottleneck.register_forward_pre_hook(
+        lambda m, args: record("concatenated", args[0]), prepend=True
+    )
+    decoder(features, (32, 32))
+    assert "head.fpn_bottleneck.conv" in seen and "head.classifier" in seen
+    if coarsest == (1, 1):
+        del seen["concatenated"]
+    assert all(seen.values()), {n: v for n, v in seen.items() if not v}
+
+
+def test_channels_last_switch_is_per_decoder_copy():
+    """peft deep-copies the decoder for modules_to_save: each copy's layout hooks read its own switch."""
+    import copy
+
+    decoder = build_decoder("upernet", [8, 16, 24, 32], num_classes=3, channels=16)
+    clone = copy.deepcopy(decoder)
+    clone.channels_last = False
+    seen = []
+    for d in (decoder, clone):
+        d.head.fpn_bottleneck.conv.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)) and None
+        )
+        d(hierarchical_features(2, (16, 16)), (32, 32))
+    assert seen == [True, False]
+
+
 def test_unknown_decoder_suggests_close_names():
     with pytest.raises(ValueError, match="Did you mean 'upernet'"):
         build_decoder("uppernet", [8], 2)
