@@ -2,8 +2,9 @@
 # The paper-setting cost benchmark on one CUDA GPU (issue 5), in one command:
 #   Swin-T (depths 2-2-6-2) and ViT-B/16, one 4-channel 128^3 volume, bf16 autocast, UperNet 512;
 #   med_adapter, med_adapter_reference, med_adapter+ckpt, full, lora, decoder_only side by side.
-# About 3-4 minutes on an H100 / H200. Needs only this repository and a python3 with torch (CUDA),
-# transformers 5.x and peft 0.21: nothing is downloaded (random-init backbones built from configs).
+# About 3-4 minutes on an H200 (3.8 and 3.2 min in the two committed runs). Needs only this repository and
+# a python3 with torch (CUDA), transformers 5.x and peft 0.21: nothing is downloaded (random-init backbones
+# built from configs).
 # Writes benchmarks/results/cost_paper_cuda.json and puts the tables into benchmarks/cost.md (replacing the
 # section of an earlier GPU run). Extra arguments go to benchmarks/step_time.py, e.g.
 #   bash benchmarks/gpu_cost.sh --json "$OUT/cost_paper_cuda.json" --markdown "$OUT/cost_paper_cuda.md"

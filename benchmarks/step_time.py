@@ -991,7 +991,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(memory_probe(setting, backbones[0], args.memory_probe)))
         return None
     if args.profile:
-        print(profile_method(setting, backbones[0], args.profile, device))
+        with _cudnn_benchmark(device):  # the same convolution algorithms as the timed runs
+            print(profile_method(setting, backbones[0], args.profile, device))
         return None
 
     # Runs with compiled methods get their own JSON and section: they do not replace the standard run.
