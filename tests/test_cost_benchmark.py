@@ -182,3 +182,50 @@ def test_a_failing_method_leaves_the_comparison_and_the_others_are_measured(monk
     assert "| med_adapter |" in text and "| lora |" not in text
     assert "- lora failed: `RuntimeError: CUDA out of memory (injected)`" in text
     assert "- decoder_only failed: `ValueError: no decoder (injected)`" in text
+
+
+def test_decoder_layout_benchmark_code_path(tmp_path):
+    """benchmarks/decoder_layout.py shrunk to CPU: both layouts run, and their logits agree."""
+    import decoder_layout
+
+    out = tmp_path / "layout.json"
+    report = decoder_layout.main(
+        [
+            "--device",
+            "cpu",
+            "--slices",
+            "2",
+            "--channels",
+            "8",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text())["results"].keys() == {"swin-t", "vit-b16"}
+    for entry in report["results"].values():
+        assert entry["max_abs_logit_difference_bf16"] < 1e-2
+        for key in ("train_step_ms", "inference_ms"):
+            assert entry[key]["as_handed_over"] > 0 and entry[key]["channels_last"] > 0
+    assert "| swin-t |" in report["markdown"]
+
+
+def test_adapter_kernels_benchmark_code_path(tmp_path):
+    """benchmarks/adapter_kernels.py shrunk to CPU: every CPU form runs the same function as the current one."""
+    import adapter_kernels
+
+    out = tmp_path / "adapter.json"
+    argv = ["--device", "cpu", "--slices", "4", "--rounds", "1", "--warmup", "0", "--json", str(out)]
+    report = adapter_kernels.main([*argv, "--blocks", "swin-t stage 4", "vit-b16"])
+    assert json.loads(out.read_text())["results"].keys() == {"swin-t stage 4", "vit-b16"}
+    for forms in report["results"].values():
+        assert set(forms) == {"current", "cudnn_off", "bf16_bottleneck"}  # native_depthwise is CUDA-only
+        assert forms["current"]["max_abs_diff"] == 0 and forms["cudnn_off"]["max_abs_diff"] == 0
+        assert 0 < forms["bf16_bottleneck"]["max_abs_diff"] < 0.1  # bf16 rounding, not another function
+        assert all(f["enqueue_ms"] > 0 and f["kernels"] > 0 for f in forms.values())
+    from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch
+
+    assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone

@@ -1,0 +1,247 @@
+"""One Med-Adapter's forward + backward at the paper's block shapes: host time, GPU time and kernels per form.
+
+On the GPU the paper-setting training step with Med-Adapter is bound by kernel launches (``cost.md``, "GPU":
+the step takes twice its GPU busy time). This measures where an adapter's launches and host time go, one
+adapter at a time at each shape the paper's backbones give it (128 slices; Swin-T's four stages and
+ViT-B/16), in candidate forms of the same function, alternating rounds after warm-up:
+
+- ``current``: the package's fast form (bottleneck in float32 channels-last, cuDNN depthwise convolutions).
+- ``cudnn_off``: the same code with cuDNN disabled (PyTorch's own convolution kernels).
+- ``bf16_bottleneck``: the bottleneck's parameters (depthwise branches, spectral filter, mixing) in bfloat16,
+  so the bottleneck runs in bf16 (the function is the same up to bf16 rounding).
+- ``native_depthwise`` (CUDA only): both depthwise convolutions of each branch through PyTorch's depthwise
+  kernel (``aten._conv_depthwise2d``) instead of cuDNN.
+
+Per form and shape: ``enqueue_ms`` (host time to issue forward + backward, before waiting for the GPU),
+``gpu_ms`` (CUDA events around the same work), ``wall_ms`` (issue + wait), ``kernels`` (torch.profiler), and
+``max_abs_diff`` of the adapter's output against ``current``. ``enqueue_ms`` above ``gpu_ms`` means the host
+is the bottleneck.
+
+    python benchmarks/adapter_kernels.py --device cuda --json benchmarks/results/adapter_kernels_cuda.json
+    python benchmarks/adapter_kernels.py --device cpu --slices 4 --rounds 2   # code path check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:  # run from a checkout without installing the package
+        sys.path.insert(0, str(path))
+
+from step_time import busy_microseconds  # noqa: E402
+
+from medtuning_peft.tuners.med_adapter import modules  # noqa: E402
+from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch, MedAdapter  # noqa: E402
+
+# name -> (block width C, token grid side) of one adapted block at 128 x 128 slices
+SHAPES = {
+    "swin-t stage 1": (96, 32),
+    "swin-t stage 2": (192, 16),
+    "swin-t stage 3": (384, 8),
+    "swin-t stage 4": (768, 4),
+    "vit-b16": (768, 8),
+}
+FORMS = ("current", "cudnn_off", "bf16_bottleneck", "native_depthwise")
+
+
+def _native_depthwise_forward(self: DepthwiseBranch, v: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """DepthwiseBranch.forward with both convolutions as ``aten._conv_depthwise2d`` (CUDA's own kernel)."""
+    k, r = self.kernel_size, v.shape[1]
+    y = torch.ops.aten._conv_depthwise2d(
+        v, self.inplane.weight.squeeze(2), [k, k], self.inplane.bias, [1, 1], [k // 2, k // 2], [1, 1]
+    )
+    n, _, h, w = y.shape
+    rows = modules._volume_rows(y, num_slices)
+    vol = rows.view(rows.shape[0], num_slices, h * w, r).permute(0, 3, 1, 2)
+    out = torch.ops.aten._conv_depthwise2d(
+        vol, self.across.weight.squeeze(-1), [k, 1], self.across.bias, [1, 1], [k // 2, 0], [1, 1]
+    )
+    y = modules._slices_from_rows(out.permute(0, 2, 3, 1).reshape(rows.shape), y.shape)
+    y = self.norm(y.unsqueeze(2)).squeeze(2)
+    return F.relu(y)
+
+
+@contextlib.contextmanager
+def form_context(form: str) -> Iterator[None]:
+    """What the form changes while it runs (global switches, restored afterwards)."""
+    if form == "cudnn_off":
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+    elif form == "native_depthwise":
+        original = DepthwiseBranch.forward
+        DepthwiseBranch.forward = _native_depthwise_forward
+        try:
+            yield
+        finally:
+            DepthwiseBranch.forward = original
+    else:
+        yield
+
+
+def build(hidden: int, slices: int, form: str, device: torch.device) -> MedAdapter:
+    """The paper's adapter (r = C/6, branches 3 and 5, spectral filter), the same weights for every form."""
+    torch.manual_seed(0)
+    adapter = MedAdapter(hidden, 6, (3, 5), True, slices).to(device)
+    if form == "bf16_bottleneck":
+        for module in (*adapter.branches, adapter.spectral, adapter.mix):
+            module.to(torch.bfloat16)
+    return adapter
+
+
+def measure(
+    name: str, slices: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, float | str]]:
+    hidden, side = SHAPES[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(slices, side * side, hidden, generator=gen).to(device).requires_grad_(True)
+    forms = [f for f in FORMS if device.type == "cuda" or f != "native_depthwise"]
+    adapters = {form: build(hidden, slices, form, device) for form in forms}
+
+    def step(form: str) -> torch.Tensor:
+        with form_context(form), torch.autocast(device.type, dtype=torch.bfloat16):
+            out, _ = adapters[form](x, (side, side), slices)
+            out.float().square().mean().backward()
+        return out
+
+    results: dict[str, dict[str, float | str]] = {}
+    reference = step("current").detach().float()
+    runnable = []
+    for form in forms:
+        try:
+            diff = (step(form).detach().float() - reference).abs().max().item()
+        except Exception as error:  # noqa: BLE001 - a form that cannot run here is recorded, not fatal
+            results[form] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            continue
+        results[form] = {"max_abs_diff": diff}
+        runnable.append(form)
+    times: dict[str, dict[str, list[float]]] = {f: {"enqueue": [], "gpu": [], "wall": []} for f in runnable}
+    for _ in range(args.warmup):
+        for form in runnable:
+            step(form)
+    for i in range(args.rounds):
+        for form in runnable[i % len(runnable) :] + runnable[: i % len(runnable)]:
+            _sync(device)
+            events = _events(device)
+            start = time.perf_counter()
+            if events:
+                events[0].record()
+            step(form)
+            enqueued = time.perf_counter()
+            if events:
+                events[1].record()
+            _sync(device)
+            end = time.perf_counter()
+            times[form]["enqueue"].append(1000 * (enqueued - start))
+            times[form]["wall"].append(1000 * (end - start))
+            if events:
+                times[form]["gpu"].append(events[0].elapsed_time(events[1]))
+    for form in runnable:
+        entry = results[form]
+        for key, values in times[form].items():
+            if values:
+                entry[f"{key}_ms"] = statistics.median(values)
+        entry.update(_kernels(lambda form=form: step(form), device))
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def _kernels(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
+    """Kernels (CUDA) or top-level operator events (CPU) of one call, and the device's busy time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
+    busy = busy_microseconds([(e.time_range.start, e.time_range.end) for e in events]) / 1000
+    return {"kernels": len(events), "busy_ms": busy}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['what']}; {report['device']}, torch {report['versions']['torch']}; `{report['command']}`; "
+        f"{report['date']}",
+        "",
+        "| block | form | enqueue ms | GPU ms | wall ms | kernels | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for block, forms in report["results"].items():
+        for form, e in forms.items():
+            if "error" in e:
+                lines.append(f"| {block} | {form} | not run: {e['error']} | | | | |")
+                continue
+            gpu = f"{e['gpu_ms']:.2f}" if "gpu_ms" in e else "-"
+            lines.append(
+                f"| {block} | {form} | {e['enqueue_ms']:.2f} | {gpu} | {e['wall_ms']:.2f} | {e['kernels']} | "
+                f"{e['max_abs_diff']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--slices", type=int, default=128, help="slices D of the volume")
+    parser.add_argument("--blocks", nargs="+", default=list(SHAPES), help=f"subset of {list(SHAPES)}")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.blocks) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown --blocks {unknown}; known: {list(SHAPES)}")
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as in the cost benchmark's timed runs
+    report = {
+        "what": f"one Med-Adapter (r = C/6, branches 3 and 5, spectral), forward + backward, {args.slices} "
+        "slices, bf16 autocast",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "command": " ".join(
+            ["python", "benchmarks/adapter_kernels.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "results": {},
+    }
+    for block in args.blocks:
+        report["results"][block] = measure(block, args.slices, args, device)
+        print(block, json.dumps(report["results"][block]), flush=True)
+    report["markdown"] = markdown(report)
+    print(report["markdown"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
