@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -131,7 +132,8 @@ def _swin(image: int, embed: int, depths: list[int], heads: list[int], window: i
         num_heads=heads,
         window_size=window,
     )
-    return lambda: transformers.SwinModel(config)
+    # A fresh config per model: a model keeps its config, which adapt_input_channels changes.
+    return lambda: transformers.SwinModel(copy.deepcopy(config))
 
 
 def _vit(image: int, patch: int, hidden: int, layers: int, heads: int) -> Callable:
@@ -144,7 +146,7 @@ def _vit(image: int, patch: int, hidden: int, layers: int, heads: int) -> Callab
         num_attention_heads=heads,
         intermediate_size=4 * hidden,
     )
-    return lambda: transformers.ViTModel(config, add_pooling_layer=False)
+    return lambda: transformers.ViTModel(copy.deepcopy(config), add_pooling_layer=False)
 
 
 SETTINGS: dict[str, Setting] = {

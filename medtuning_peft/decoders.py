@@ -103,7 +103,7 @@ class SegmentationDecoder(nn.Module):
         channels_last: run the decoder in channels-last memory format (default True): the feature maps are
             converted on entry, and convolutions, BatchNorm, interpolation and concatenation keep that
             layout. cuDNN's bf16/fp16 convolutions and oneDNN's run natively in it; in contiguous NCHW
-            layout the paper setting's UperNet training step took several times longer on an H200
+            layout the UperNet training step of the paper setting took up to 6x longer on an H200
             (``benchmarks/cost.md``). The function computed is the same in either layout.
 
     Raises:

@@ -229,3 +229,30 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
     from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch
 
     assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone
+
+
+@pytest.mark.parametrize("family", ["swin", "vit"])
+def test_every_method_starts_from_the_same_weights(family):
+    """The comparison is between methods, not initializations: the first model built is no exception."""
+    import dataclasses
+
+    factory = (
+        step_time._swin(32, 12, [1, 1, 2, 1], [1, 1, 2, 2], 4)
+        if family == "swin"
+        else step_time._vit(32, 8, 24, 6, 2)
+    )
+    setting = dataclasses.replace(step_time.get_setting("paper", tiny=True), backbones={"b": factory})
+    first, second, full = (
+        step_time.build_method(setting, "b", method, torch.device("cpu")).state_dict()
+        for method in ("med_adapter", "med_adapter", "full")
+    )
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # Backbone and decoder weights under peft's names: base_layer / modules_to_save wrappers stripped.
+    plain = {
+        k.replace(".base_layer", "").replace(".modules_to_save.default", ""): v
+        for k, v in first.items()
+        if "med_adapter." not in k and ".original_module." not in k
+    }
+    shared = set(plain) & set(full)
+    assert len(shared) > 0.9 * len(full)
+    assert all(torch.equal(plain[k], full[k]) for k in shared)
