@@ -256,3 +256,23 @@ def test_every_method_starts_from_the_same_weights(family):
     shared = set(plain) & set(full)
     assert len(shared) > 0.9 * len(full)
     assert all(torch.equal(plain[k], full[k]) for k in shared)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7),
+    reason="torch.compile of transformers models needs torch >= 2.7",
+)
+def test_compiled_adapters_method_runs_and_writes_its_own_section(tmp_path):
+    """med_adapter+compile_adapters (the GPU run's launch-fusion check) at a tiny size on CPU."""
+    out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--setting", "paper", "--tiny"]
+    command += ["--device", "cpu", "--threads", "1", "--backbones", "vit-tiny", "--json", str(out)]
+    command += ["--markdown", str(md), "--methods", "med_adapter+compile_adapters", "med_adapter", "full"]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["setting"] == "paper-tiny-compile"  # not the standard run's section
+    results = report["results"]["vit-tiny"]
+    assert "error" not in results["med_adapter+compile_adapters"]
+    assert results["med_adapter+compile_adapters"]["tuned_params"] == results["med_adapter"]["tuned_params"]
+    assert "<!-- cost:paper-tiny-compile_cpu start -->" in md.read_text()
