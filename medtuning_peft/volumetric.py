@@ -162,29 +162,43 @@ def plain_taps(num_blocks: int, num_levels: int = 4) -> list[int]:
     return [max((i + 1) * num_blocks // num_levels - 1, 0) for i in range(num_levels)]
 
 
+_TAP_ACTIVE, _TAP_OUTPUT = "_medtuning_tap_active", "_medtuning_tap_output"
+
+
+def _record_tap(module: nn.Module, args: Any, output: Any) -> None:
+    # Forward hook of a tapped block: keeps its output on the module itself while a feature pass is running.
+    if getattr(module, _TAP_ACTIVE, False):
+        setattr(module, _TAP_OUTPUT, output[0] if isinstance(output, tuple) else output)
+
+
 def _plain_features(
     model: nn.Module, pixel_values: torch.Tensor, *, block_list: str, **kwargs: Any
 ) -> list[torch.Tensor]:
     # Record block outputs with hooks on the module at each block's path: when a tuner wraps a block, the
-    # wrapper sits there, so the recorded tokens include its adapter (output_hidden_states would not).
+    # wrapper sits there, so the recorded tokens include its adapter (output_hidden_states would not). The
+    # hook stays on the module (installed at the first pass through it, e.g. after a tuner wrapped the block)
+    # and records only while this pass runs, so torch.compile traces the pass as one graph: registering and
+    # removing hooks at every call broke the graph twice. A module-level hook writing to its own module keeps
+    # copies of the model (deepcopy, peft's modules_to_save) independent.
     blocks = model.get_submodule(block_list)
-    taps = plain_taps(len(blocks))
-    captured: dict[int, torch.Tensor] = {}
-
-    def record(index: int, module: nn.Module, args: Any, output: Any) -> None:
-        captured[index] = output[0] if isinstance(output, tuple) else output
-
-    handles = [blocks[i].register_forward_hook(partial(record, i)) for i in sorted(set(taps))]
+    taps = sorted(set(plain_taps(len(blocks))))
+    tapped = [blocks[i] for i in taps]
+    for block in tapped:
+        if _record_tap not in block._forward_hooks.values():
+            block.register_forward_hook(_record_tap)
+        setattr(block, _TAP_ACTIVE, True)
     try:
         model(pixel_values=pixel_values, **kwargs)
+        captured = {i: getattr(block, _TAP_OUTPUT) for i, block in zip(taps, tapped)}
     finally:
-        for handle in handles:
-            handle.remove()
+        for block in tapped:  # no output kept alive between passes, no recording outside them
+            setattr(block, _TAP_ACTIVE, False)
+            block.__dict__.pop(_TAP_OUTPUT, None)
     patch = model.config.patch_size
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
     h, w = pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
     maps = []
-    for i in taps:
+    for i in plain_taps(len(blocks)):
         tokens = captured[i]  # (B*D, N, C), N = prefix (CLS, registers) + h*w
         grid = tokens[:, tokens.shape[1] - h * w :]  # (B*D, N, C) -> (B*D, h*w, C)
         grid = grid.transpose(1, 2)  # (B*D, h*w, C) -> (B*D, C, h*w)

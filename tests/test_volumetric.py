@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -213,6 +214,47 @@ def test_plain_features_include_the_adapter_of_the_tapped_block(backbone):
     handle.remove()
     tokens = seen[0][:, -16:]  # (B*D, N, C) -> (B*D, h*w, C), a 4 x 4 grid
     torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), tokens)  # (B*D, C, h, w) -> (B*D, h*w, C)
+
+
+def test_plain_feature_taps_follow_a_block_wrapped_later_and_keep_nothing_between_passes():
+    from medtuning_peft import MedAdapterConfig
+
+    model = make("vit", method="decoder_only")
+    backbone = model.backbone
+    x = volume_to_slices(torch.randn(1, 1, 2, 32, 32))
+    with torch.no_grad():
+        extract_features(backbone, x)  # taps installed on the plain blocks
+    wrapped = peft.get_peft_model(backbone, MedAdapterConfig(num_slices=2, init_identity=False))
+    with torch.no_grad():
+        maps = extract_features(wrapped.base_model.model, x, num_slices=2)
+        clean = extract_features(copy.deepcopy(wrapped.base_model.model), x, num_slices=2)
+    blocks = wrapped.base_model.model.get_submodule("layers")
+    seen = []
+    handle = blocks[len(blocks) - 1].register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        extract_features(wrapped.base_model.model, x, num_slices=2)
+    handle.remove()
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), seen[0][:, -16:])  # the adapter's output
+    torch.testing.assert_close(clean[-1], maps[-1])  # a copy records into its own blocks
+    kept = [n for n, m in wrapped.named_modules() if "_medtuning_tap_output" in m.__dict__]
+    assert not kept  # no activations held after a pass
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7),
+    reason="torch.compile of transformers models needs torch >= 2.7",
+)
+@pytest.mark.parametrize("backbone", ["swin", "vit"])
+def test_torch_compile_traces_the_whole_segmenter_as_one_graph_after_the_first_pass(backbone):
+    # The first pass installs hooks (transformers' output capturing; the plain backbones' feature taps); after
+    # it, the segmenter with adapters, feature extraction and decoder is one graph.
+    model = make(backbone, method="med_adapter", num_slices=2).train()
+    x = torch.randn(1, 1, 2, 32, 32)
+    model(x)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
 
 
 def test_med_adapter_receives_the_slice_count():
