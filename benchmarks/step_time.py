@@ -78,12 +78,20 @@ parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of 
 its patch embeddings): the floor of any method that trains something after every block, such as
 Med-Adapter, which it cannot beat."""
 
-OPTIONAL_METHODS = ("med_adapter+compile", "full+compile", "med_adapter+compile_adapters")
+OPTIONAL_METHODS = (
+    "med_adapter+compile",
+    "full+compile",
+    "med_adapter+compile_adapters",
+    "med_adapter+compile_cudagraphs",
+    "full+compile_cudagraphs",
+)
 """Run only when named in ``--methods``: ``torch.compile`` of the whole segmenter (compiling takes minutes on a
 GPU, longer on CPU; compare them with each other: compilation speeds up full fine-tuning too), and
 ``med_adapter+compile_adapters``: only the adapter modules compiled (``nn.Module.compile(dynamic=False)``, one
 graph per block shape), the backbone and decoder eager as in the other methods, to measure what fusing the
-adapters' small kernels saves in the launch-bound GPU step."""
+adapters' small kernels saves in the launch-bound GPU step; ``+compile_cudagraphs``: the whole segmenter
+compiled with ``mode="reduce-overhead"``, which on CUDA replays each compiled graph's kernels as a CUDA graph
+(no per-kernel launch cost; on CPU it is a plain compile)."""
 
 ALL_METHODS = METHODS + OPTIONAL_METHODS
 
@@ -289,6 +297,8 @@ def build_method(
     segmenter = segmenter.to(device).train()
     if method.endswith("+compile"):
         return torch.compile(segmenter)
+    if method.endswith("+compile_cudagraphs"):
+        return torch.compile(segmenter, mode="reduce-overhead")
     if method.endswith("+compile_adapters"):
         # All adapters share one forward: each block shape and inter-stage variant is one more compiled entry,
         # which must not hit the recompile limit (8; torch 2.11 reached it on Swin) and fall back to eager.
