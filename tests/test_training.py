@@ -292,6 +292,31 @@ def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp
     )
 
 
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7),
+    reason="torch.compile of transformers models needs torch >= 2.7",
+)
+def test_training_compiled_by_accelerate_gives_the_same_training(data_dir, cache_dir, tmp_path, monkeypatch):
+    # `accelerate launch --dynamo_backend ...` compiles the model in Accelerator.prepare; aot_eager traces
+    # forward and backward as inductor would, without generating code (seconds instead of minutes on CPU).
+    base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
+    plain = train(base)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train(replace(base, output_dir=str(tmp_path / "compiled")))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model did run compiled
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.testing.assert_close(
+        [h["loss"] for h in compiled["history"]["loss"]], [h["loss"] for h in plain["history"]["loss"]]
+    )
+    saved = load_file(tmp_path / "compiled" / "model" / "adapter_model.safetensors")
+    assert saved and not any("_orig_mod" in key for key in saved)  # saved under the uncompiled names
+
+
 def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache_dir, tmp_path):
     settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
     with pytest.raises(Stop):
