@@ -231,16 +231,19 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
     assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone
 
 
-@pytest.mark.parametrize("family", ["swin", "vit"])
+# Fresh backbone factories (the tiny setting's shapes): a factory's first model is the case under test.
+FACTORIES = {
+    "swin": lambda: step_time._swin(32, 12, [1, 1, 2, 1], [1, 1, 2, 2], 4),
+    "vit": lambda: step_time._vit(32, 8, 24, 6, 2),
+}
+
+
+@pytest.mark.parametrize("family", FACTORIES)
 def test_every_method_starts_from_the_same_weights(family):
     """The comparison is between methods, not initializations: the first model built is no exception."""
     import dataclasses
 
-    factory = (
-        step_time._swin(32, 12, [1, 1, 2, 1], [1, 1, 2, 2], 4)
-        if family == "swin"
-        else step_time._vit(32, 8, 24, 6, 2)
-    )
+    factory = FACTORIES[family]()
     setting = dataclasses.replace(step_time.get_setting("paper", tiny=True), backbones={"b": factory})
     first, second, full = (
         step_time.build_method(setting, "b", method, torch.device("cpu")).state_dict()
