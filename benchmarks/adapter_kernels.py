@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:  # run from a checkout without installing the package
         sys.path.insert(0, str(path))
 
-from step_time import busy_microseconds  # noqa: E402
+from step_time import _sync, profiled_activity, side_report, write_json  # noqa: E402
 
 from medtuning_peft.tuners.med_adapter import modules  # noqa: E402
 from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch, MedAdapter  # noqa: E402
@@ -153,35 +152,16 @@ def measure(
         for key, values in times[form].items():
             if values:
                 entry[f"{key}_ms"] = statistics.median(values)
-        entry.update(_kernels(lambda form=form: step(form), device))
+        activity = profiled_activity(lambda form=form: step(form), device)
+        # One profiled call: its kernels are a whole count.
+        entry.update(kernels=int(activity["kernels_per_step"]), busy_ms=activity["busy_ms_per_step"])
     return results
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
     if device.type != "cuda":
         return None
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
-def _kernels(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """Kernels (CUDA) or top-level operator events (CPU) of one call, and the device's busy time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        fn()
-        _sync(device)
-    kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
-    busy = busy_microseconds([(e.time_range.start, e.time_range.end) for e in events]) / 1000
-    return {"kernels": len(events), "busy_ms": busy}
 
 
 def markdown(report: dict) -> str:
@@ -219,27 +199,21 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown --blocks {unknown}; known: {list(SHAPES)}")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as in the cost benchmark's timed runs
-    report = {
-        "what": f"one Med-Adapter (r = C/6, branches 3 and 5, spectral), forward + backward, {args.slices} "
-        "slices, bf16 autocast",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-        "command": " ".join(
-            ["python", "benchmarks/adapter_kernels.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "results": {},
-    }
+    report = side_report(
+        "adapter_kernels.py",
+        argv,
+        f"one Med-Adapter (r = C/6, branches 3 and 5, spectral), forward + backward, {args.slices} slices, "
+        "bf16 autocast",
+        device,
+        rounds=args.rounds,
+        warmup=args.warmup,
+    )
     for block in args.blocks:
         report["results"][block] = measure(block, args.slices, args, device)
         print(block, json.dumps(report["results"][block]), flush=True)
     report["markdown"] = markdown(report)
     print(report["markdown"])
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     return report
 
 

@@ -14,7 +14,6 @@ On CPU (``--device cpu``) the default size is cut to 8 slices.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -25,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:  # run from a checkout without installing the package
+        sys.path.insert(0, str(path))
+
+import step_time  # noqa: E402
 
 from medtuning_peft.decoders import UperNetDecoder  # noqa: E402
 
@@ -47,11 +49,6 @@ def make_features(backbone: str, slices: int, device: torch.device) -> list[torc
             for c, g in zip(channels, grids)
         ]
     return [torch.randn(slices, c, g, g, generator=gen).to(device) for c, g in zip(channels, grids)]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(backbone: str, slices: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -89,10 +86,10 @@ def measure(backbone: str, slices: int, args: argparse.Namespace, device: torch.
             step(True)
         for i in range(args.rounds):
             for layout in (False, True) if i % 2 == 0 else (True, False):
-                _sync(device)
+                step_time._sync(device)
                 start = time.perf_counter()
                 step(layout)
-                _sync(device)
+                step_time._sync(device)
                 times[layout].append(1000 * (time.perf_counter() - start))
         entry[name] = {
             "as_handed_over": statistics.median(times[False]),
@@ -116,18 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     slices = args.slices or (128 if device.type == "cuda" else 8)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    report = {
-        "what": f"UperNet {args.channels} decoder alone, {slices} slices of 128 x 128, bf16 autocast",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-        "command": " ".join(
-            ["python", "benchmarks/decoder_layout.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "results": {},
-    }
+    report = step_time.side_report(
+        "decoder_layout.py",
+        argv,
+        f"UperNet {args.channels} decoder alone, {slices} slices of 128 x 128, bf16 autocast",
+        device,
+        rounds=args.rounds,
+        warmup=args.warmup,
+    )
     for backbone in FEATURES:
         entry = measure(backbone, slices, args, device)
         report["results"][backbone] = entry
@@ -148,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     report["markdown"] = "\n".join(lines)
     print(report["markdown"])
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    step_time.write_json(args.json, report)
     return report
 
 

@@ -633,25 +633,22 @@ def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
-def device_activity(
-    runner: Runner, volume: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 2
-) -> dict[str, float]:
-    """Kernels launched and device busy time per training step, from torch.profiler, against the wall time.
+def profiled_activity(fn: Callable[[], object], device: torch.device, steps: int = 1) -> dict[str, float]:
+    """Kernels launched and device busy time per call of ``fn``, from torch.profiler, against the wall time.
 
     On CUDA this is the GPU's side of a step: ``busy_ms`` well below ``wall_ms`` means the step waits on the
-    host (launches, Python), not on the GPU. On CPU the same figures count the profiled operator events.
+    host (launches, Python), not on the GPU. On CPU the same figures count the top-level operator events.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    runner.train_step(volume, labels)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            runner.train_step(volume, labels)
+            fn()
         _sync(device)
     wall = time.perf_counter() - start
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
@@ -664,9 +661,38 @@ def device_activity(
     }
 
 
+def device_activity(
+    runner: Runner, volume: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 2
+) -> dict[str, float]:
+    """:func:`profiled_activity` of ``steps`` training steps, after one unprofiled step."""
+    runner.train_step(volume, labels)
+    return profiled_activity(lambda: runner.train_step(volume, labels), device, steps)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------------------
+
+
+def side_report(script: str, argv: list[str] | None, what: str, device: torch.device, **fields: Any) -> dict:
+    """The header of a side benchmark's report (``decoder_layout.py``, ``adapter_kernels.py``): what was run,
+    where, with which versions, the command and the date, then ``fields`` and an empty ``results``."""
+    return {
+        "what": what,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "command": shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **fields,
+        "results": {},
+    }
+
+
+def write_json(path: str | Path | None, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` (parents created); nothing when ``path`` is None."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def make_input(setting: Setting, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1049,9 +1075,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     def write(report: dict[str, Any]) -> str:
         section = markdown_section(report)
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
         if markdown:
             write_markdown(Path(markdown), f"{name}_{device.type}", section)
         return section

@@ -181,7 +181,8 @@ def _plain_features(
     # removing hooks at every call broke the graph twice. A module-level hook writing to its own module keeps
     # copies of the model (deepcopy, peft's modules_to_save) independent.
     blocks = model.get_submodule(block_list)
-    taps = sorted(set(plain_taps(len(blocks))))
+    levels = plain_taps(len(blocks))  # one block per pyramid level; a short backbone repeats blocks
+    taps = sorted(set(levels))
     tapped = [blocks[i] for i in taps]
     for block in tapped:
         if _record_tap not in block._forward_hooks.values():
@@ -198,7 +199,7 @@ def _plain_features(
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
     h, w = pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
     maps = []
-    for i in plain_taps(len(blocks)):
+    for i in levels:
         tokens = captured[i]  # (B*D, N, C), N = prefix (CLS, registers) + h*w
         grid = tokens[:, tokens.shape[1] - h * w :]  # (B*D, N, C) -> (B*D, h*w, C)
         grid = grid.transpose(1, 2)  # (B*D, h*w, C) -> (B*D, C, h*w)
