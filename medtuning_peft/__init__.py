@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .tuners.med_adapter import MED_ADAPTER, MedAdapterConfig, MedAdapterModel, has_med_adapter
+from .tuners.med_adapter import (
+    MED_ADAPTER,
+    MedAdapterConfig,
+    MedAdapterModel,
+    cuda_graphs_enabled,
+    disable_cuda_graphs,
+    enable_cuda_graphs,
+    has_med_adapter,
+)
 
 __version__ = "0.1.0"
 
@@ -21,7 +29,17 @@ _LAZY = {
     "from_pretrained": "medtuning_peft.volumetric",
 }
 
-__all__ = ["MED_ADAPTER", "MedAdapterConfig", "MedAdapterModel", "__version__", "has_med_adapter", *_LAZY]
+__all__ = [
+    "MED_ADAPTER",
+    "MedAdapterConfig",
+    "MedAdapterModel",
+    "__version__",
+    "cuda_graphs_enabled",
+    "disable_cuda_graphs",
+    "enable_cuda_graphs",
+    "has_med_adapter",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

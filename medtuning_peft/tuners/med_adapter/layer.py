@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...backbones import BackboneSpec
+from .cuda_graphs import AdapterGraphs
 from .modules import MedAdapter, autocast_enabled
 
 try:  # transformers 5 records ViT / DINOv2 hidden states with hooks on the block class.
@@ -29,14 +30,18 @@ class ForwardContext:
         num_slices: D given to the current forward (``num_slices=`` keyword), or None for the config's.
         pixel_hw: (H, W) of the slices the backbone received (grid of ViT-like backbones).
         prev: per adapter name, the A features (B*D, r, h, w) of the last inter-stage adapter.
+        graphs: the adapters' CUDA graphs (:func:`~medtuning_peft.enable_cuda_graphs`), or None: eager.
     """
 
     num_slices: int | None = None
     pixel_hw: tuple[int, int] | None = None
     prev: dict[str, torch.Tensor] = field(default_factory=dict)
+    graphs: AdapterGraphs | None = None
 
     def start_backbone(self, pixel_values: Any) -> None:
         self.prev.clear()
+        if self.graphs is not None:
+            self.graphs.start_pass()
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4:
             self.pixel_hw = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
 
@@ -181,6 +186,12 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
+            if self.context.graphs is not None:
+                raise ValueError(
+                    "Med-Adapter CUDA graphs cannot be combined with activation checkpointing: the recomputation in "
+                    "backward would replay the adapters' graphs inside their own backward. Disable one of them "
+                    "(`medtuning_peft.disable_cuda_graphs(model)` or `gradient_checkpointing_disable()`)."
+                )
             # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
             return self.checkpoint_func(functools.partial(self._checkpointed_block, **kwargs), *args)
         return self._adapted_block(*args, **kwargs)
@@ -239,7 +250,10 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             # Under autocast the down-projection takes them as they are (a bf16 residual stream, as in Swin
             # after the first stage, is not cast up and back down).
             grid_tokens = grid_tokens.to(adapter.down.weight.dtype)
-        out, a = adapter(grid_tokens, (h, w), num_slices, prev)
+        if ctx.graphs is not None:
+            out, a = ctx.graphs(adapter, grid_tokens, (h, w), num_slices, prev)
+        else:
+            out, a = adapter(grid_tokens, (h, w), num_slices, prev)
         if a is not None:
             ctx.prev[name] = a
         out = out.to(hidden.dtype)
