@@ -59,12 +59,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+from medtuning_peft.tuners.med_adapter import enable_cuda_graphs  # noqa: E402
 from medtuning_peft.tuners.med_adapter.modules import MedAdapter  # noqa: E402
 from medtuning_peft.tuners.med_adapter.reference import set_reference_form  # noqa: E402
 from medtuning_peft.volumetric import build_segmenter  # noqa: E402
 
 METHODS = (
     "med_adapter",
+    "med_adapter+cuda_graphs",
     "med_adapter_reference",
     "med_adapter+ckpt",
     "full",
@@ -72,7 +74,9 @@ METHODS = (
     "decoder_only",
     "frozen_backward",
 )
-"""Compared methods. ``med_adapter_reference`` runs the direct 3D transcription of the adapter with the same
+"""Compared methods. ``med_adapter+cuda_graphs`` replays each adapter's kernels as CUDA graphs
+(:func:`medtuning_peft.enable_cuda_graphs`; CUDA only, left out of runs on other devices);
+``med_adapter_reference`` runs the direct 3D transcription of the adapter with the same
 parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks;
 ``frozen_backward`` is ``decoder_only`` with the backward pass taken through the whole frozen backbone (to
 its patch embeddings): the floor of any method that trains something after every block, such as
@@ -94,6 +98,7 @@ compiled with ``mode="reduce-overhead"``, which on CUDA replays each compiled gr
 (no per-kernel launch cost; on CPU it is a plain compile)."""
 
 ALL_METHODS = METHODS + OPTIONAL_METHODS
+CUDA_ONLY_METHODS = ("med_adapter+cuda_graphs",)
 
 BASELINE = "full"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
@@ -294,6 +299,8 @@ def build_method(
             backbone_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+    if method.endswith("+cuda_graphs"):
+        enable_cuda_graphs(segmenter)
     segmenter = segmenter.to(device).train()
     if method.endswith("+compile"):
         return torch.compile(segmenter)
@@ -559,21 +566,46 @@ def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch
     """Allocator peak of one training step and of one inference, with no other model alive."""
     volume, labels = make_input(setting, device)
     runner = Runner(build_method(setting, backbone, method, device), setting.autocast, device)
-    runner.train_step(volume, labels)  # optimizer state exists from here on
+    for _ in range(
+        2
+    ):  # optimizer state exists from here on (and CUDA graphs are captured in the second step)
+        runner.train_step(volume, labels)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     runner.train_step(volume, labels)
     torch.cuda.synchronize(device)
     train_peak = torch.cuda.max_memory_allocated(device)
     runner.optimizer.zero_grad(set_to_none=True)
+    for _ in range(2):
+        runner.infer(volume)
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     runner.infer(volume)
     torch.cuda.synchronize(device)
     infer_peak = torch.cuda.max_memory_allocated(device)
+    graphs = graph_pool_bytes(device)
     del runner
     gc.collect()
     torch.cuda.empty_cache()
-    return {"peak_bytes": train_peak, "inference_peak_bytes": infer_peak}
+    # A graph replay allocates nothing: the memory its kernels write (temporaries, saved activations) is the
+    # graphs' pools, reserved but not counted as allocated. Added in full, as if all of it were live at the
+    # peak: an upper bound for methods with CUDA graphs, 0 for the others.
+    return {
+        "peak_bytes": train_peak + graphs,
+        "inference_peak_bytes": infer_peak + graphs,
+        "graph_pool_bytes": graphs,
+    }
+
+
+def graph_pool_bytes(device: torch.device) -> int:
+    """Memory reserved by CUDA graph pools and not held by live tensors (what replays write into)."""
+    total = 0
+    for segment in torch.cuda.memory_snapshot():
+        if segment.get("device", device.index or 0) != (device.index or 0):
+            continue
+        if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0):
+            total += segment["total_size"] - segment["allocated_size"]
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -989,8 +1021,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        help=f"subset of {list(METHODS)}, plus any of {list(OPTIONAL_METHODS)}",
+        default=None,
+        help=f"subset of {list(METHODS)} (default: all; {list(CUDA_ONLY_METHODS)} on CUDA only), plus any of "
+        f"{list(OPTIONAL_METHODS)}",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the setting's)")
@@ -1005,7 +1038,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-probe", metavar="METHOD", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(ALL_METHODS))
+    unknown = sorted(set(args.methods or ()) - set(ALL_METHODS))
     if unknown:
         parser.error(f"unknown --methods {unknown}; known: {list(ALL_METHODS)}")
     return args
@@ -1026,6 +1059,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.methods is None:
+        args.methods = [m for m in METHODS if device.type == "cuda" or m not in CUDA_ONLY_METHODS]
     setting = get_setting(args.setting, args.tiny)
     if args.rounds:
         setting = dataclasses.replace(setting, rounds=args.rounds)

@@ -174,6 +174,11 @@ class TrainSettings:
         "Activation checkpointing of the backbone blocks (non-reentrant; exact gradients): less memory, "
         "more time per step.",
     )
+    cuda_graphs: bool = _opt(
+        False,
+        "Replay each Med-Adapter's kernels as CUDA graphs from the second step on (CUDA, method med_adapter; "
+        "not with --gradient-checkpointing): the same training, fewer kernel launches.",
+    )
 
     # Validation
     val_every: int = _opt(0, "Validate every N optimizer steps (0: only at the end).")
@@ -257,6 +262,16 @@ class TrainSettings:
                 raise ValueError(f"{name}={value}; pass a fraction in [0, 1{')' if upper_open else ']'}.")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set; pass one: continue the run or start over.")
+        if self.cuda_graphs and self.method != "med_adapter":
+            raise ValueError(
+                f"cuda_graphs=True graphs the Med-Adapters, but method={self.method!r}; use method 'med_adapter' "
+                "or leave cuda_graphs off."
+            )
+        if self.cuda_graphs and self.gradient_checkpointing:
+            raise ValueError(
+                "cuda_graphs and gradient_checkpointing are both set; they cannot be combined (the recomputation "
+                "would replay the graphs inside backward): pass one."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy (stored in metrics.json, trainer_state.json and the trackers)."""
@@ -830,6 +845,10 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
         segmenter.backbone.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    if settings.cuda_graphs:
+        from .tuners.med_adapter import enable_cuda_graphs
+
+        enable_cuda_graphs(segmenter)
     # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
     segmenter.segmenter_config["label_values"] = task["label_values"]
     segmenter.segmenter_config["channel_names"] = task["channel_names"]
@@ -929,6 +948,8 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     output_dir = Path(settings.output_dir).expanduser().absolute()
     checkpoint_dir = output_dir / CHECKPOINTS_DIR_NAME
     accelerator, mixed_precision = _make_accelerator(settings, output_dir)
+    if settings.cuda_graphs and accelerator.device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device; this process runs on {accelerator.device}.")
     is_main = accelerator.is_main_process
     _check_output_dir(output_dir, settings, is_main)
     accelerator.wait_for_everyone()

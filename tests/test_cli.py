@@ -366,6 +366,37 @@ def test_predict_on_cuda_matches_cpu(model_dir, tmp_path):
     assert (cpu == cuda).mean() > 0.999  # argmax ties may differ in the last bits
 
 
+@pytest.mark.gpu
+def test_predict_with_cuda_graphs_writes_the_same_labels(model_dir, tmp_path):
+    images = [write_nifti(tmp_path / "in" / f"scan{i}.nii.gz", ct_volume(seed=i)) for i in range(3)]
+    for flag in ([], ["--cuda-graphs"]):
+        out = tmp_path / ("graphs" if flag else "eager")
+        args = [
+            "--input",
+            str(images[0].parent),
+            "--output",
+            str(out),
+            "--overlap",
+            "0.5",
+            "--device",
+            "cuda",
+        ]
+        assert main(["predict", "--model", str(model_dir), *args, *flag]) == 0
+    for image in images:
+        eager, graphs = (
+            np.asanyarray(nib.load(str(tmp_path / d / image.name)).dataobj) for d in ("eager", "graphs")
+        )
+        assert (eager == graphs).mean() > 0.999  # argmax ties may differ in the last bits
+
+
+def test_predict_refuses_cuda_graphs_off_cuda(model_dir, tmp_path, capsys):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = ["--input", str(image), "--output", str(tmp_path / "o.nii.gz"), "--device", "cpu", "--cuda-graphs"]
+    assert main(["predict", "--model", str(model_dir), *args]) == 1
+    assert "--cuda-graphs needs a CUDA device; --device is cpu" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_cli_overlap_default_is_the_reference_stride():
     assert cli.REFERENCE_OVERLAP == REFERENCE_OVERLAP
 

@@ -111,7 +111,9 @@ def test_graphed_inference_matches_eager_inference(name, autocast):
 def test_kept_outputs_are_not_overwritten_by_later_replays():
     model = medtuning_peft.enable_cuda_graphs(adapted("vit").cuda().eval())
     with torch.inference_mode():
-        outputs = [model(pixel_values=slices(2, D, seed=s).cuda(), output_hidden_states=True) for s in range(4)]
+        outputs = [
+            model(pixel_values=slices(2, D, seed=s).cuda(), output_hidden_states=True) for s in range(4)
+        ]
         kept = [torch.stack(o.hidden_states).clone() for o in outputs]
     for o, k in zip(outputs, kept, strict=True):
         torch.testing.assert_close(torch.stack(o.hidden_states), k, rtol=0, atol=0)
@@ -163,7 +165,9 @@ def test_off_cuda_the_switch_changes_nothing_and_says_so(caplog):
 
 def test_cuda_graphs_with_activation_checkpointing_are_refused():
     model = medtuning_peft.enable_cuda_graphs(adapted("vit").train())
-    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     with pytest.raises(ValueError, match="cannot be combined with activation checkpointing"):
         forward(model, slices(2, D), False)
     with torch.no_grad():  # no recomputation without autograd: allowed
@@ -184,10 +188,14 @@ def test_a_copied_model_gets_its_own_graphs():
     theirs = [c.graphs for c in _contexts(twin)]
     assert len(theirs) == 1 and id(theirs[0]) not in ours
     twin_adapters = {id(m) for m in twin.modules() if isinstance(m, MedAdapter)}
-    assert {id(a) for a in theirs[0].names} == twin_adapters  # bound to the copy's adapters, not the original's
+    assert {
+        id(a) for a in theirs[0].names
+    } == twin_adapters  # bound to the copy's adapters, not the original's
 
 
 def _contexts(model: nn.Module) -> list:
     from medtuning_peft.tuners.med_adapter import MedAdapterLayer
 
-    return list({id(m.context): m.context for m in model.modules() if isinstance(m, MedAdapterLayer)}.values())
+    return list(
+        {id(m.context): m.context for m in model.modules() if isinstance(m, MedAdapterLayer)}.values()
+    )

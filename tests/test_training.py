@@ -139,6 +139,11 @@ def test_parser_has_an_option_per_setting_and_script_defaults(tmp_path):
         ({"dataset": "kits"}, "Did you mean 'kits19'"),
         ({"sw_overlap": 1.0}, "sw_overlap"),
         ({"resume": True, "overwrite": True}, "resume and overwrite"),
+        (
+            {"cuda_graphs": True, "method": "lora"},
+            "cuda_graphs=True graphs the Med-Adapters, but method='lora'",
+        ),
+        ({"cuda_graphs": True, "gradient_checkpointing": True}, "cuda_graphs and gradient_checkpointing"),
     ],
 )
 def test_invalid_settings_name_the_field_and_the_fix(tmp_path, overrides, message):
@@ -290,6 +295,28 @@ def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp
     torch.testing.assert_close(
         [h["loss"] for h in checkpointed["history"]["loss"]], [h["loss"] for h in plain["history"]["loss"]]
     )
+
+
+def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device; this process runs on cpu"):
+        train(settings)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_same_training(data_dir, cache_dir, tmp_path):
+    base = tiny_settings(data_dir, cache_dir, tmp_path / "eager", max_steps=4)
+    eager = train(base)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    graphed = train(replace(base, output_dir=str(tmp_path / "graphs"), cuda_graphs=True))
+    torch.testing.assert_close(
+        [h["loss"] for h in graphed["history"]["loss"]], [h["loss"] for h in eager["history"]["loss"]]
+    )
+    assert graphed["summary"].keys() == eager["summary"].keys()
 
 
 @pytest.mark.skipif(

@@ -71,8 +71,10 @@ class _TensorSpec:
             t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         else:
             t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        # A private generator: capturing must not move the global random stream (dropout masks, crops).
+        generator = torch.Generator(self.device).manual_seed(0)
         with torch.no_grad():
-            t.normal_()
+            t.normal_(generator=generator)
         return t.requires_grad_(self.requires_grad)
 
 
