@@ -1044,6 +1044,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_methods(device: torch.device) -> list[str]:
+    """The methods of a run that names none: :data:`METHODS`, less the CUDA-only ones off CUDA."""
+    return [m for m in METHODS if device.type == "cuda" or m not in CUDA_ONLY_METHODS]
+
+
 @contextlib.contextmanager
 def _cudnn_benchmark(device: torch.device) -> Iterator[None]:
     previous = torch.backends.cudnn.benchmark
@@ -1060,7 +1065,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.methods is None:
-        args.methods = [m for m in METHODS if device.type == "cuda" or m not in CUDA_ONLY_METHODS]
+        args.methods = default_methods(device)
     setting = get_setting(args.setting, args.tiny)
     if args.rounds:
         setting = dataclasses.replace(setting, rounds=args.rounds)
