@@ -8,8 +8,8 @@ optimizer's in-place updates.
 
 - Training (``module.training`` and autograd on): the adapters run eagerly in the first pass while their call
   signatures are recorded; at the start of the next pass, all adapters of the recorded pass are captured
-  together, forward and backward, with :func:`torch.cuda.make_graphed_callables` (one memory pool, captured
-  in the order they run), and replayed from then on.
+  together, forward and backward (one memory pool, captured in the order they run, as
+  :func:`torch.cuda.make_graphed_callables` does), and replayed from then on.
 - Inference (autograd off, e.g. ``torch.inference_mode()``): an adapter's forward is captured with
   :class:`torch.cuda.CUDAGraph` the second time the same signature is seen, and replayed after.
 
@@ -172,15 +172,109 @@ class _Captured:
         return all(t.data_ptr() == a for t, a in zip(self.tensors, self.addresses, strict=True))
 
 
-class _TrainingGraph(_Captured):
-    """One adapter of a captured training set: forward and backward graphs behind one autograd node."""
+CAPTURE_MODE = "thread_local"
+"""Stream capture mode of every graph here. torch's default ("global") invalidates a capture when any other
+thread makes an unsafe CUDA call meanwhile, such as a DataLoader's pin-memory thread allocating pinned memory;
+"thread_local" only checks the capturing thread. :func:`torch.cuda.make_graphed_callables` captures in the
+global mode without a way to change it, which is why training graphs are captured here (the same scheme:
+forward graphs in running order, backward graphs in reverse, one memory pool)."""
 
-    def __init__(self, adapter: MedAdapter, signature: Signature, graphed: nn.Module, name: str) -> None:
+WARMUP_PASSES = 2
+"""Eager forward + backward passes on a side stream before capture (cuDNN algorithm search, lazy init)."""
+
+
+class _TrainingGraph(_Captured):
+    """One adapter of a captured training set: a forward graph and a backward graph behind one autograd node.
+
+    The node's inputs are the adapter's tensor arguments and parameters, so autograd routes gradients as for
+    the eager adapter. Gradients of the parameters leave the backward graph as one flat buffer, copied once per
+    replay and handed out as views: autograd may keep a returned gradient as ``param.grad``, which must not be
+    memory that the next replay overwrites (it would, under gradient accumulation).
+    """
+
+    def __init__(self, adapter: MedAdapter, signature: Signature, name: str) -> None:
         super().__init__(adapter, signature)
-        self.graphed = graphed
         self.name = name
+        self.bound = _BoundAdapter(adapter, signature)
+        self.inputs = [spec.sample() for spec in (signature.x, signature.prev) if spec is not None]
+        self.params = list(adapter.parameters())
+        self.forward_graph = torch.cuda.CUDAGraph()
+        self.backward_graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.grad_outputs: list[torch.Tensor | None] = []
+        self.input_grads: list[torch.Tensor | None] = []
+        self.flat_param_grads: torch.Tensor | None = None
+        self.param_slices: list[tuple[int, int, torch.Size] | None] = []
         self.pending = False  # a replayed forward whose backward has not started
         self.node: weakref.ref | None = None
+
+    def _differentiable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        outputs = [o for o in self.outputs if o.requires_grad]
+        wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
+        return outputs, wrt
+
+    def warm_up(self) -> None:
+        for _ in range(WARMUP_PASSES):
+            self.outputs = self.bound(*self.inputs)
+            outputs, wrt = self._differentiable()
+            if outputs and wrt:
+                grads = [torch.ones_like(o) for o in outputs]
+                torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        self.outputs = ()
+
+    def capture_forward(self, pool: Any) -> None:
+        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode=CAPTURE_MODE):
+            self.outputs = self.bound(*self.inputs)
+
+    def capture_backward(self, pool: Any) -> None:
+        outputs, wrt = self._differentiable()
+        self.grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in self.outputs]
+        if not outputs or not wrt:
+            self.outputs = tuple(o.detach() for o in self.outputs)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
+            grads = torch.autograd.grad(
+                outputs, wrt, [g for g in self.grad_outputs if g is not None], allow_unused=True
+            )
+            by_tensor = dict(zip(map(id, wrt), grads, strict=True))
+            self.input_grads = [by_tensor.get(id(t)) for t in self.inputs]
+            param_grads = [by_tensor.get(id(p)) for p in self.params]
+            present = [g for g in param_grads if g is not None]
+            if present:
+                self.flat_param_grads = torch.cat([g.reshape(-1) for g in present])
+        self.backward_graph = graph
+        offset = 0
+        for p, g in zip(self.params, param_grads, strict=True):
+            if g is None:
+                self.param_slices.append(None)
+            else:
+                self.param_slices.append((offset, p.numel(), p.shape))
+                offset += p.numel()
+        self.outputs = tuple(o.detach() for o in self.outputs)  # the capture's autograd graph is spent
+
+    def replay_forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        for static, given in zip(self.inputs, inputs, strict=True):
+            if static.data_ptr() != given.data_ptr():
+                static.copy_(given)
+        self.forward_graph.replay()
+        return self.outputs
+
+    def replay_backward(self, grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+        for static, given in zip(self.grad_outputs, grads, strict=True):
+            if static is None:
+                continue
+            if given is None:
+                static.zero_()
+            elif static.data_ptr() != given.data_ptr():
+                static.copy_(given)
+        self.backward_graph.replay()
+        # Input gradients are consumed within this backward; parameter gradients may outlive it (param.grad).
+        result: list[torch.Tensor | None] = [g.detach() if g is not None else None for g in self.input_grads]
+        flat = self.flat_param_grads.clone() if self.flat_param_grads is not None else None
+        for where in self.param_slices:
+            result.append(None if where is None else flat[where[0] : where[0] + where[1]].view(where[2]))
+        return result
 
     def _backward_started(self, grad_outputs: Any) -> None:
         self.pending = False
@@ -194,7 +288,8 @@ class _TrainingGraph(_Captured):
                 "training forward (evaluate under torch.no_grad() or in eval mode), or disable them with "
                 "`medtuning_peft.disable_cuda_graphs(model)`."
             )
-        outputs = self.graphed(x) if prev is None else self.graphed(x, prev)
+        inputs = (x,) if prev is None else (x, prev)
+        outputs = _Replay.apply(self, *inputs, *self.params)
         node = outputs[0].grad_fn
         if node is not None:
             self.pending = True
@@ -202,6 +297,44 @@ class _TrainingGraph(_Captured):
             node.register_prehook(self._backward_started)
         # Copies out of the static buffers, which the next replay overwrites.
         return outputs[0].clone(), (outputs[1].clone() if len(outputs) > 1 else None)
+
+
+class _Replay(torch.autograd.Function):
+    """The autograd node of one training graph replay: forward graph now, backward graph in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, graph: _TrainingGraph, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.graph = graph
+        outputs = graph.replay_forward(inputs[: len(graph.inputs)])
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        graph = ctx.graph
+        if graph.backward_graph is None:
+            return (None,) * (1 + len(graph.inputs) + len(graph.params))
+        return (None, *graph.replay_backward(grads))
+
+
+def _capture_training_set(graphs: list[_TrainingGraph], device: torch.device) -> None:
+    """Capture a pass's adapters: warm-up, forward graphs in running order, backward graphs in reverse.
+
+    All share one memory pool; capturing in the order the graphs replay (forward 1..N, backward N..1) keeps
+    each graph's memory from being reused by another while its contents are still needed.
+    """
+    pool = torch.cuda.graph_pool_handle()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for graph in graphs:
+            graph.warm_up()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    for graph in graphs:
+        graph.capture_forward(pool)
+    for graph in reversed(graphs):
+        graph.capture_backward(pool)
 
 
 class _InferenceGraph(_Captured):
@@ -220,7 +353,7 @@ class _InferenceGraph(_Captured):
                 bound(*self.inputs)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self.outputs = bound(*self.inputs)
 
     def run(self, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -347,26 +480,19 @@ class AdapterGraphs:
                 "shapes run without graphs.",
             )
             return
-        bound = tuple(_BoundAdapter(adapter, signature) for adapter, signature in recorded)
-        samples = tuple(
-            tuple(spec.sample() for spec in (signature.x, signature.prev) if spec is not None)
-            for _, signature in recorded
-        )
+        graphs = [
+            _TrainingGraph(adapter, signature, self.names.get(adapter, "")) for adapter, signature in recorded
+        ]
         device = recorded[0][1].x.device
-        # make_graphed_callables refuses autocast's weight cache; each bound adapter enters autocast itself, and
+        # Each bound adapter enters autocast itself (without the weight cache, which graphs cannot keep), and
         # backward is captured with autocast off, as a training loop runs it.
         with (
             _statistics_kept(adapters),
             torch.cuda.device(device),
             torch.autocast(device.type, enabled=False),
         ):
-            graphed = torch.cuda.make_graphed_callables(bound, samples, allow_unused_input=True)
-        self.training_sets.append(
-            {
-                adapter: _TrainingGraph(adapter, signature, module, self.names.get(adapter, ""))
-                for (adapter, signature), module in zip(recorded, graphed, strict=True)
-            }
-        )
+            _capture_training_set(graphs, device)
+        self.training_sets.append({graph.adapter: graph for graph in graphs})
 
     def __deepcopy__(self, memo: dict) -> AdapterGraphs:
         # A copied model (an EMA copy, say) gets its own, empty graphs for its own adapters: graphs cannot be
