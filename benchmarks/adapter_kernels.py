@@ -11,6 +11,8 @@ ViT-B/16), in candidate forms of the same function, alternating rounds after war
   so the bottleneck runs in bf16 (the function is the same up to bf16 rounding).
 - ``native_depthwise`` (CUDA only): both depthwise convolutions of each branch through PyTorch's depthwise
   kernel (``aten._conv_depthwise2d``) instead of cuDNN.
+- ``cuda_graphs`` (CUDA only): the current form replayed as CUDA graphs, forward and backward
+  (:func:`medtuning_peft.enable_cuda_graphs`, through the same object the tuner calls).
 
 Per form and shape: ``enqueue_ms`` (host time to issue forward + backward, before waiting for the GPU),
 ``gpu_ms`` (CUDA events around the same work), ``wall_ms`` (issue + wait), ``kernels`` (torch.profiler), and
@@ -43,6 +45,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 from step_time import _sync, profiled_activity, side_report, write_json  # noqa: E402
 
 from medtuning_peft.tuners.med_adapter import modules  # noqa: E402
+from medtuning_peft.tuners.med_adapter.cuda_graphs import AdapterGraphs  # noqa: E402
 from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch, MedAdapter  # noqa: E402
 
 # name -> (block width C, token grid side) of one adapted block at 128 x 128 slices
@@ -53,7 +56,8 @@ SHAPES = {
     "swin-t stage 4": (768, 4),
     "vit-b16": (768, 8),
 }
-FORMS = ("current", "cudnn_off", "bf16_bottleneck", "native_depthwise")
+FORMS = ("current", "cudnn_off", "bf16_bottleneck", "native_depthwise", "cuda_graphs")
+CUDA_ONLY_FORMS = ("native_depthwise", "cuda_graphs")
 
 
 def _native_depthwise_forward(self: DepthwiseBranch, v: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -106,12 +110,18 @@ def measure(
     hidden, side = SHAPES[name]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(slices, side * side, hidden, generator=gen).to(device).requires_grad_(True)
-    forms = [f for f in FORMS if device.type == "cuda" or f != "native_depthwise"]
+    forms = [f for f in FORMS if device.type == "cuda" or f not in CUDA_ONLY_FORMS]
     adapters = {form: build(hidden, slices, form, device) for form in forms}
+    graphs = AdapterGraphs({adapters["cuda_graphs"]: name}) if "cuda_graphs" in adapters else None
 
     def step(form: str) -> torch.Tensor:
+        adapter = adapters[form]
         with form_context(form), torch.autocast(device.type, dtype=torch.bfloat16):
-            out, _ = adapters[form](x, (side, side), slices)
+            if form == "cuda_graphs":
+                graphs.start_pass()  # as the tuner does at each backbone forward: captures after the first
+                out, _ = graphs(adapter, x, (side, side), slices, None)
+            else:
+                out, _ = adapter(x, (side, side), slices)
             out.float().square().mean().backward()
         return out
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5 in one command, each step with its own time limit, results under OUT:
+#   tests    python -m pytest -m gpu: the CUDA tests (fast form against the reference, checkpointed gradients,
+#            CUDA graphs against eager training and inference, prediction)                 (limit 150 s)
+#   cost     bash benchmarks/gpu_cost.sh: the paper-setting benchmark with every default method, CUDA graphs
+#            included; OUT/cost_paper_cuda.json and OUT/cost_paper_cuda.md (the cost.md section) (limit 330 s)
+#   kernels  python benchmarks/adapter_kernels.py: one adapter per paper block shape, four forms
+#            (OUT/adapter_kernels_cuda.json)                                               (limit 100 s)
+# Usage: bash benchmarks/gpu_session.sh OUT [tests] [cost] [kernels]   (default: all three, under 10 minutes)
+# A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
+# Copy the results into the repository afterwards: OUT/cost_paper_cuda.json to benchmarks/results/, and the
+# section of OUT/cost_paper_cuda.md into benchmarks/cost.md (`step_time.write_markdown` does both when run
+# from the checkout itself).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [tests] [cost] [kernels]}"
+shift
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests cost kernels)
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+status=0
+for step in "${STEPS[@]}"; do
+    echo "== $step ($(date -u +%H:%M:%S))"
+    case "$step" in
+        tests) timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+        cost)
+            timeout 330 bash benchmarks/gpu_cost.sh --json "$OUT/cost_paper_cuda.json" \
+                --markdown "$OUT/cost_paper_cuda.md" 2>&1 | tee "$OUT/cost.log"
+            ;;
+        kernels)
+            timeout 100 "$PYTHON" benchmarks/adapter_kernels.py --device cuda \
+                --json "$OUT/adapter_kernels_cuda.json" 2>&1 | tee "$OUT/adapter_kernels.log"
+            ;;
+        *) echo "unknown step '$step' (tests, cost, kernels)" >&2; false ;;
+    esac
+    code=$?
+    [ $code -ne 0 ] && { echo "== $step failed (exit $code)" >&2; status=$code; }
+done
+echo "== done ($(date -u +%H:%M:%S)), exit $status"
+exit $status
