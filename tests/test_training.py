@@ -313,8 +313,12 @@ def test_cuda_graphs_give_the_same_training(data_dir, cache_dir, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     graphed = train(replace(base, output_dir=str(tmp_path / "graphs"), cuda_graphs=True))
+    # bf16 autocast on CUDA, and cuDNN's backward may sum in another order from run to run.
     torch.testing.assert_close(
-        [h["loss"] for h in graphed["history"]["loss"]], [h["loss"] for h in eager["history"]["loss"]]
+        [h["loss"] for h in graphed["history"]["loss"]],
+        [h["loss"] for h in eager["history"]["loss"]],
+        rtol=1e-3,
+        atol=1e-4,
     )
     assert graphed["summary"].keys() == eager["summary"].keys()
 

@@ -11,7 +11,9 @@ optimizer's in-place updates.
   together, forward and backward (one memory pool, captured in the order they run, as
   :func:`torch.cuda.make_graphed_callables` does), and replayed from then on.
 - Inference (autograd off, e.g. ``torch.inference_mode()``): an adapter's forward is captured with
-  :class:`torch.cuda.CUDAGraph` the second time the same signature is seen, and replayed after.
+  :class:`torch.cuda.CUDAGraph` the second time the same signature is seen, and replayed after. Training
+  passes release the inference graphs (an evaluation during training captures them again), so their memory
+  does not stay reserved while training.
 
 A signature is everything a graph fixes: the shapes, strides, dtypes and ``requires_grad`` of the inputs, the
 token grid, the slice count, the autocast state, train/eval mode and which parameters train. A call with a
@@ -410,6 +412,11 @@ class AdapterGraphs:
         if signature.grad:
             if not signature.training:  # gradients in eval mode (e.g. saliency): nothing worth a graph
                 return adapter(x, grid, num_slices, prev)
+            if self.inference:
+                # Training resumed after an evaluation: give the inference graphs' memory back to training (they
+                # are captured again at the next evaluation).
+                self.inference.clear()
+                self.sightings.clear()
             for graphs in self.training_sets:
                 graph = graphs.get(adapter)
                 if graph is not None and graph.signature == signature:
