@@ -6,6 +6,7 @@ switch itself: what it refuses, and that off CUDA it changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -205,3 +206,152 @@ def _contexts(model: nn.Module) -> list:
     return list(
         {id(m.context): m.context for m in model.modules() if isinstance(m, MedAdapterLayer)}.values()
     )
+
+
+# -- The graph bookkeeping on CPU -----------------------------------------------------------------------------
+# CUDA graphs cannot run without CUDA. Below, torch's graph API is replaced by a stand-in whose "capture" runs
+# the code eagerly and whose "replay" runs the captured function again, writing into the same static buffers
+# as a replay would. What runs for real is this package's side: when sets are captured, the autograd node and
+# its gradient routing (inputs, flat parameter gradients), BatchNorm statistics kept through warm-up, the
+# refusal of a second forward, and the copies that keep outputs and param.grad out of static buffers.
+
+
+class _StandInGraph:
+    def __init__(self) -> None:
+        self.replays = 0
+        self.rerun = None
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.rerun()
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    from medtuning_peft.tuners.med_adapter import cuda_graphs as cg
+
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(
+        torch.cuda, "graph", lambda graph, pool=None, capture_error_mode=None: contextlib.nullcontext()
+    )
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cg.AdapterGraphs, "_graphable", lambda self, x: True)
+    capture_forward, capture_backward = cg._TrainingGraph.capture_forward, cg._TrainingGraph.capture_backward
+
+    def forward_rerun(self, pool):
+        capture_forward(self, pool)
+
+        def rerun():
+            with torch.no_grad():
+                for static, new in zip(self.outputs, self.bound(*self.inputs), strict=True):
+                    static.copy_(new)
+
+        self.forward_graph.rerun = rerun
+
+    def backward_rerun(self, pool):
+        capture_backward(self, pool)
+        if self.backward_graph is None:
+            return
+
+        def rerun():  # the backward graph: gradients of the static inputs into the static gradient buffers
+            with cg._statistics_kept([self.adapter]), torch.enable_grad():
+                outputs, wrt = self._differentiable_outputs_of(self.bound(*self.inputs))
+                grads = torch.autograd.grad(
+                    outputs, wrt, [g for g in self.grad_outputs if g is not None], allow_unused=True
+                )
+            by_tensor = dict(zip(map(id, wrt), grads, strict=True))
+            for static, t in zip(self.input_grads, self.inputs, strict=True):
+                if static is not None:
+                    static.copy_(by_tensor[id(t)])
+            present = [by_tensor[id(p)] for p in self.params if by_tensor.get(id(p)) is not None]
+            self.flat_param_grads.copy_(torch.cat([g.reshape(-1) for g in present]))
+
+        self.backward_graph.rerun = rerun
+
+    def differentiable_outputs_of(self, outputs):
+        wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
+        return [o for o in outputs if o.requires_grad], wrt
+
+    monkeypatch.setattr(cg._TrainingGraph, "capture_forward", forward_rerun)
+    monkeypatch.setattr(cg._TrainingGraph, "capture_backward", backward_rerun)
+    monkeypatch.setattr(
+        cg._TrainingGraph, "_differentiable_outputs_of", differentiable_outputs_of, raising=False
+    )
+    inference_init = cg._InferenceGraph.__init__
+
+    def inference_rerun(self, adapter, signature, pool):
+        inference_init(self, adapter, signature, pool)
+        bound = cg._BoundAdapter(adapter, signature)
+
+        def rerun():
+            for static, new in zip(self.outputs, bound(*self.inputs), strict=True):
+                static.copy_(new)
+
+        self.graph.rerun = rerun
+
+    monkeypatch.setattr(cg._InferenceGraph, "__init__", inference_rerun)
+    return cg
+
+
+def _graphs_of(model: nn.Module):
+    return _contexts(model)[0].graphs
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_graph_bookkeeping_gives_eager_training_and_inference(stand_in_graphs, name, autocast):
+    inputs = [slices(2, D, seed=s) for s in range(4)]
+    eager = adapted(name).train()
+    graphed = medtuning_peft.enable_cuda_graphs(adapted(name).train())
+    eager_losses, _ = _train(eager, inputs, autocast, count_from=1)
+    graphed_losses, _ = _train(graphed, inputs, autocast, count_from=1)
+    graphs = _graphs_of(graphed)
+    assert len(graphs.training_sets) == 1  # captured once, at the start of the second pass
+    (captured,) = graphs.training_sets
+    assert {g.forward_graph.replays for g in captured.values()} == {3}  # passes 2-4, every adapter
+    assert {g.backward_graph.replays for g in captured.values()} == {3}
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)  # BatchNorm statistics included
+    eager.eval(), graphed.eval()
+    with torch.inference_mode():
+        expected = [forward(eager, x, autocast) for x in inputs[:3]]
+        got = [forward(graphed, x, autocast) for x in inputs[:3]]
+    assert {g.graph.replays for g in graphs.inference.values()} == {2}  # captured on the second pass
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    graphed.train()
+    forward(graphed, inputs[0], autocast).mean().backward()
+    assert not graphs.inference  # training released the inference graphs
+
+
+def test_accumulated_gradients_do_not_alias_graph_buffers(stand_in_graphs):
+    # Without gradient zeroing between passes, param.grad must hold the sum: it may not be a static buffer that
+    # the next backward replay overwrites.
+    eager, graphed = adapted("swin").train(), medtuning_peft.enable_cuda_graphs(adapted("swin").train())
+    for model in (eager, graphed):
+        forward(model, slices(2, D, seed=0), False).mean().backward()  # the recorded pass
+        model.zero_grad(set_to_none=True)
+        for seed in (1, 2, 3):
+            forward(model, slices(2, D, seed=seed), False).square().mean().backward()
+    assert _graphs_of(graphed).training_sets
+    for (n, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_replay_before_the_pending_backward_is_refused(stand_in_graphs):
+    model = medtuning_peft.enable_cuda_graphs(adapted("vit").train())
+    x = slices(2, D)
+    forward(model, x, False).mean().backward()
+    pending = forward(model, x, False).mean()
+    with pytest.raises(RuntimeError, match="before the backward of its previous training forward"):
+        forward(model, x, False)
+    del pending  # its autograd graph is gone: nothing left to overwrite
+    forward(model, x, False).mean().backward()
