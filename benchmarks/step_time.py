@@ -1103,7 +1103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "warmup": setting.warmup,
         "rounds": setting.rounds,
         "memory_method": (
-            "CUDA allocator peak (max_memory_allocated) over one training step, one method at a time"
+            "CUDA allocator peak (max_memory_allocated) over one training step, one method at a time; methods "
+            "with CUDA graphs add the bytes their graph pools reserve beyond live tensors (an upper bound)"
             if device.type == "cuda"
             else "peak RSS of a fresh subprocess per method (build + 2 training steps) minus its RSS before "
             "the model was built"
