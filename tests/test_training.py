@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,15 +287,22 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_and_final_
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
 
 
+def _losses(result: dict) -> list[float]:
+    return [h["loss"] for h in result["history"]["loss"]]
+
+
+def _train_again(base: TrainSettings, output_dir: Path, **changes) -> dict:
+    """Train ``base`` with ``changes`` in this process, after another run: accelerate's singletons reset."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return train(replace(base, output_dir=str(output_dir), **changes))
+
+
 def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp_path):
     base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
     plain = train(base)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    checkpointed = train(replace(base, output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True))
-    torch.testing.assert_close(
-        [h["loss"] for h in checkpointed["history"]["loss"]], [h["loss"] for h in plain["history"]["loss"]]
-    )
+    checkpointed = _train_again(base, tmp_path / "ckpt", gradient_checkpointing=True)
+    torch.testing.assert_close(_losses(checkpointed), _losses(plain))
 
 
 def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
@@ -310,16 +318,9 @@ def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, c
 def test_cuda_graphs_give_the_same_training(data_dir, cache_dir, tmp_path):
     base = tiny_settings(data_dir, cache_dir, tmp_path / "eager", max_steps=4)
     eager = train(base)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    graphed = train(replace(base, output_dir=str(tmp_path / "graphs"), cuda_graphs=True))
+    graphed = _train_again(base, tmp_path / "graphs", cuda_graphs=True)
     # bf16 autocast on CUDA, and cuDNN's backward may sum in another order from run to run.
-    torch.testing.assert_close(
-        [h["loss"] for h in graphed["history"]["loss"]],
-        [h["loss"] for h in eager["history"]["loss"]],
-        rtol=1e-3,
-        atol=1e-4,
-    )
+    torch.testing.assert_close(_losses(graphed), _losses(eager), rtol=1e-3, atol=1e-4)
     assert graphed["summary"].keys() == eager["summary"].keys()
 
 
@@ -332,18 +333,14 @@ def test_training_compiled_by_accelerate_gives_the_same_training(data_dir, cache
     # forward and backward as inductor would, without generating code (seconds instead of minutes on CPU).
     base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
     plain = train(base)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = train(replace(base, output_dir=str(tmp_path / "compiled")))
+    compiled = _train_again(base, tmp_path / "compiled")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model did run compiled
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    torch.testing.assert_close(
-        [h["loss"] for h in compiled["history"]["loss"]], [h["loss"] for h in plain["history"]["loss"]]
-    )
+    torch.testing.assert_close(_losses(compiled), _losses(plain))
     saved = load_file(tmp_path / "compiled" / "model" / "adapter_model.safetensors")
     assert saved and not any("_orig_mod" in key for key in saved)  # saved under the uncompiled names
 
