@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import logging
 import weakref
 from collections.abc import Iterator
@@ -501,11 +500,13 @@ class AdapterGraphs:
             _capture_training_set(graphs, device)
         self.training_sets.append({graph.adapter: graph for graph in graphs})
 
-    def __deepcopy__(self, memo: dict) -> AdapterGraphs:
-        # A copied model (an EMA copy, say) gets its own, empty graphs for its own adapters: graphs cannot be
-        # copied, and these read the original's parameters.
-        names = {copy.deepcopy(adapter, memo): name for adapter, name in self.names.items()}
-        return AdapterGraphs(names, self.max_training_sets, self.max_inference_graphs)
+    # A copied model (an EMA copy, say) gets its own, empty graphs for its own adapters (deepcopy goes through
+    # these): graphs cannot be copied, and these read the original's parameters.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"names": self.names, "limits": (self.max_training_sets, self.max_inference_graphs)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["names"], *state["limits"])
 
 
 def _contexts(model: nn.Module) -> dict[int, tuple[Any, dict[MedAdapter, str]]]:
