@@ -565,17 +565,17 @@ def cpu_peak_memory(args: argparse.Namespace, backbone: str, method: str) -> dic
 def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch.device) -> dict[str, int]:
     """Allocator peak of one training step and of one inference, with no other model alive."""
     volume, labels = make_input(setting, device)
+    earlier_graphs = graph_pool_bytes(device)  # pools of an earlier method not yet released: not this one's
     runner = Runner(build_method(setting, backbone, method, device), setting.autocast, device)
-    for _ in range(
-        2
-    ):  # optimizer state exists from here on (and CUDA graphs are captured in the second step)
+    # Optimizer state exists after the first step; CUDA graphs are captured in the second.
+    for _ in range(2):
         runner.train_step(volume, labels)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     runner.train_step(volume, labels)
     torch.cuda.synchronize(device)
     train_peak = torch.cuda.max_memory_allocated(device)
-    train_graphs = graph_pool_bytes(device)
+    train_graphs = max(0, graph_pool_bytes(device) - earlier_graphs)
     runner.optimizer.zero_grad(set_to_none=True)
     for _ in range(2):
         runner.infer(volume)
@@ -584,7 +584,8 @@ def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch
     runner.infer(volume)
     torch.cuda.synchronize(device)
     infer_peak = torch.cuda.max_memory_allocated(device)
-    graphs = graph_pool_bytes(device)  # the training graphs' pool stays reserved during inference too
+    # The training graphs' pool stays reserved during inference too.
+    graphs = max(0, graph_pool_bytes(device) - earlier_graphs)
     del runner
     gc.collect()
     torch.cuda.empty_cache()
