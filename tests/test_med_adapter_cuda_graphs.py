@@ -353,3 +353,31 @@ def test_a_replay_before_the_pending_backward_is_refused(stand_in_graphs):
         forward(model, x, False)
     del pending  # its autograd graph is gone: nothing left to overwrite
     forward(model, x, False).mean().backward()
+
+
+def test_an_evaluation_between_training_passes_leaves_training_graphs_whole(stand_in_graphs):
+    # The training engine validates between steps: the pass after the recorded one may be an evaluation (no
+    # autograd). Training graphs must still be captured with their backward, in the next training pass.
+    inputs = [slices(2, D, seed=s) for s in range(4)]
+    models = {
+        "eager": adapted("swin").train(),
+        "graphed": medtuning_peft.enable_cuda_graphs(adapted("swin").train()),
+    }
+    losses = {}
+    for key, model in models.items():
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses[key] = []
+        for step, x in enumerate(inputs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward(model, x, False).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses[key].append(loss.item())
+            if step == 0:
+                model.eval()
+                with torch.inference_mode():
+                    forward(model, inputs[-1], False)
+                model.train()
+    (captured,) = _graphs_of(models["graphed"]).training_sets
+    assert all(g.backward_graph is not None and g.backward_graph.replays == 3 for g in captured.values())
+    torch.testing.assert_close(losses["graphed"], losses["eager"], rtol=1e-5, atol=1e-6)

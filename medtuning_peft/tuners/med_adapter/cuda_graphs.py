@@ -7,8 +7,8 @@ one launch, reading the adapter's parameters and BatchNorm statistics where they
 optimizer's in-place updates.
 
 - Training (``module.training`` and autograd on): the adapters run eagerly in the first pass while their call
-  signatures are recorded; at the start of the next pass, all adapters of the recorded pass are captured
-  together, forward and backward (one memory pool, captured in the order they run, as
+  signatures are recorded; at the next training pass (evaluations in between do not count), all adapters of the
+  recorded pass are captured together, forward and backward (one memory pool, captured in the order they run, as
   :func:`torch.cuda.make_graphed_callables` does), and replayed from then on.
 - Inference (autograd off, e.g. ``torch.inference_mode()``): an adapter's forward is captured with
   :class:`torch.cuda.CUDAGraph` the second time the same signature is seen, and replayed after. Training
@@ -385,17 +385,21 @@ class AdapterGraphs:
         self.training_sets: list[dict[MedAdapter, _TrainingGraph]] = []
         self.inference: dict[tuple[MedAdapter, Signature], _InferenceGraph] = {}
         self.sightings: collections.Counter = collections.Counter()
-        self.recorded: list[tuple[MedAdapter, Signature]] = []
+        self.recorded: list[tuple[MedAdapter, Signature]] = []  # this pass's training calls that ran eagerly
+        self.ready: list[tuple[MedAdapter, Signature]] = []  # the last such pass's, to capture
         self._pools: dict[torch.device, Any] = {}
         self._warned: set[str] = set()
 
     # -- entry points -----------------------------------------------------------------------------------
 
     def start_pass(self) -> None:
-        """At the start of a backbone forward: capture the adapters that the previous training pass ran eagerly."""
-        recorded, self.recorded = self.recorded, []
-        if recorded:
-            self._capture_training(recorded)
+        """At the start of a backbone forward: the previous pass's eagerly run training calls are ready for capture.
+
+        They are captured at the first training call of a later pass, not here: the next pass may be an
+        evaluation (no autograd, perhaps inference mode), in which a training graph cannot be captured.
+        """
+        if self.recorded:
+            self.ready, self.recorded = self.recorded, []
 
     def __call__(
         self,
@@ -416,6 +420,9 @@ class AdapterGraphs:
                 # are captured again at the next evaluation).
                 self.inference.clear()
                 self.sightings.clear()
+            if self.ready:
+                ready, self.ready = self.ready, []
+                self._capture_training(ready)
             for graphs in self.training_sets:
                 graph = graphs.get(adapter)
                 if graph is not None and graph.signature == signature:
