@@ -381,3 +381,16 @@ def test_an_evaluation_between_training_passes_leaves_training_graphs_whole(stan
     (captured,) = _graphs_of(models["graphed"]).training_sets
     assert all(g.backward_graph is not None and g.backward_graph.replays == 3 for g in captured.values())
     torch.testing.assert_close(losses["graphed"], losses["eager"], rtol=1e-5, atol=1e-6)
+
+
+def test_adapters_whose_output_the_loss_does_not_use_do_not_block_the_next_pass(stand_in_graphs):
+    # A decoder that taps early blocks only: the later adapters' backward never runs. That is no pending
+    # backward, and the next training pass must replay as usual.
+    model = medtuning_peft.enable_cuda_graphs(adapted("vit").train())
+    for seed in range(4):
+        hidden = model(pixel_values=slices(2, D, seed=seed), output_hidden_states=True).hidden_states
+        loss = hidden[2].square().mean()  # the output of block 1: blocks 2-5 do not reach the loss
+        loss.backward()
+    (captured,) = _graphs_of(model).training_sets
+    assert sorted(g.forward_graph.replays for g in captured.values()) == [3] * 6
+    assert sorted(g.backward_graph.replays for g in captured.values()) == [0] * 4 + [3] * 2

@@ -206,8 +206,9 @@ class _TrainingGraph(_Captured):
         self.input_grads: list[torch.Tensor | None] = []
         self.flat_param_grads: torch.Tensor | None = None
         self.param_slices: list[tuple[int, int, torch.Size] | None] = []
-        self.pending = False  # a replayed forward whose backward has not started
+        self.pending = False  # a replayed forward whose backward has not run
         self.node: weakref.ref | None = None
+        self.peers: list[_TrainingGraph] = [self]  # the graphs captured with this one
 
     def _differentiable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         outputs = [o for o in self.outputs if o.requires_grad]
@@ -279,6 +280,13 @@ class _TrainingGraph(_Captured):
 
     def _backward_started(self, grad_outputs: Any) -> None:
         self.pending = False
+        # A backward through this pass's graphs is running: when it ends, no graph of the set waits for it. (An
+        # adapter whose output does not reach the loss never runs its backward; that is not a pending one.)
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
+
+    def _backward_finished(self) -> None:
+        for peer in self.peers:
+            peer.pending = False
 
     def run(self, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.pending and self.node is not None and self.node() is not None:
@@ -505,6 +513,8 @@ class AdapterGraphs:
             torch.autocast(device.type, enabled=False),
         ):
             _capture_training_set(graphs, device)
+        for graph in graphs:
+            graph.peers = graphs
         self.training_sets.append({graph.adapter: graph for graph in graphs})
 
     # A copied model (an EMA copy, say) gets its own, empty graphs for its own adapters (deepcopy goes through
