@@ -485,6 +485,13 @@ class AdapterGraphs:
 
     def _capture_training(self, recorded: list[tuple[MedAdapter, Signature]]) -> None:
         adapters = [adapter for adapter, _ in recorded]
+        if len({signature.x.device for _, signature in recorded}) > 1:
+            self._warn_once(
+                "devices",
+                "Med-Adapter CUDA graphs: one training pass ran adapters on several devices; such passes run "
+                "without graphs.",
+            )
+            return
         if len(set(adapters)) != len(adapters):
             self._warn_once(
                 "repeat",
@@ -502,7 +509,8 @@ class AdapterGraphs:
             )
             return
         graphs = [
-            _TrainingGraph(adapter, signature, self.names.get(adapter, "")) for adapter, signature in recorded
+            _TrainingGraph(adapter, signature, self.names.get(adapter, "a block"))
+            for adapter, signature in recorded
         ]
         device = recorded[0][1].x.device
         # Each bound adapter enters autocast itself (without the weight cache, which graphs cannot keep), and
