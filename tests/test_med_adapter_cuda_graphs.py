@@ -394,3 +394,42 @@ def test_adapters_whose_output_the_loss_does_not_use_do_not_block_the_next_pass(
     (captured,) = _graphs_of(model).training_sets
     assert sorted(g.forward_graph.replays for g in captured.values()) == [3] * 6
     assert sorted(g.backward_graph.replays for g in captured.values()) == [0] * 4 + [3] * 2
+
+
+@pytest.mark.parametrize("backbone", ["tiny-swin", "tiny-vit"])
+def test_graphed_segmenter_trains_and_predicts_like_eager(stand_in_graphs, backbone):
+    # The whole volumetric segmenter (feature taps, UperNet, cross-entropy, Adam), with inference between steps.
+    from medtuning_peft import build_segmenter
+
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.randn(1, 1, 4, 32, 32, generator=gen)
+    labels = torch.randint(0, 3, (1, 4, 32, 32), generator=gen)
+    results = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_segmenter(
+            backbone, in_channels=1, num_classes=3, decoder_kwargs={"channels": 8}, num_slices=4
+        )
+        for module in model.modules():
+            if hasattr(module, "drop_prob"):
+                module.drop_prob = 0.0
+        if graphs:
+            medtuning_peft.enable_cuda_graphs(model)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses, predictions = [], []
+        for _ in range(4):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(volume), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            model.eval()
+            with torch.inference_mode():
+                predictions.append(model(volume))
+        results[graphs] = losses, predictions
+        if graphs:
+            assert len(_graphs_of(model).training_sets) == 1 and _graphs_of(model).inference
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[False][1], results[True][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
