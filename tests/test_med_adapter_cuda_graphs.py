@@ -116,14 +116,21 @@ def test_graphed_inference_matches_eager_inference(name, autocast):
 
 @pytest.mark.gpu
 def test_kept_outputs_are_not_overwritten_by_later_replays():
-    model = medtuning_peft.enable_cuda_graphs(adapted("vit").cuda().eval())
+    _check_kept_outputs(medtuning_peft.enable_cuda_graphs(adapted("swin").cuda().eval()), "cuda")
+
+
+def _check_kept_outputs(model: nn.Module, device: str) -> None:
+    outputs, copies = [], []
     with torch.inference_mode():
-        outputs = [
-            model(pixel_values=slices(2, D, seed=s).cuda(), output_hidden_states=True) for s in range(4)
-        ]
-        kept = [torch.stack(o.hidden_states).clone() for o in outputs]
-    for o, k in zip(outputs, kept, strict=True):
-        torch.testing.assert_close(torch.stack(o.hidden_states), k, rtol=0, atol=0)
+        for seed in range(4):  # eager, captured, replayed, replayed
+            outputs.append(model(pixel_values=slices(2, D, seed=seed).to(device), output_hidden_states=True))
+            copies.append(_flat(outputs[-1].hidden_states).clone())  # as they were right after the pass
+    for output, copy_then in zip(outputs, copies, strict=True):
+        torch.testing.assert_close(_flat(output.hidden_states), copy_then, rtol=0, atol=0)
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
 
 
 @pytest.mark.gpu
@@ -342,6 +349,10 @@ def test_accumulated_gradients_do_not_alias_graph_buffers(stand_in_graphs):
     for (n, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_kept_outputs_are_copies_of_the_graph_buffers(stand_in_graphs):
+    _check_kept_outputs(medtuning_peft.enable_cuda_graphs(adapted("swin").eval()), "cpu")
 
 
 def test_a_replay_before_the_pending_backward_is_refused(stand_in_graphs):
