@@ -147,18 +147,29 @@ def test_second_training_forward_before_backward_is_refused():
 
 @pytest.mark.gpu
 def test_graphs_follow_the_model_when_it_moves_and_new_shapes_run_eagerly():
-    eager = adapted("swin").cuda().train()
-    graphed = medtuning_peft.enable_cuda_graphs(adapted("swin").cuda().train())
-    inputs = [slices(2, D, seed=0).cuda(), slices(2, D, seed=1).cuda(), slices(1, D, seed=2).cuda()]
-    for step, x in enumerate([*inputs, inputs[0]]):
-        if step == 3:  # new addresses: the graphs captured so far must not be replayed
-            graphed.cpu().cuda()
+    _check_moves_and_shapes("cuda")
+
+
+def _check_moves_and_shapes(device: str) -> None:
+    eager = adapted("swin").to(device).train()
+    graphed = medtuning_peft.enable_cuda_graphs(adapted("swin").to(device).train())
+    graphs = _graphs_of(graphed)
+    inputs = [slices(2, D, seed=0), slices(2, D, seed=1), slices(1, D, seed=2), slices(2, D, seed=0)]
+    for step, x in enumerate(inputs):
+        if step == 3:  # new parameter addresses: the graphs captured so far must not be replayed
+            graphed.double().float()
         for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
-            forward(model, x, False).square().mean().backward()
+            forward(model, x.to(device), False).square().mean().backward()
         for (n, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, **TOLERANCE[False], msg=f"step {step}: {n}")
+        if step == 1:  # the two-volume pass was captured and replayed
+            assert [{g.signature.x.shape[0] for g in s.values()} for s in graphs.training_sets] == [{2 * D}]
+    # After the move, the two-volume set is gone; the one-volume pass (step 2) was captured at step 3, with the
+    # new addresses; step 3 itself (two volumes, no valid set) ran eagerly.
+    assert [{g.signature.x.shape[0] for g in s.values()} for s in graphs.training_sets] == [{D}]
+    assert all(g.valid() for s in graphs.training_sets for g in s.values())
 
 
 def test_off_cuda_the_switch_changes_nothing_and_says_so(caplog):
@@ -353,6 +364,10 @@ def test_accumulated_gradients_do_not_alias_graph_buffers(stand_in_graphs):
 
 def test_kept_outputs_are_copies_of_the_graph_buffers(stand_in_graphs):
     _check_kept_outputs(medtuning_peft.enable_cuda_graphs(adapted("swin").eval()), "cpu")
+
+
+def test_graphs_are_dropped_when_parameters_move_and_new_shapes_run_eagerly(stand_in_graphs):
+    _check_moves_and_shapes("cpu")
 
 
 def test_a_replay_before_the_pending_backward_is_refused(stand_in_graphs):
