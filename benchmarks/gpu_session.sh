@@ -7,7 +7,7 @@
 #            included; OUT/cost_paper_cuda.json and OUT/cost_paper_cuda.md (the cost.md section) (limit 330 s)
 #   kernels  python benchmarks/adapter_kernels.py: one adapter per paper block shape, five forms
 #            (OUT/adapter_kernels_cuda.json)                                               (limit 100 s)
-# Usage: bash benchmarks/gpu_session.sh OUT [tests] [cost] [kernels]   (default: all three, up to 11 minutes;
+# Usage: bash benchmarks/gpu_session.sh OUT [tests] [cost] [kernels]   (default: all three, up to 670 s;
 # where one command may run 10 minutes at most, run "tests kernels" and then "cost": under 6 minutes each)
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none). When
 # the CUDA graph tests failed (in OUT/tests.log), or with SKIP_CUDA_GRAPHS=1 (for a cost step run as a separate
@@ -43,8 +43,9 @@ for step in "${STEPS[@]}"; do
                 grep -qE "(FAILED|ERROR) tests/test_med_adapter_cuda_graphs" "$OUT/tests.log" 2>/dev/null; then
                 # A failed capture can leave the CUDA context unusable: keep it from costing the other methods.
                 echo "CUDA graph tests failed or skipped: the cost benchmark runs without med_adapter+cuda_graphs"
-                methods=(--methods med_adapter med_adapter_reference med_adapter+ckpt full lora decoder_only
-                    frozen_backward)
+                # The default methods less the CUDA-only ones: step_time.py's own list, as on a CPU.
+                read -ra methods <<<"--methods $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
+import step_time, torch; print(*step_time.default_methods(torch.device("cpu")))')"
             fi
             timeout 330 bash benchmarks/gpu_cost.sh ${methods[@]+"${methods[@]}"} \
                 --json "$OUT/cost_paper_cuda.json" --markdown "$OUT/cost_paper_cuda.md" 2>&1 | tee "$OUT/cost.log"

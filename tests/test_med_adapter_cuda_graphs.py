@@ -61,7 +61,15 @@ class EagerCalls:
 TOLERANCE = {False: {"rtol": 1e-4, "atol": 1e-5}, True: {"rtol": 1e-3, "atol": 1e-4}}
 
 
-def _train(model: nn.Module, inputs: list[torch.Tensor], autocast: bool, count_from: int) -> tuple[list, int]:
+def _train(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    autocast: bool,
+    count_from: int,
+    evaluate_after: int | None = None,
+) -> tuple[list, int]:
+    """SGD steps on ``inputs``: the losses, and the adapters' eager calls from step ``count_from`` on; with
+    ``evaluate_after``, an inference pass in eval mode after that step."""
     # SGD: an update linear in the gradient, so run-to-run rounding stays rounding (Adam can amplify the
     # rounding of near-zero gradients).
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
@@ -74,6 +82,11 @@ def _train(model: nn.Module, inputs: list[torch.Tensor], autocast: bool, count_f
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if step == evaluate_after:
+            model.eval()
+            with torch.inference_mode():
+                forward(model, inputs[-1], autocast)
+            model.train()
     counter.remove()
     return losses, counter.count
 
@@ -277,7 +290,8 @@ def stand_in_graphs(monkeypatch):
 
         def rerun():  # the backward graph: gradients of the static inputs into the static gradient buffers
             with cg._statistics_kept([self.adapter]), torch.enable_grad():
-                outputs, wrt = self._differentiable_outputs_of(self.bound(*self.inputs))
+                outputs = [o for o in self.bound(*self.inputs) if o.requires_grad]
+                wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
                 grads = torch.autograd.grad(
                     outputs, wrt, [g for g in self.grad_outputs if g is not None], allow_unused=True
                 )
@@ -290,15 +304,8 @@ def stand_in_graphs(monkeypatch):
 
         self.backward_graph.rerun = rerun
 
-    def differentiable_outputs_of(self, outputs):
-        wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
-        return [o for o in outputs if o.requires_grad], wrt
-
     monkeypatch.setattr(cg._TrainingGraph, "capture_forward", forward_rerun)
     monkeypatch.setattr(cg._TrainingGraph, "capture_backward", backward_rerun)
-    monkeypatch.setattr(
-        cg._TrainingGraph, "_differentiable_outputs_of", differentiable_outputs_of, raising=False
-    )
     inference_init = cg._InferenceGraph.__init__
 
     def inference_rerun(self, adapter, signature, pool):
@@ -385,28 +392,12 @@ def test_an_evaluation_between_training_passes_leaves_training_graphs_whole(stan
     # The training engine validates between steps: the pass after the recorded one may be an evaluation (no
     # autograd). Training graphs must still be captured with their backward, in the next training pass.
     inputs = [slices(2, D, seed=s) for s in range(4)]
-    models = {
-        "eager": adapted("swin").train(),
-        "graphed": medtuning_peft.enable_cuda_graphs(adapted("swin").train()),
-    }
-    losses = {}
-    for key, model in models.items():
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        losses[key] = []
-        for step, x in enumerate(inputs):
-            optimizer.zero_grad(set_to_none=True)
-            loss = forward(model, x, False).square().mean()
-            loss.backward()
-            optimizer.step()
-            losses[key].append(loss.item())
-            if step == 0:
-                model.eval()
-                with torch.inference_mode():
-                    forward(model, inputs[-1], False)
-                model.train()
-    (captured,) = _graphs_of(models["graphed"]).training_sets
+    eager, graphed = adapted("swin").train(), medtuning_peft.enable_cuda_graphs(adapted("swin").train())
+    eager_losses, _ = _train(eager, inputs, False, count_from=1, evaluate_after=0)
+    graphed_losses, _ = _train(graphed, inputs, False, count_from=1, evaluate_after=0)
+    (captured,) = _graphs_of(graphed).training_sets
     assert all(g.backward_graph is not None and g.backward_graph.replays == 3 for g in captured.values())
-    torch.testing.assert_close(losses["graphed"], losses["eager"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
 
 
 def test_adapters_whose_output_the_loss_does_not_use_do_not_block_the_next_pass(stand_in_graphs):

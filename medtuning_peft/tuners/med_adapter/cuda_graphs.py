@@ -153,6 +153,21 @@ def _statistics_kept(adapters: list[MedAdapter]) -> Iterator[None]:
                 buffer.copy_(value)  # in place: the graphs read these addresses
 
 
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Warm-up before a capture (cuDNN's algorithm search, lazy initialization), on a stream of its own."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _copied(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, A or None), copied out of a graph's static buffers, which the next replay overwrites."""
+    return outputs[0].clone(), (outputs[1].clone() if len(outputs) > 1 else None)
+
+
 class _Captured:
     """What every captured graph of one adapter keeps: the tensors it reads, and a check that they did not move."""
 
@@ -304,8 +319,7 @@ class _TrainingGraph(_Captured):
             self.pending = True
             self.node = weakref.ref(node)
             node.register_prehook(self._backward_started)
-        # Copies out of the static buffers, which the next replay overwrites.
-        return outputs[0].clone(), (outputs[1].clone() if len(outputs) > 1 else None)
+        return _copied(outputs)
 
 
 class _Replay(torch.autograd.Function):
@@ -333,12 +347,9 @@ def _capture_training_set(graphs: list[_TrainingGraph], device: torch.device) ->
     each graph's memory from being reused by another while its contents are still needed.
     """
     pool = torch.cuda.graph_pool_handle()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with _side_stream(device):
         for graph in graphs:
             graph.warm_up()
-    torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     for graph in graphs:
         graph.capture_forward(pool)
@@ -355,12 +366,8 @@ class _InferenceGraph(_Captured):
         self.inputs = [spec.sample() for spec in (signature.x, signature.prev) if spec is not None]
         device = signature.x.device
         with _statistics_kept([adapter]), torch.cuda.device(device):
-            # Warm-up outside the capture (cuDNN algorithm search, lazy initialization), on a side stream.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with _side_stream(device):
                 bound(*self.inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self.outputs = bound(*self.inputs)
@@ -370,8 +377,7 @@ class _InferenceGraph(_Captured):
         if prev is not None:
             self.inputs[1].copy_(prev)
         self.graph.replay()
-        outputs = self.outputs
-        return outputs[0].clone(), (outputs[1].clone() if len(outputs) > 1 else None)
+        return _copied(self.outputs)
 
 
 class AdapterGraphs:
@@ -447,10 +453,9 @@ class AdapterGraphs:
             graph = None
         if graph is None:
             self.sightings[key] += 1
-            kept = sum(1 for a, _ in self.inference if a is adapter)
             if self.sightings[key] < 2:
                 return adapter(x, grid, num_slices, prev)
-            if kept >= self.max_inference_graphs:
+            if sum(1 for a, _ in self.inference if a is adapter) >= self.max_inference_graphs:
                 self._warn_once(
                     "inference",
                     f"Med-Adapter CUDA graphs: more than {self.max_inference_graphs} input shapes in inference; "
