@@ -283,3 +283,58 @@ def test_compiled_adapters_method_runs_and_writes_its_own_section(tmp_path):
     assert "error" not in results["med_adapter+compile_adapters"]
     assert results["med_adapter+compile_adapters"]["tuned_params"] == results["med_adapter"]["tuned_params"]
     assert "<!-- cost:paper-tiny-compile_cpu start -->" in md.read_text()
+
+
+def _gpu_session(tmp_path: Path, steps: list[str], pytest_exit: int) -> tuple[int, list[str]]:
+    """Run benchmarks/gpu_session.sh with an interpreter that records its calls: tests exit with
+    ``pytest_exit``, the benchmarks exit 0, the method-list query runs in this Python. Returns the script's
+    exit status and the recorded calls."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> "{log}"\n'
+        'case "$1" in\n'
+        f"  -m) exit {pytest_exit} ;;\n"
+        f'  -c) exec "{sys.executable}" "$@" ;;\n'
+        "  -) cat > /dev/null ;;\n"
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(tmp_path / "out"), *steps],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.returncode, log.read_text().splitlines() if log.exists() else []
+
+
+def _benchmark_call(calls: list[str]) -> str:
+    (call,) = [c for c in calls if c.startswith("benchmarks/step_time.py")]
+    return call
+
+
+def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path):
+    # The default command: the graph tests, then the cost benchmark with every default method.
+    code, calls = _gpu_session(tmp_path / "pass", [], pytest_exit=0)
+    assert code == 0
+    assert "-k cuda_graphs" in calls[0]
+    assert "--setting paper --device cuda" in _benchmark_call(calls)
+    assert "--methods" not in _benchmark_call(calls)  # the default methods: CUDA graphs included on CUDA
+    # Failed graph tests: the standard figures are still measured, without the graph method.
+    code, calls = _gpu_session(tmp_path / "fail", [], pytest_exit=1)
+    assert code == 1
+    methods = _benchmark_call(calls).split("--methods ")[1].split(" --json")[0].split()
+    assert methods == step_time.default_methods(torch.device("cpu"))
+    assert "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
+    # The cost step alone, without graph tests in the same folder, does not risk the graphs either.
+    code, calls = _gpu_session(tmp_path / "alone", ["cost"], pytest_exit=0)
+    assert code == 0 and "--methods" in _benchmark_call(calls)
+
+
+def test_gpu_session_refuses_an_unknown_step_before_running_anything(tmp_path):
+    code, calls = _gpu_session(tmp_path, ["tests", "costs"], pytest_exit=0)
+    assert code == 2 and calls == []

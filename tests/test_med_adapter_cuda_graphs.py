@@ -170,7 +170,11 @@ def _check_moves_and_shapes(device: str) -> None:
     inputs = [slices(2, D, seed=0), slices(2, D, seed=1), slices(1, D, seed=2), slices(2, D, seed=0)]
     for step, x in enumerate(inputs):
         if step == 3:  # new parameter addresses: the graphs captured so far must not be replayed
+            # The old storage is held while moving: a caching allocator could otherwise hand back the same
+            # addresses (where the graphs would rightly stay valid) and the test would not test the move.
+            held = [t.data for t in (*graphed.parameters(), *graphed.buffers())]
             graphed.double().float()
+            del held
         for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
             forward(model, x.to(device), False).square().mean().backward()
