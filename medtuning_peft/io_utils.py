@@ -19,6 +19,11 @@ Typical use::
 and, before loading weights, :func:`check_safetensors` detects a truncated or corrupt file without
 reading its tensors.
 
+What these write gets the permissions a plain ``open()`` / ``mkdir()`` would give it: the umask's default
+for a new file or folder, an overwritten file's own mode. Writers that create private files (safetensors
+0.8's ``save_file``, which transformers' and accelerate's savers call, makes every file 0600) would otherwise
+leave a model that colleagues on the same machine cannot read.
+
 This module imports only the standard library, so it is cheap to import and safe to use anywhere.
 """
 
@@ -45,6 +50,7 @@ __all__ = [
     "atomic_write_text",
     "check_json_file",
     "check_safetensors",
+    "default_permissions",
     "fsync_directory",
     "is_partial",
     "read_json_file",
@@ -118,6 +124,50 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it; elsewhere ``os.umask`` must set it to read it, so it is set to a
+    restrictive value for that instant (a file another thread creates meanwhile is private, not public)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: str | os.PathLike) -> Path:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open()`` / ``mkdir()``
+    would: ``0o666`` (files) or ``0o777`` (folders) less the umask. For trees this package has just written
+    (a saved model, a checkpoint) before they are renamed into place. Links are left alone. Returns the path.
+    """
+    path = Path(path)
+    mask = _umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_symlink():
+        return path
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return path
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), dir_mode)
+    os.chmod(path, dir_mode)
+    return path
+
+
+def _settle_mode(tmp: Path, target: Path) -> None:
+    """The mode ``target`` gets from a plain write: its own when it exists, the umask's default otherwise."""
+    try:
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777)
+    except FileNotFoundError:
+        default_permissions(tmp)
+
+
 def _check_target(target: Path) -> Path:
     target = Path(target).expanduser().absolute()
     if target.is_dir():
@@ -155,6 +205,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                 f"Nothing was written to the temporary file '{tmp}' for '{target}'; write the file to the "
                 "path the context yields."
             )
+        _settle_mode(tmp, target)
         _fsync_file(tmp)
         os.replace(tmp, target)
         fsync_directory(target.parent)
@@ -244,6 +295,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
     tmp.mkdir()
     try:
         yield tmp
+        default_permissions(tmp)
         for root, _, files in os.walk(tmp):
             for name in files:
                 _fsync_file(Path(root) / name)

@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .io_utils import default_permissions
+
 __all__ = [
     "CHECKPOINT_PATTERN",
     "DATASETS",
@@ -389,6 +391,7 @@ def _built_in_data(name: str, settings: TrainSettings, cache_dir: Path) -> tuple
         (tmp / "medtuning_data.json").write_text(
             json.dumps({"name": name, "description": description}) + "\n"
         )
+        default_permissions(tmp)  # mkdtemp's folder is private: a shared cache must stay readable
         try:
             tmp.rename(folder)
         except OSError:
@@ -547,6 +550,7 @@ def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, state: d
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(partial / TRAINER_STATE_NAME, state)
+        default_permissions(partial)  # safetensors >= 0.8 writes private files
         if final.exists():  # the same step saved again (e.g. a finished run resumed)
             shutil.rmtree(final)
         partial.rename(final)

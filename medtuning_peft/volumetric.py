@@ -24,9 +24,6 @@ import difflib
 import importlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,7 +42,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbones import BACKBONE_SPECS
 from .decoders import build_decoder
-from .io_utils import check_safetensors, read_json_file, safetensors_header
+from .io_utils import atomic_directory, check_safetensors, read_json_file, safetensors_header
 from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
@@ -792,21 +789,9 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
                 f"save_directory {str(target)!r} is not empty and holds no saved segmenter; choose a new "
                 f"or empty directory."
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    # Files and folders get the umask's modes (safetensors >= 0.8 writes private files), then one rename.
+    with atomic_directory(target, overwrite=True) as tmp:
         yield tmp
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------

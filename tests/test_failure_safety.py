@@ -291,3 +291,48 @@ def test_rename_is_the_only_step_that_makes_a_file_visible(tmp_path, monkeypatch
     monkeypatch.setattr(io_utils.os, "replace", spy)
     atomic_write_text(tmp_path / "a.txt", "x")
     assert seen == [(True, "a.txt")]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Permissions: what is saved is as readable as the umask allows
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_027():
+    """A group-readable umask (0o027: files 0o640, folders 0o750), as on a lab's shared machine."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("method", ["med_adapter", "full"])
+def test_a_saved_model_has_the_umask_modes_not_private_ones(tmp_path, umask_027, method):
+    # safetensors >= 0.8 writes every file 0o600 (its save_file, and transformers' save_pretrained through it):
+    # a colleague in the same group could see the model folder but not read its weights.
+    tiny(method=method).save_pretrained(tmp_path / "model")
+    saved = modes(tmp_path / "model")
+    assert any(name.endswith(".safetensors") for name in saved)
+    assert saved == {name: 0o750 if (tmp_path / "model" / name).is_dir() else 0o640 for name in saved}
+    tiny(method=method).save_pretrained(tmp_path / "model")  # saved again over it: the same
+    assert modes(tmp_path / "model") == saved
+
+
+def test_atomic_writes_give_new_files_the_umask_mode_and_keep_an_overwritten_files_mode(tmp_path, umask_027):
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+    private = atomic_write_text(tmp_path / "private.json", "{}")
+    os.chmod(private, 0o600)
+    atomic_write_text(private, '{"a": 1}')  # as a plain open(..., "w") would, the file keeps its own mode
+    assert private.stat().st_mode & 0o777 == 0o600
+    with atomic_directory(tmp_path / "folder") as tmp:
+        (tmp / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))
+    assert modes(tmp_path / "folder") == {".": 0o750, "sub": 0o750, "sub/w.safetensors": 0o640}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -388,3 +389,21 @@ def test_missing_data_dir_is_named(tmp_path, cache_dir):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train(tiny_settings(tmp_path / "nowhere", cache_dir, tmp_path / "out"))
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_checkpoints_models_and_built_in_data_have_the_umask_modes(data_dir, cache_dir, tmp_path):
+    # safetensors >= 0.8 writes private files (accelerate's checkpoints, the saved model) and mkdtemp makes
+    # private folders (the built-in data in a cache that a lab may share): all get the umask's modes.
+    from medtuning_peft.training import _built_in_data
+
+    old = os.umask(0o027)
+    try:
+        settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, checkpoint_every=1)
+        train(settings)
+        built_in, _ = _built_in_data("synthetic-kits19", replace(settings, synthetic_cases=2), tmp_path / "cache")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "run" / "checkpoints" / "step_1", tmp_path / "run" / "model", built_in):
+        found = {p: p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+        assert any(p.suffix == ".safetensors" for p in found) or folder == built_in
+        assert found == {p: 0o750 if p.is_dir() else 0o640 for p in found}, folder
