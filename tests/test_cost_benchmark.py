@@ -318,10 +318,12 @@ def _benchmark_call(calls: list[str]) -> str:
 
 
 def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path):
-    # The default command: the graph tests, then the cost benchmark with every default method.
+    # The default command: the graph tests, the cost benchmark with every default method, the kernel comparison.
     code, calls = _gpu_session(tmp_path / "pass", [], pytest_exit=0)
     assert code == 0
-    assert "-k cuda_graphs" in calls[0]
+    assert "-k cuda_graphs" in calls[0] and calls[-1].startswith(
+        "benchmarks/adapter_kernels.py --device cuda"
+    )
     assert "--setting paper --device cuda" in _benchmark_call(calls)
     assert "--methods" not in _benchmark_call(calls)  # the default methods: CUDA graphs included on CUDA
     # Failed graph tests: the standard figures are still measured, without the graph method.

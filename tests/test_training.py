@@ -400,7 +400,9 @@ def test_checkpoints_models_and_built_in_data_have_the_umask_modes(data_dir, cac
     try:
         settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, checkpoint_every=1)
         train(settings)
-        built_in, _ = _built_in_data("synthetic-kits19", replace(settings, synthetic_cases=2), tmp_path / "cache")
+        built_in, _ = _built_in_data(
+            "synthetic-kits19", replace(settings, synthetic_cases=2), tmp_path / "cache"
+        )
     finally:
         os.umask(old)
     for folder in (tmp_path / "run" / "checkpoints" / "step_1", tmp_path / "run" / "model", built_in):
