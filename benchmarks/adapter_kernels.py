@@ -21,6 +21,7 @@ is the bottleneck.
 
     python benchmarks/adapter_kernels.py --device cuda --json benchmarks/results/adapter_kernels_cuda.json
     python benchmarks/adapter_kernels.py --device cpu --slices 4 --rounds 2   # code path check
+    python benchmarks/adapter_kernels.py --forms current cudnn_off native_depthwise   # a subset
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def measure(
     hidden, side = SHAPES[name]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(slices, side * side, hidden, generator=gen).to(device).requires_grad_(True)
-    forms = [f for f in FORMS if device.type == "cuda" or f not in CUDA_ONLY_FORMS]
-    adapters = {form: build(hidden, slices, form, device) for form in forms}
+    forms = [f for f in FORMS if f in args.forms and (device.type == "cuda" or f not in CUDA_ONLY_FORMS)]
+    # "current" is the reference of max_abs_diff, measured or not.
+    adapters = {form: build(hidden, slices, form, device) for form in dict.fromkeys(["current", *forms])}
     graphs = AdapterGraphs({adapters["cuda_graphs"]: name}) if "cuda_graphs" in adapters else None
 
     def step(form: str) -> torch.Tensor:
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--slices", type=int, default=128, help="slices D of the volume")
     parser.add_argument("--blocks", nargs="+", default=list(SHAPES), help=f"subset of {list(SHAPES)}")
+    parser.add_argument(
+        "--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms to measure (default: all)"
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")

@@ -14,9 +14,8 @@
 #   limits; about 7 minutes expected). Then, where device time is left: bash benchmarks/gpu_session.sh OUT tests
 #   (at most 150 s; these tests passed on an H200 before the CUDA graphs were written).
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
-# The cost step leaves med_adapter+cuda_graphs out when the graph tests did not pass in the same OUT (a failed
-# capture can leave the CUDA context unusable, and must not cost the standard figures), or with
-# SKIP_CUDA_GRAPHS=1.
+# The cost and kernels steps leave CUDA graphs out when the graph tests did not pass in the same OUT (a failed
+# capture can leave the CUDA context unusable, and must not cost the other figures), or with SKIP_CUDA_GRAPHS=1.
 # Copy the results into the repository afterwards: OUT/cost_paper_cuda.json to benchmarks/results/, and the
 # section of OUT/cost_paper_cuda.md into benchmarks/cost.md (gpu_cost.sh run from a checkout without --json
 # and --markdown writes both in place).
@@ -36,6 +35,16 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
+# Whether CUDA graphs may be measured: their tests passed in this OUT, and SKIP_CUDA_GRAPHS is not 1.
+graphs_passed() {
+    local graph_tests="missing"
+    [ -f "$OUT/graph_tests.exit" ] && graph_tests="$(cat "$OUT/graph_tests.exit")"
+    if [ "${SKIP_CUDA_GRAPHS:-0}" = 1 ] || [ "$graph_tests" != 0 ]; then
+        echo "CUDA graphs are left out of this step (graph tests: exit $graph_tests;" \
+            "SKIP_CUDA_GRAPHS=${SKIP_CUDA_GRAPHS:-0})"
+        return 1
+    fi
+}
 status=0
 for step in "${STEPS[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S))"
@@ -49,11 +58,7 @@ for step in "${STEPS[@]}"; do
             ;;
         cost)
             methods=()
-            graph_tests="missing"
-            [ -f "$OUT/graph_tests.exit" ] && graph_tests="$(cat "$OUT/graph_tests.exit")"
-            if [ "${SKIP_CUDA_GRAPHS:-0}" = 1 ] || [ "$graph_tests" != 0 ]; then
-                echo "the cost benchmark runs without med_adapter+cuda_graphs (graph tests: exit $graph_tests;" \
-                    "SKIP_CUDA_GRAPHS=${SKIP_CUDA_GRAPHS:-0})"
+            if ! graphs_passed; then
                 # The default methods less the CUDA-only ones: step_time.py's own list, as on a CPU.
                 read -ra methods <<<"--methods $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
 import step_time, torch; print(*step_time.default_methods(torch.device("cpu")))')"
@@ -68,7 +73,12 @@ import step_time, torch; print(*step_time.default_methods(torch.device("cpu")))'
             code=${PIPESTATUS[0]}
             ;;
         kernels)
-            timeout 90 "$PYTHON" benchmarks/adapter_kernels.py --device cuda \
+            forms=()
+            if ! graphs_passed; then  # adapter_kernels.py's forms less cuda_graphs
+                read -ra forms <<<"--forms $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
+import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])')"
+            fi
+            timeout 90 "$PYTHON" benchmarks/adapter_kernels.py --device cuda ${forms[@]+"${forms[@]}"} \
                 --json "$OUT/adapter_kernels_cuda.json" 2>&1 | tee "$OUT/adapter_kernels.log"
             code=${PIPESTATUS[0]}
             ;;

@@ -230,6 +230,10 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
         assert forms["current"]["max_abs_diff"] == 0 and forms["cudnn_off"]["max_abs_diff"] == 0
         assert 0 < forms["bf16_bottleneck"]["max_abs_diff"] < 0.1  # bf16 rounding, not another function
         assert all(f["enqueue_ms"] > 0 and f["kernels"] > 0 for f in forms.values())
+    # A subset of forms (gpu_session.sh leaves cuda_graphs out after failed graph tests): still compared with the
+    # current form, which is then not measured itself.
+    subset = adapter_kernels.main([*argv, "--blocks", "vit-b16", "--forms", "cudnn_off"])["results"]["vit-b16"]
+    assert set(subset) == {"cudnn_off"} and subset["cudnn_off"]["max_abs_diff"] == 0
     from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch
 
     assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone
@@ -322,7 +326,7 @@ def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path
     code, calls = _gpu_session(tmp_path / "pass", [], pytest_exit=0)
     assert code == 0
     assert "-k cuda_graphs" in calls[0] and calls[-1].startswith(
-        "benchmarks/adapter_kernels.py --device cuda"
+        "benchmarks/adapter_kernels.py --device cuda --json"
     )
     assert "--setting paper --device cuda" in _benchmark_call(calls)
     assert "--methods" not in _benchmark_call(calls)  # the default methods: CUDA graphs included on CUDA
@@ -332,6 +336,10 @@ def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path
     methods = _benchmark_call(calls).split("--methods ")[1].split(" --json")[0].split()
     assert methods == step_time.default_methods(torch.device("cpu"))
     assert "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
+    import adapter_kernels
+
+    forms = calls[-1].split("--forms ")[1].split(" --json")[0].split()
+    assert forms == [f for f in adapter_kernels.FORMS if f != "cuda_graphs"] and "native_depthwise" in forms
     # The cost step alone, without graph tests in the same folder, does not risk the graphs either.
     code, calls = _gpu_session(tmp_path / "alone", ["cost"], pytest_exit=0)
     assert code == 0 and "--methods" in _benchmark_call(calls)
