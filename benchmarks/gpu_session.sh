@@ -11,8 +11,9 @@
 #                (OUT/adapter_kernels_cuda.json)                                            (limit 90 s)
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels, what issue 5 waits for, in one command of at most 570 s (the
-#   limits; about 7 minutes expected). Then, where device time is left: bash benchmarks/gpu_session.sh OUT tests
-#   (at most 150 s; these tests passed on an H200 before the CUDA graphs were written).
+#   sum of the step limits; not yet timed on a GPU). Then, where device time is left:
+#   bash benchmarks/gpu_session.sh OUT tests (at most 150 s; these tests passed on an H200 before the CUDA
+#   graphs were written).
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
 # The cost and kernels steps leave CUDA graphs out when the graph tests did not pass in the same OUT (a failed
 # capture can leave the CUDA context unusable, and must not cost the other figures), or with SKIP_CUDA_GRAPHS=1.
