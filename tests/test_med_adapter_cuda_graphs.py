@@ -67,13 +67,15 @@ def _train(
     autocast: bool,
     count_from: int,
     evaluate_after: int | None = None,
+    keep_graphs: bool = False,
 ) -> tuple[list, int]:
     """SGD steps on ``inputs``: the losses, and the adapters' eager calls from step ``count_from`` on; with
-    ``evaluate_after``, an inference pass in eval mode after that step."""
+    ``evaluate_after``, an inference pass in eval mode after that step; with ``keep_graphs``, every loss tensor
+    (and so its pass's autograd graph, parameters' AccumulateGrad nodes included) is kept to the end."""
     # SGD: an update linear in the gradient, so run-to-run rounding stays rounding (Adam can amplify the
     # rounding of near-zero gradients).
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    losses, counter = [], None
+    losses, counter, kept = [], None, []
     for step, x in enumerate(inputs):
         if step == count_from:
             counter = EagerCalls(model)
@@ -82,6 +84,8 @@ def _train(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if keep_graphs:
+            kept.append(loss)
         if step == evaluate_after:
             model.eval()
             with torch.inference_mode():
@@ -107,6 +111,23 @@ def test_graphed_training_matches_eager_training(name, autocast):
     # warm-up).
     for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, **TOLERANCE[autocast], msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_capture_while_earlier_passes_autograd_graphs_are_alive(name):
+    # A loop's last loss (or DDP) keeps the previous pass's autograd graph alive during the capture, and with it
+    # the parameters' AccumulateGrad nodes, which were created on the default stream. Captured backward graphs
+    # must not deliver gradients through them (the capture would fail with cudaErrorStreamCaptureImplicit).
+    inputs = [slices(2, D, seed=s).cuda() for s in range(4)]
+    eager = adapted(name).cuda().train()
+    graphed = medtuning_peft.enable_cuda_graphs(adapted(name).cuda().train())
+    eager_losses, _ = _train(eager, inputs, False, count_from=2, keep_graphs=True)
+    graphed_losses, eager_calls = _train(graphed, inputs, False, count_from=2, keep_graphs=True)
+    assert eager_calls == 0
+    torch.testing.assert_close(graphed_losses, eager_losses, **TOLERANCE[False])
+    for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, **TOLERANCE[False], msg=n)
 
 
 @pytest.mark.gpu
@@ -295,7 +316,7 @@ def stand_in_graphs(monkeypatch):
         def rerun():  # the backward graph: gradients of the static inputs into the static gradient buffers
             with cg._statistics_kept([self.adapter]), torch.enable_grad():
                 outputs = [o for o in self.bound(*self.inputs) if o.requires_grad]
-                wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
+                wrt = [t for t in (*self.inputs, *self.leaves) if t.requires_grad]
                 grads = torch.autograd.grad(
                     outputs, wrt, [g for g in self.grad_outputs if g is not None], allow_unused=True
                 )
@@ -303,7 +324,7 @@ def stand_in_graphs(monkeypatch):
             for static, t in zip(self.input_grads, self.inputs, strict=True):
                 if static is not None:
                     static.copy_(by_tensor[id(t)])
-            present = [by_tensor[id(p)] for p in self.params if by_tensor.get(id(p)) is not None]
+            present = [by_tensor[id(p)] for p in self.leaves if by_tensor.get(id(p)) is not None]
             self.flat_param_grads.copy_(torch.cat([g.reshape(-1) for g in present]))
 
         self.backward_graph.rerun = rerun

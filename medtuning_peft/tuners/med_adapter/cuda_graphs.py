@@ -130,12 +130,17 @@ class _BoundAdapter(nn.Module):
         self.grid, self.num_slices = signature.grid, signature.num_slices
         self.use_autocast, self.autocast_dtype = signature.autocast
         self.device_type = signature.x.device.type
+        self.parameters_in_use: dict[str, torch.Tensor] | None = None  # name -> tensor used for that parameter
 
     def forward(self, x: torch.Tensor, *prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = (x, self.grid, self.num_slices, prev[0] if prev else None)
         with torch.autocast(
             self.device_type, dtype=self.autocast_dtype, enabled=self.use_autocast, cache_enabled=False
         ):
-            out, a = self.adapter(x, self.grid, self.num_slices, prev[0] if prev else None)
+            if self.parameters_in_use is None:
+                out, a = self.adapter(*args)
+            else:
+                out, a = torch.func.functional_call(self.adapter, self.parameters_in_use, args)
         return (out,) if a is None else (out, a)
 
 
@@ -213,7 +218,10 @@ class _TrainingGraph(_Captured):
         self.name = name
         self.bound = _BoundAdapter(adapter, signature)
         self.inputs = [spec.sample() for spec in (signature.x, signature.prev) if spec is not None]
-        self.params = list(adapter.parameters())
+        named = list(adapter.named_parameters())
+        self.param_names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.leaves: list[torch.Tensor] = list(self.params)  # replaced before warm-up and capture
         self.forward_graph = torch.cuda.CUDAGraph()
         self.backward_graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, ...] = ()
@@ -227,10 +235,26 @@ class _TrainingGraph(_Captured):
 
     def _differentiable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         outputs = [o for o in self.outputs if o.requires_grad]
-        wrt = [t for t in (*self.inputs, *self.params) if t.requires_grad]
+        wrt = [t for t in (*self.inputs, *self.leaves) if t.requires_grad]
         return outputs, wrt
 
+    def _fresh_leaves(self) -> None:
+        """Differentiate the graphs with respect to new leaves that share the inputs' and parameters' memory.
+
+        A leaf's gradient is delivered through its AccumulateGrad node, which torch (2.11, at least) binds to the
+        CUDA stream it was created on, and which lives as long as any autograd graph through that leaf. A parameter's
+        node usually comes from the caller's previous training pass (still reachable from its last loss, or
+        from DDP), so it is bound to the default stream; a captured backward that delivers to it would make the
+        default stream wait on the capturing one, which invalidates the capture
+        (``cudaErrorStreamCaptureImplicit``). New leaves get new nodes, created on the capture stream. They alias
+        the parameters' storage, so the graphs still read the optimizer's in-place updates.
+        """
+        self.inputs = [t.detach().requires_grad_(t.requires_grad) for t in self.inputs]
+        self.leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
+        self.bound.parameters_in_use = dict(zip(self.param_names, self.leaves, strict=True))
+
     def warm_up(self) -> None:
+        self._fresh_leaves()
         for _ in range(WARMUP_PASSES):
             self.outputs = self.bound(*self.inputs)
             outputs, wrt = self._differentiable()
@@ -240,6 +264,7 @@ class _TrainingGraph(_Captured):
         self.outputs = ()
 
     def capture_forward(self, pool: Any) -> None:
+        self._fresh_leaves()  # not the warm-up's: their nodes were created on the warm-up stream
         with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode=CAPTURE_MODE):
             self.outputs = self.bound(*self.inputs)
 
@@ -256,7 +281,7 @@ class _TrainingGraph(_Captured):
             )
             by_tensor = dict(zip(map(id, wrt), grads, strict=True))
             self.input_grads = [by_tensor.get(id(t)) for t in self.inputs]
-            param_grads = [by_tensor.get(id(p)) for p in self.params]
+            param_grads = [by_tensor.get(id(leaf)) for leaf in self.leaves]
             present = [g for g in param_grads if g is not None]
             if present:
                 self.flat_param_grads = torch.cat([g.reshape(-1) for g in present])
