@@ -9,8 +9,6 @@ ViT-B/16), in candidate forms of the same function, alternating rounds after war
 - ``cudnn_off``: the same code with cuDNN disabled (PyTorch's own convolution kernels).
 - ``bf16_bottleneck``: the bottleneck's parameters (depthwise branches, spectral filter, mixing) in bfloat16,
   so the bottleneck runs in bf16 (the function is the same up to bf16 rounding).
-- ``native_depthwise`` (CUDA only): both depthwise convolutions of each branch through PyTorch's depthwise
-  kernel (``aten._conv_depthwise2d``) instead of cuDNN.
 - ``cuda_graphs`` (CUDA only): the current form replayed as CUDA graphs, forward and backward
   (:func:`medtuning_peft.enable_cuda_graphs`, through the same object the tuner calls).
 
@@ -21,7 +19,7 @@ is the bottleneck.
 
     python benchmarks/adapter_kernels.py --device cuda --json benchmarks/results/adapter_kernels_cuda.json
     python benchmarks/adapter_kernels.py --device cpu --slices 4 --rounds 2   # code path check
-    python benchmarks/adapter_kernels.py --forms current cudnn_off native_depthwise   # a subset
+    python benchmarks/adapter_kernels.py --forms current cudnn_off   # a subset
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "benchmarks"):
@@ -45,9 +42,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from step_time import _sync, profiled_activity, side_report, write_json  # noqa: E402
 
-from medtuning_peft.tuners.med_adapter import modules  # noqa: E402
 from medtuning_peft.tuners.med_adapter.cuda_graphs import AdapterGraphs  # noqa: E402
-from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch, MedAdapter  # noqa: E402
+from medtuning_peft.tuners.med_adapter.modules import MedAdapter  # noqa: E402
 
 # name -> (block width C, token grid side) of one adapted block at 128 x 128 slices
 SHAPES = {
@@ -57,25 +53,8 @@ SHAPES = {
     "swin-t stage 4": (768, 4),
     "vit-b16": (768, 8),
 }
-FORMS = ("current", "cudnn_off", "bf16_bottleneck", "native_depthwise", "cuda_graphs")
-CUDA_ONLY_FORMS = ("native_depthwise", "cuda_graphs")
-
-
-def _native_depthwise_forward(self: DepthwiseBranch, v: torch.Tensor, num_slices: int) -> torch.Tensor:
-    """DepthwiseBranch.forward with both convolutions as ``aten._conv_depthwise2d`` (CUDA's own kernel)."""
-    k, r = self.kernel_size, v.shape[1]
-    y = torch.ops.aten._conv_depthwise2d(
-        v, self.inplane.weight.squeeze(2), [k, k], self.inplane.bias, [1, 1], [k // 2, k // 2], [1, 1]
-    )
-    n, _, h, w = y.shape
-    rows = modules._volume_rows(y, num_slices)
-    vol = rows.view(rows.shape[0], num_slices, h * w, r).permute(0, 3, 1, 2)
-    out = torch.ops.aten._conv_depthwise2d(
-        vol, self.across.weight.squeeze(-1), [k, 1], self.across.bias, [1, 1], [k // 2, 0], [1, 1]
-    )
-    y = modules._slices_from_rows(out.permute(0, 2, 3, 1).reshape(rows.shape), y.shape)
-    y = self.norm(y.unsqueeze(2)).squeeze(2)
-    return F.relu(y)
+FORMS = ("current", "cudnn_off", "bf16_bottleneck", "cuda_graphs")
+CUDA_ONLY_FORMS = ("cuda_graphs",)
 
 
 @contextlib.contextmanager
@@ -84,13 +63,6 @@ def form_context(form: str) -> Iterator[None]:
     if form == "cudnn_off":
         with torch.backends.cudnn.flags(enabled=False):
             yield
-    elif form == "native_depthwise":
-        original = DepthwiseBranch.forward
-        DepthwiseBranch.forward = _native_depthwise_forward
-        try:
-            yield
-        finally:
-            DepthwiseBranch.forward = original
     else:
         yield
 

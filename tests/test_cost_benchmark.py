@@ -226,7 +226,7 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
     report = adapter_kernels.main([*argv, "--blocks", "swin-t stage 4", "vit-b16"])
     assert json.loads(out.read_text())["results"].keys() == {"swin-t stage 4", "vit-b16"}
     for forms in report["results"].values():
-        assert set(forms) == {"current", "cudnn_off", "bf16_bottleneck"}  # native_depthwise is CUDA-only
+        assert set(forms) == {"current", "cudnn_off", "bf16_bottleneck"}  # cuda_graphs is CUDA-only
         assert forms["current"]["max_abs_diff"] == 0 and forms["cudnn_off"]["max_abs_diff"] == 0
         assert 0 < forms["bf16_bottleneck"]["max_abs_diff"] < 0.1  # bf16 rounding, not another function
         assert all(f["enqueue_ms"] > 0 and f["kernels"] > 0 for f in forms.values())
@@ -339,7 +339,7 @@ def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path
     import adapter_kernels
 
     forms = calls[-1].split("--forms ")[1].split(" --json")[0].split()
-    assert forms == [f for f in adapter_kernels.FORMS if f != "cuda_graphs"] and "native_depthwise" in forms
+    assert forms == [f for f in adapter_kernels.FORMS if f != "cuda_graphs"] and "cudnn_off" in forms
     # The cost step alone, without graph tests in the same folder, does not risk the graphs either.
     code, calls = _gpu_session(tmp_path / "alone", ["cost"], pytest_exit=0)
     assert code == 0 and "--methods" in _benchmark_call(calls)
