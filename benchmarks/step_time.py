@@ -86,6 +86,7 @@ OPTIONAL_METHODS = (
     "med_adapter+compile",
     "full+compile",
     "med_adapter+compile_adapters",
+    "med_adapter+compile_adapters+cuda_graphs",
     "med_adapter+compile_cudagraphs",
     "full+compile_cudagraphs",
 )
@@ -93,12 +94,14 @@ OPTIONAL_METHODS = (
 GPU, longer on CPU; compare them with each other: compilation speeds up full fine-tuning too), and
 ``med_adapter+compile_adapters``: only the adapter modules compiled (``nn.Module.compile(dynamic=False)``, one
 graph per block shape), the backbone and decoder eager as in the other methods, to measure what fusing the
-adapters' small kernels saves in the launch-bound GPU step; ``+compile_cudagraphs``: the whole segmenter
+adapters' small kernels saves in the launch-bound GPU step; ``med_adapter+compile_adapters+cuda_graphs``: the
+compiled adapters replayed as this package's CUDA graphs (fused kernels without their launch cost; CUDA only);
+``+compile_cudagraphs``: the whole segmenter
 compiled with ``mode="reduce-overhead"``, which on CUDA replays each compiled graph's kernels as a CUDA graph
 (no per-kernel launch cost; on CPU it is a plain compile)."""
 
 ALL_METHODS = METHODS + OPTIONAL_METHODS
-CUDA_ONLY_METHODS = ("med_adapter+cuda_graphs",)
+CUDA_ONLY_METHODS = ("med_adapter+cuda_graphs", "med_adapter+compile_adapters+cuda_graphs")
 
 BASELINE = "full"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
@@ -306,7 +309,7 @@ def build_method(
         return torch.compile(segmenter)
     if method.endswith("+compile_cudagraphs"):
         return torch.compile(segmenter, mode="reduce-overhead")
-    if method.endswith("+compile_adapters"):
+    if "+compile_adapters" in method:
         # All adapters share one forward: each block shape and inter-stage variant is one more compiled entry,
         # which must not hit the recompile limit (8; torch 2.11 reached it on Swin) and fall back to eager.
         dynamo = torch._dynamo.config

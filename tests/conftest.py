@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def dynamo_reset():
+    """A clean compile cache, and room for every adapter variant: all adapters share one forward, and each block
+    shape, inter-stage variant and autocast state is one more compiled entry (as in step_time.py)."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    torch._dynamo.reset()
+    with config.patch(**{limit: 64}):
+        yield
+    torch._dynamo.reset()

@@ -379,6 +379,35 @@ def test_graph_bookkeeping_gives_eager_training_and_inference(stand_in_graphs, n
     assert not graphs.inference  # training released the inference graphs
 
 
+def compile_adapters(model: nn.Module, backend: str) -> nn.Module:
+    """Compile each Med-Adapter module on its own (as benchmarks/step_time.py's ``+compile_adapters``)."""
+    for module in model.modules():
+        if isinstance(module, MedAdapter):
+            module.compile(dynamic=False, backend=backend)
+    return model
+
+
+@pytest.mark.parametrize("name", ["swin", "vit"])
+def test_compiled_adapters_run_as_graphs_like_eager(stand_in_graphs, dynamo_reset, name):
+    # Fused kernels without their launch cost: each adapter compiled, then graphed. The graphs call the compiled
+    # adapter with new leaf tensors in place of its parameters (torch.func.functional_call), so the compiled
+    # code must take them as inputs, not as constants, and the parameters' updates must reach it.
+    from torch._dynamo.utils import counters
+
+    inputs = [slices(2, D, seed=s) for s in range(4)]
+    eager = adapted(name).train()
+    graphed = medtuning_peft.enable_cuda_graphs(compile_adapters(adapted(name).train(), "aot_eager"))
+    eager_losses, _ = _train(eager, inputs, False, count_from=1)
+    counters.clear()
+    graphed_losses, _ = _train(graphed, inputs, False, count_from=1)
+    (captured,) = _graphs_of(graphed).training_sets
+    assert {g.forward_graph.replays for g in captured.values()} == {3}
+    assert counters["stats"]["unique_graphs"] > 0  # the adapters did run compiled
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_accumulated_gradients_do_not_alias_graph_buffers(stand_in_graphs):
     # Without gradient zeroing between passes, param.grad must hold the sum: it may not be a static buffer that
     # the next backward replay overwrites.
