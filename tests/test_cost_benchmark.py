@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import step_time  # noqa: E402
 
+import medtuning_peft  # noqa: E402
+from medtuning_peft.tuners.med_adapter import MedAdapter  # noqa: E402
+
 
 def test_markdown_section_of_a_run_is_replaced_not_duplicated(tmp_path):
     path = tmp_path / "cost.md"
@@ -232,7 +235,9 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
         assert all(f["enqueue_ms"] > 0 and f["kernels"] > 0 for f in forms.values())
     # A subset of forms (gpu_session.sh leaves cuda_graphs out after failed graph tests): still compared with the
     # current form, which is then not measured itself.
-    subset = adapter_kernels.main([*argv, "--blocks", "vit-b16", "--forms", "cudnn_off"])["results"]["vit-b16"]
+    subset = adapter_kernels.main([*argv, "--blocks", "vit-b16", "--forms", "cudnn_off"])["results"][
+        "vit-b16"
+    ]
     assert set(subset) == {"cudnn_off"} and subset["cudnn_off"]["max_abs_diff"] == 0
     from medtuning_peft.tuners.med_adapter.modules import DepthwiseBranch
 
@@ -345,6 +350,36 @@ def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path
     assert code == 0 and "--methods" in _benchmark_call(calls)
 
 
+def test_gpu_session_measures_compiled_adapters_only_after_both_tests_passed(tmp_path):
+    code, calls = _gpu_session(tmp_path / "pass", ["graph-tests", "compile"], pytest_exit=0)
+    assert code == 0
+    assert "tests/test_compiled_adapter_graphs.py" in calls[1]
+    benchmark = _benchmark_call(calls)
+    assert "--setting paper --device cuda --backbones vit-b16 swin-t" in benchmark
+    methods = benchmark.split("--methods ")[1].split(" --json")[0].split()
+    assert "med_adapter+compile_adapters+cuda_graphs" in methods and "full" in methods
+    assert set(methods) <= set(step_time.ALL_METHODS)  # a misspelt method would cost the GPU run
+    assert "cost_paper-compile_cuda.json" in benchmark
+    log = (tmp_path / "pass" / "out" / "session.log").read_text()
+    assert "== graph-tests" in log and "== compile" in log and "== done" in log
+    # Failed tests, or no graph tests in the same folder: nothing compiled is measured.
+    for folder, steps, pytest_exit in (("fail", ["graph-tests", "compile"], 1), ("alone", ["compile"], 0)):
+        code, calls = _gpu_session(tmp_path / folder, steps, pytest_exit=pytest_exit)
+        assert code != 0 and not [c for c in calls if c.startswith("benchmarks/step_time.py")]
+
+
 def test_gpu_session_refuses_an_unknown_step_before_running_anything(tmp_path):
     code, calls = _gpu_session(tmp_path, ["tests", "costs"], pytest_exit=0)
     assert code == 2 and calls == []
+
+
+def test_compiled_adapters_with_cuda_graphs_method_compiles_every_adapter_and_enables_graphs():
+    setting = step_time.get_setting("paper", tiny=True)
+    method = "med_adapter+compile_adapters+cuda_graphs"
+    model = step_time.build_method(setting, "vit-tiny", method, torch.device("cpu"))
+    adapters = [m for m in model.modules() if isinstance(m, MedAdapter)]
+    assert adapters and all(m._compiled_call_impl is not None for m in adapters)
+    assert medtuning_peft.cuda_graphs_enabled(model)
+    assert method in step_time.CUDA_ONLY_METHODS and method not in step_time.default_methods(
+        torch.device("cuda")
+    )
