@@ -241,13 +241,13 @@ class _TrainingGraph(_Captured):
     def _fresh_leaves(self) -> None:
         """Differentiate the graphs with respect to new leaves that share the inputs' and parameters' memory.
 
-        A leaf's gradient is delivered through its AccumulateGrad node, which torch (2.11, at least) binds to the
-        CUDA stream it was created on, and which lives as long as any autograd graph through that leaf. A parameter's
-        node usually comes from the caller's previous training pass (still reachable from its last loss, or
-        from DDP), so it is bound to the default stream; a captured backward that delivers to it would make the
-        default stream wait on the capturing one, which invalidates the capture
-        (``cudaErrorStreamCaptureImplicit``). New leaves get new nodes, created on the capture stream. They alias
-        the parameters' storage, so the graphs still read the optimizer's in-place updates.
+        A leaf's gradient is delivered through its AccumulateGrad node, which torch (2.11, at least) binds to
+        the CUDA stream it was created on, and which lives as long as any autograd graph through that leaf. A
+        parameter's node usually comes from the caller's previous training pass (still reachable from its last
+        loss, or held by DDP), so it is bound to the default stream; a captured backward that delivers to it
+        makes the default stream wait on the capturing one, which invalidates the capture
+        (``cudaErrorStreamCaptureImplicit``). New leaves get new nodes, created on the capturing stream. They
+        alias the parameters' storage, so the graphs still read the optimizer's in-place updates.
         """
         self.inputs = [t.detach().requires_grad_(t.requires_grad) for t in self.inputs]
         self.leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
@@ -264,7 +264,7 @@ class _TrainingGraph(_Captured):
         self.outputs = ()
 
     def capture_forward(self, pool: Any) -> None:
-        self._fresh_leaves()  # not the warm-up's: their nodes were created on the warm-up stream
+        self._fresh_leaves()  # again: no node made on the warm-up stream can reach the capture
         with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode=CAPTURE_MODE):
             self.outputs = self.bound(*self.inputs)
 
