@@ -144,6 +144,24 @@ class _BoundAdapter(nn.Module):
         return (out,) if a is None else (out, a)
 
 
+def _eager_as_captured(
+    adapter: MedAdapter, signature: Signature, x: torch.Tensor, prev: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An eager call before a capture, in the state the capture will have: autocast without its weight cache,
+    and the memory layout of the graphs' static inputs.
+
+    The results are the same as a plain call (the cache only saves re-casting a weight used twice in one autocast
+    region, which an adapter does not do), and an adapter compiled with ``torch.compile`` sees one state
+    throughout, so it is compiled once for its eager calls and its graphs, not once for each.
+    """
+    # The layout of the graphs' static inputs: a strided view (prefix tokens split off) is copied into them.
+    inputs = [x if signature.x.stride is not None else x.contiguous()]
+    if prev is not None:
+        inputs.append(prev if signature.prev is not None and signature.prev.stride is not None else prev.contiguous())
+    outputs = _BoundAdapter(adapter, signature)(*inputs)
+    return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+
+
 @contextlib.contextmanager
 def _statistics_kept(adapters: list[MedAdapter]) -> Iterator[None]:
     """Put the adapters' buffers (BatchNorm running statistics) back after capture warm-up ran them."""
@@ -250,7 +268,8 @@ class _TrainingGraph(_Captured):
         alias the parameters' storage, so the graphs still read the optimizer's in-place updates.
         """
         self.inputs = [t.detach().requires_grad_(t.requires_grad) for t in self.inputs]
-        self.leaves = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
+        # Parameters, as the originals: an adapter compiled with torch.compile guards on its parameters' type.
+        self.leaves = [nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in self.params]
         self.bound.parameters_in_use = dict(zip(self.param_names, self.leaves, strict=True))
 
     def warm_up(self) -> None:
@@ -470,7 +489,7 @@ class AdapterGraphs:
                     self.training_sets.remove(graphs)  # the adapter moved: the whole set is stale
                     break
             self.recorded.append((adapter, signature))
-            return adapter(x, grid, num_slices, prev)
+            return _eager_as_captured(adapter, signature, x, prev)
         key = (adapter, signature)
         graph = self.inference.get(key)
         if graph is not None and not graph.valid():
@@ -479,7 +498,7 @@ class AdapterGraphs:
         if graph is None:
             self.sightings[key] += 1
             if self.sightings[key] < 2:
-                return adapter(x, grid, num_slices, prev)
+                return _eager_as_captured(adapter, signature, x, prev)
             if sum(1 for a, _ in self.inference if a is adapter) >= self.max_inference_graphs:
                 self._warn_once(
                     "inference",
