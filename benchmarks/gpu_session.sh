@@ -12,8 +12,9 @@
 #                (OUT/adapter_kernels_cuda.json)                                            (limit 90 s)
 #   compile      the adapters compiled (inductor) and replayed as CUDA graphs: first their test
 #                (tests/test_compiled_adapter_graphs.py, limit 150 s), then, if it and the graph tests passed,
-#                gpu_cost.sh on ViT-B/16 then Swin-T with full, med_adapter+cuda_graphs,
-#                med_adapter+compile_adapters+cuda_graphs and med_adapter+compile_adapters
+#                gpu_cost.sh on ViT-B/16 then Swin-T with full, med_adapter+cuda_graphs
+#                and med_adapter+compile_adapters+cuda_graphs (not the compiled adapters without graphs: their
+#                compilations would double the step, and without graphs they stay launch-bound)
 #                (OUT/cost_paper-compile_cuda.json and .md)                                 (limit 360 s)
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels (at most 570 s; 356 s on an H200 when the graph tests failed
@@ -99,7 +100,7 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
             elif graphs_passed; then
                 # ViT-B/16 first: one adapter shape, the fewest compilations; the JSON is written after each backbone.
                 timeout 360 bash benchmarks/gpu_cost.sh --backbones vit-b16 swin-t --methods full \
-                    med_adapter+cuda_graphs med_adapter+compile_adapters+cuda_graphs med_adapter+compile_adapters \
+                    med_adapter+cuda_graphs med_adapter+compile_adapters+cuda_graphs \
                     --json "$OUT/cost_paper-compile_cuda.json" --markdown "$OUT/cost_paper-compile_cuda.md"
                 code=$?
             else
