@@ -3,8 +3,8 @@
 #   Swin-T (depths 2-2-6-2) and ViT-B/16, one 4-channel 128^3 volume, bf16 autocast, UperNet 512;
 #   step_time.py's default methods side by side (on CUDA: med_adapter, med_adapter+cuda_graphs,
 #   med_adapter_reference, med_adapter+ckpt, full, lora, decoder_only, frozen_backward).
-# About 3-4 minutes on an H200 (3.8 and 3.2 min in the two committed runs, before med_adapter+cuda_graphs joined
-# the default methods). Needs only this repository and
+# About 3-4 minutes on an H200: 3.8 and 3.2 min in the first two runs of cost.md's "GPU", 176 s in its run 4 with
+# med_adapter+cuda_graphs (gpu_session.sh's log, from "== cost" to "== done"). Needs only this repository and
 # a python3 with torch (CUDA), transformers 5.x and peft 0.21: nothing is downloaded (random-init backbones
 # built from configs).
 # Writes benchmarks/results/cost_paper_cuda.json and puts the tables into benchmarks/cost.md (replacing the

@@ -78,6 +78,10 @@ class _TensorSpec:
             t.normal_(generator=generator)
         return t.requires_grad_(self.requires_grad)
 
+    def laid_out(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the memory layout of :meth:`sample` (a strided view is made contiguous, as its copy would be)."""
+        return t if self.stride is not None else t.contiguous()
+
 
 @dataclass(frozen=True)
 class Signature:
@@ -154,10 +158,7 @@ def _eager_as_captured(
     region, which an adapter does not do), and an adapter compiled with ``torch.compile`` sees one state
     throughout, so it is compiled once for its eager calls and its graphs, not once for each.
     """
-    # The layout of the graphs' static inputs: a strided view (prefix tokens split off) is copied into them.
-    inputs = [x if signature.x.stride is not None else x.contiguous()]
-    if prev is not None:
-        inputs.append(prev if signature.prev is not None and signature.prev.stride is not None else prev.contiguous())
+    inputs = [signature.x.laid_out(x)] + ([] if prev is None else [signature.prev.laid_out(prev)])
     outputs = _BoundAdapter(adapter, signature)(*inputs)
     return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
