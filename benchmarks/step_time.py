@@ -1,7 +1,7 @@
 """Cost of Med-Adapter against full fine-tuning, LoRA and a frozen backbone, side by side (issue 5).
 
-Every method trains the same backbone (same random initialization), the same UperNet decoder and the
-same input in one process. After warm-up, the methods take turns, one training step (forward, loss,
+Every method trains the same backbone (same random initialization), the same decoder (UperNet by default;
+``--decoder`` picks another of the package's decoders) and the same input in one process. After warm-up, the methods take turns, one training step (forward, loss,
 backward, Adam step) or one inference each per round, in a rotating order, so that a slow period of the
 machine hits every method alike. Reported per method: median step time with its interquartile range,
 peak memory, tuned parameters, checkpoint size and inference time per volume, and ratios against full
@@ -18,9 +18,11 @@ Usage (from the repository root)::
     python benchmarks/step_time.py --setting paper --device cuda    # one GPU; see benchmarks/gpu_cost.sh
     python benchmarks/step_time.py --setting paper --tiny --device cpu --markdown ''   # code path, seconds
     python benchmarks/step_time.py --setting cpu --profile med_adapter   # torch.profiler table, one step
+    python benchmarks/step_time.py --setting cpu --decoder fpn --decoder-channels 64   # a lighter decoder
 
 Writes ``benchmarks/results/cost_<setting>_<device>.json`` and replaces this run's section of
-``benchmarks/cost.md`` (adding it at the end the first time).
+``benchmarks/cost.md`` (adding it at the end the first time). A run with another decoder than the setting's
+is its own section and file: ``cost_<setting>-<decoder><channels>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import copy
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import os
 import platform
@@ -59,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+from medtuning_peft.decoders import DECODERS, SegmentationDecoder  # noqa: E402
 from medtuning_peft.tuners.med_adapter import enable_cuda_graphs  # noqa: E402
 from medtuning_peft.tuners.med_adapter.modules import MedAdapter  # noqa: E402
 from medtuning_peft.tuners.med_adapter.reference import set_reference_form  # noqa: E402
@@ -118,12 +122,12 @@ class Setting:
     """One benchmark size: input, decoder, precision and the backbones (3-channel configs, random init).
 
     Attributes:
-        description: one line for the report.
+        description: one line for the report: the input and precision (:meth:`summary` adds the decoder).
         in_channels: C of the volume; the backbones' 3-channel patch embeddings are adapted to it.
         num_slices: D, also the adapters' spectral filter size.
         image_size: H = W of the slices.
         num_classes: K.
-        decoder_channels: UperNet width.
+        decoder_channels: decoder width.
         autocast: dtype of ``torch.autocast`` for forward passes, or None for float32.
         backbones: name -> factory of the transformers backbone.
         warmup: untimed steps per method before the rounds.
@@ -140,6 +144,40 @@ class Setting:
     backbones: dict[str, Callable[[], transformers.PreTrainedModel]] = field(repr=False)
     warmup: int = 2
     rounds: int = 7
+    decoder: str = "upernet"
+
+    def summary(self) -> str:
+        """The description with the decoder, e.g. "..., UperNet 512 channels"."""
+        return f"{self.description}, {DECODER_NAMES[self.decoder]} {self.decoder_channels} channels"
+
+
+DECODER_NAMES = {"upernet": "UperNet", "fpn": "FPN", "segformer": "SegFormer all-MLP head"}
+"""Report names of the package's decoders (:data:`medtuning_peft.decoders.DECODERS`)."""
+
+
+def with_decoder(setting: Setting, decoder: str | None, channels: int | None) -> tuple[Setting, str]:
+    """``setting`` with another decoder or width, and the suffix that names such a run ("" if unchanged).
+
+    Args:
+        setting: the benchmark size.
+        decoder: a key of :data:`medtuning_peft.decoders.DECODERS`, or None for the setting's.
+        channels: the decoder's width, or None: the setting's for its own decoder, the decoder's default
+            (FPN 128, SegFormer 256) for another.
+
+    Raises:
+        ValueError: for an unknown decoder or a width below 1.
+    """
+    name = decoder or setting.decoder
+    if name not in DECODERS:
+        raise ValueError(f"Unknown --decoder {name!r}; known decoders: {sorted(DECODERS)}.")
+    if channels is None:
+        default = inspect.signature(DECODERS[name]).parameters["channels"].default
+        channels = setting.decoder_channels if name == setting.decoder else default
+    if channels < 1:
+        raise ValueError(f"--decoder-channels must be at least 1, got {channels}.")
+    if (name, channels) == (setting.decoder, setting.decoder_channels):
+        return setting, ""
+    return dataclasses.replace(setting, decoder=name, decoder_channels=channels), f"-{name}{channels}"
 
 
 def _swin(image: int, embed: int, depths: list[int], heads: list[int], window: int) -> Callable:
@@ -171,7 +209,7 @@ def _vit(image: int, patch: int, hidden: int, layers: int, heads: int) -> Callab
 
 SETTINGS: dict[str, Setting] = {
     "paper": Setting(
-        description="one 4-channel 128^3 volume (128 slices of 128x128), bf16 autocast, UperNet 512 channels",
+        description="one 4-channel 128^3 volume (128 slices of 128x128), bf16 autocast",
         in_channels=4,
         num_slices=128,
         image_size=128,
@@ -188,7 +226,7 @@ SETTINGS: dict[str, Setting] = {
         rounds=12,
     ),
     "cpu": Setting(
-        description="one 1-channel volume of 32 slices of 64x64, float32, UperNet 64 channels",
+        description="one 1-channel volume of 32 slices of 64x64, float32",
         in_channels=1,
         num_slices=32,
         image_size=64,
@@ -280,7 +318,7 @@ def build_method(
         setting.backbones[backbone](),
         in_channels=setting.in_channels,
         num_classes=setting.num_classes,
-        decoder="upernet",
+        decoder=setting.decoder,
         method=base,
         num_slices=setting.num_slices,
         decoder_kwargs={"channels": setting.decoder_channels},
@@ -551,7 +589,24 @@ def memory_probe(setting: Setting, backbone: str, method: str) -> dict[str, int]
     for _ in range(2):
         runner.train_step(volume, labels)
     peak = _status_bytes("VmHWM")
-    return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "peak_bytes": peak - baseline}
+    return {
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "peak_bytes": peak - baseline,
+        "decoder": type(trained_decoder(runner.model)).__name__,  # what the probe built: the run's decoder
+    }
+
+
+def trained_decoder(model: nn.Module) -> SegmentationDecoder:
+    """The decoder that ``model`` trains (PEFT methods train a copy of it, peft's ``modules_to_save``).
+
+    Raises:
+        LookupError: when no decoder of ``model`` has trainable parameters.
+    """
+    for module in model.decoder.modules():
+        if isinstance(module, SegmentationDecoder) and any(p.requires_grad for p in module.parameters()):
+            return module
+    raise LookupError(f"{type(model).__name__} trains no decoder")
 
 
 def cpu_peak_memory(args: argparse.Namespace, backbone: str, method: str) -> dict[str, int]:
@@ -559,6 +614,8 @@ def cpu_peak_memory(args: argparse.Namespace, backbone: str, method: str) -> dic
     command = [sys.executable, str(Path(__file__).resolve()), "--setting", args.setting, "--device", "cpu"]
     command += ["--memory-probe", method, "--backbones", backbone, "--threads", str(torch.get_num_threads())]
     command += ["--tiny"] if args.tiny else []
+    command += ["--decoder", args.decoder] if args.decoder else []
+    command += ["--decoder-channels", str(args.decoder_channels)] if args.decoder_channels else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory probe for {method} on {backbone} failed:\n{done.stderr[-3000:]}")
@@ -1031,6 +1088,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"subset of {list(METHODS)} (default: all; {list(CUDA_ONLY_METHODS)} on CUDA only), plus any of "
         f"{list(OPTIONAL_METHODS)}",
     )
+    parser.add_argument(
+        "--decoder",
+        default=None,
+        help=f"decoder every method trains: one of {sorted(DECODERS)} (default: the setting's, UperNet)",
+    )
+    parser.add_argument(
+        "--decoder-channels",
+        type=int,
+        default=None,
+        help="decoder width (default: the setting's for UperNet, the decoder's own default for another)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the setting's)")
     parser.add_argument(
@@ -1047,6 +1115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods or ()) - set(ALL_METHODS))
     if unknown:
         parser.error(f"unknown --methods {unknown}; known: {list(ALL_METHODS)}")
+    if args.decoder is not None and args.decoder not in DECODERS:
+        parser.error(f"unknown --decoder {args.decoder!r}; known: {sorted(DECODERS)}")
     return args
 
 
@@ -1075,6 +1145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     setting = get_setting(args.setting, args.tiny)
     if args.rounds:
         setting = dataclasses.replace(setting, rounds=args.rounds)
+    setting, decoder_suffix = with_decoder(setting, args.decoder, args.decoder_channels)
     backbones = args.backbones or list(setting.backbones)
     missing = sorted(set(backbones) - set(setting.backbones))
     if missing:
@@ -1094,10 +1165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     # Runs with compiled methods get their own JSON and section: they do not replace the standard run.
     compiled = "-compile" if set(args.methods) & set(OPTIONAL_METHODS) else ""
-    name = f"{args.setting}{'-tiny' if args.tiny else ''}{compiled}"
+    name = f"{args.setting}{'-tiny' if args.tiny else ''}{decoder_suffix}{compiled}"
     report: dict[str, Any] = {
         "setting": name,
-        "description": setting.description,
+        "description": setting.summary(),
+        "decoder": {"name": setting.decoder, "channels": setting.decoder_channels},
         "device": device.type,
         "machine": machine_info(device),
         "command": shlex.join(

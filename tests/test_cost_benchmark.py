@@ -294,6 +294,49 @@ def test_compiled_adapters_method_runs_and_writes_its_own_section(tmp_path):
     assert "<!-- cost:paper-tiny-compile_cpu start -->" in md.read_text()
 
 
+def test_another_decoder_is_named_and_refused_when_unknown():
+    paper = step_time.get_setting("paper", tiny=False)
+    assert step_time.with_decoder(paper, None, None) == (paper, "")
+    assert step_time.with_decoder(paper, "upernet", 512) == (paper, "")  # the setting's own: the standard run
+    fpn, suffix = step_time.with_decoder(paper, "fpn", None)
+    # FPNDecoder's default width
+    assert (fpn.decoder, fpn.decoder_channels, suffix) == ("fpn", 128, "-fpn128")
+    assert fpn.summary().endswith("bf16 autocast, FPN 128 channels")
+    narrow, suffix = step_time.with_decoder(paper, None, 256)
+    assert (narrow.decoder, narrow.decoder_channels, suffix) == ("upernet", 256, "-upernet256")
+    known = "known decoders: \\['fpn', 'segformer', 'upernet'\\]"
+    with pytest.raises(ValueError, match=f"Unknown --decoder 'unet'; {known}"):
+        step_time.with_decoder(paper, "unet", None)
+    with pytest.raises(ValueError, match="--decoder-channels must be at least 1, got 0"):
+        step_time.with_decoder(paper, "fpn", 0)
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--decoder", "unet"])
+
+
+def test_a_run_with_another_decoder_trains_it_in_every_method_and_writes_its_own_section(tmp_path):
+    out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--setting", "cpu", "--tiny"]
+    command += ["--device", "cpu", "--threads", "1", "--backbones", "vit-tiny", "--json", str(out)]
+    command += ["--markdown", str(md), "--methods", "full", "med_adapter", "--decoder", "fpn"]
+    command += ["--decoder-channels", "8"]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["setting"] == "cpu-tiny-fpn8" and report["decoder"] == {"name": "fpn", "channels": 8}
+    assert report["description"].endswith("FPN 8 channels")
+    assert "<!-- cost:cpu-tiny-fpn8_cpu start -->" in md.read_text()
+    results = report["results"]["vit-tiny"]
+    assert results["med_adapter"]["tuned_params"] < results["full"]["tuned_params"]
+    setting, _ = step_time.with_decoder(step_time.get_setting("cpu", tiny=True), "fpn", 8)
+    for method in ("full", "med_adapter"):
+        model = step_time.build_method(setting, "vit-tiny", method, torch.device("cpu"))
+        decoder = step_time.trained_decoder(model)  # every method trains the decoder
+        assert isinstance(decoder, medtuning_peft.decoders.FPNDecoder) and decoder.classifier.in_channels == 8
+        assert all(p.requires_grad for p in decoder.parameters())
+    # The CPU memory probe runs in a process of its own: it must build the same decoder.
+    args = step_time.parse_args(["--setting", "cpu", "--tiny", "--decoder", "fpn", "--decoder-channels", "8"])
+    assert step_time.cpu_peak_memory(args, "vit-tiny", "med_adapter")["decoder"] == "FPNDecoder"
+
+
 def _gpu_session(tmp_path: Path, steps: list[str], pytest_exit: int) -> tuple[int, list[str]]:
     """Run benchmarks/gpu_session.sh with an interpreter that records its calls: tests exit with
     ``pytest_exit``, the benchmarks exit 0, the method-list query runs in this Python. Returns the script's

@@ -366,7 +366,8 @@ def test_graph_bookkeeping_gives_eager_training_and_inference(stand_in_graphs, n
     (captured,) = graphs.training_sets
     assert {g.forward_graph.replays for g in captured.values()} == {3}  # passes 2-4, every adapter
     assert {g.backward_graph.replays for g in captured.values()} == {3}
-    for graph in captured.values():  # differentiated through new leaves on the parameters' memory (_fresh_leaves)
+    # Differentiated through new leaves on the parameters' memory (_fresh_leaves).
+    for graph in captured.values():
         for leaf, param in zip(graph.leaves, graph.params, strict=True):
             assert leaf is not param and leaf.is_leaf and leaf.data_ptr() == param.data_ptr()
     torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)

@@ -134,7 +134,8 @@ class _BoundAdapter(nn.Module):
         self.grid, self.num_slices = signature.grid, signature.num_slices
         self.use_autocast, self.autocast_dtype = signature.autocast
         self.device_type = signature.x.device.type
-        self.parameters_in_use: dict[str, torch.Tensor] | None = None  # name -> tensor used for that parameter
+        # name -> tensor used for that parameter
+        self.parameters_in_use: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, *prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args = (x, self.grid, self.num_slices, prev[0] if prev else None)
