@@ -16,10 +16,15 @@
 #                and med_adapter+compile_adapters+cuda_graphs (not the compiled adapters without graphs: their
 #                compilations would double the step, and without graphs they stay launch-bound)
 #                (OUT/cost_paper-compile_cuda.json and .md)                                 (limit 360 s)
+#   fpn          gpu_cost.sh --decoder fpn: the comparison with the package's light FPN decoder (128 channels) in
+#                place of UperNet 512, whose activations dominate every method's memory; the default methods
+#                less med_adapter_reference (graphs only if their tests passed)
+#                (OUT/cost_paper-fpn128_cuda.json and .md)                                  (limit 300 s)
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels (at most 570 s; 356 s on an H200 when the graph tests failed
 #   and the cost step ran without graphs). Where the standard figures are already committed, the fusion check is
 #   bash benchmarks/gpu_session.sh OUT graph-tests compile (at most 660 s, compile times untested on a GPU).
+#   The light-decoder comparison: bash benchmarks/gpu_session.sh OUT graph-tests fpn (at most 450 s).
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
 # The steps that measure CUDA graphs leave them out (cost, kernels) or skip (compile) when the graph tests did not
 # pass in the same OUT (a failed capture can leave the CUDA context unusable, and must not cost the other
@@ -30,14 +35,14 @@
 # from a checkout without --json and --markdown writes both in place); the same for the compile files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile]}"
+OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile] [fpn]}"
 shift
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(graph-tests cost kernels)
 for step in "${STEPS[@]}"; do
     case "$step" in
-        graph-tests | cost | tests | kernels | compile) ;;
-        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile)" >&2; exit 2 ;;
+        graph-tests | cost | tests | kernels | compile | fpn) ;;
+        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile, fpn)" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -106,6 +111,18 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
             else
                 code=3
             fi
+            ;;
+        fpn)
+            # step_time.py's default methods on CUDA (or, without passed graph tests, on a CPU), less the
+            # reference form: its launch-bound steps would take a third of the time limit.
+            device=cuda
+            graphs_passed || device=cpu
+            read -ra methods <<<"--methods $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
+import step_time, torch
+print(*[m for m in step_time.default_methods(torch.device(sys.argv[1])) if m != "med_adapter_reference"])' "$device")"
+            timeout 300 bash benchmarks/gpu_cost.sh --decoder fpn "${methods[@]}" \
+                --json "$OUT/cost_paper-fpn128_cuda.json" --markdown "$OUT/cost_paper-fpn128_cuda.md"
+            code=$?
             ;;
     esac
     [ "$code" -ne 0 ] && { echo "== $step failed (exit $code)" >&2; status=$code; }

@@ -411,6 +411,21 @@ def test_gpu_session_measures_compiled_adapters_only_after_both_tests_passed(tmp
         assert code != 0 and not [c for c in calls if c.startswith("benchmarks/step_time.py")]
 
 
+def test_gpu_session_fpn_step_runs_the_light_decoder_comparison(tmp_path):
+    code, calls = _gpu_session(tmp_path / "pass", ["graph-tests", "fpn"], pytest_exit=0)
+    assert code == 0
+    benchmark = _benchmark_call(calls)
+    assert "--setting paper --device cuda --decoder fpn" in benchmark
+    assert "cost_paper-fpn128_cuda.json" in benchmark
+    methods = benchmark.split("--methods ")[1].split(" --json")[0].split()
+    expected = [m for m in step_time.default_methods(torch.device("cuda")) if m != "med_adapter_reference"]
+    assert methods == expected and "med_adapter+cuda_graphs" in methods and "frozen_backward" in methods
+    # Without passed graph tests in the same folder: the same comparison without CUDA graphs.
+    code, calls = _gpu_session(tmp_path / "alone", ["fpn"], pytest_exit=0)
+    methods = _benchmark_call(calls).split("--methods ")[1].split(" --json")[0].split()
+    assert code == 0 and "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
+
+
 def test_gpu_session_refuses_an_unknown_step_before_running_anything(tmp_path):
     code, calls = _gpu_session(tmp_path, ["tests", "costs"], pytest_exit=0)
     assert code == 2 and calls == []
