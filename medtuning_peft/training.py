@@ -178,8 +178,9 @@ class TrainSettings:
     )
     cuda_graphs: bool = _opt(
         False,
-        "Replay each Med-Adapter's kernels as CUDA graphs from the second step on (CUDA, method med_adapter; "
-        "not with --gradient-checkpointing): the same training, fewer kernel launches.",
+        "Replay each Med-Adapter's kernels as CUDA graphs from the second step on (CUDA, method med_adapter): "
+        "the same training, fewer kernel launches. With --gradient-checkpointing only the frozen blocks are "
+        "recomputed.",
     )
 
     # Validation
@@ -268,11 +269,6 @@ class TrainSettings:
             raise ValueError(
                 f"cuda_graphs=True graphs the Med-Adapters, but method={self.method!r}; use method 'med_adapter' "
                 "or leave cuda_graphs off."
-            )
-        if self.cuda_graphs and self.gradient_checkpointing:
-            raise ValueError(
-                "cuda_graphs and gradient_checkpointing are both set; they cannot be combined (the recomputation "
-                "would replay the graphs inside backward): pass one."
             )
 
     def to_dict(self) -> dict[str, Any]:

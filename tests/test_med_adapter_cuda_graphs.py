@@ -6,6 +6,7 @@ switch itself: what it refuses, and that off CUDA it changes nothing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -111,6 +112,24 @@ def test_graphed_training_matches_eager_training(name, autocast):
     # warm-up).
     for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, **TOLERANCE[autocast], msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_graphed_training_with_activation_checkpointing_matches_eager_training(name):
+    # The frozen blocks are recomputed in backward, eagerly, between the adapters' backward graph replays.
+    inputs = [slices(2, D, seed=s).cuda() for s in range(5)]
+    eager = adapted(name).cuda().train()
+    graphed = medtuning_peft.enable_cuda_graphs(adapted(name).cuda().train())
+    graphed.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    eager_losses, _ = _train(eager, inputs, True, count_from=2)
+    graphed_losses, eager_calls = _train(graphed, inputs, True, count_from=2)
+    assert eager_calls == 0  # replayed in passes 3-5, and not run again to recompute
+    torch.testing.assert_close(graphed_losses, eager_losses, **TOLERANCE[True])
+    for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, **TOLERANCE[True], msg=n)
 
 
 @pytest.mark.gpu
@@ -224,17 +243,6 @@ def test_off_cuda_the_switch_changes_nothing_and_says_so(caplog):
     assert sum("apply to CUDA tensors" in r.message for r in caplog.records) == 1  # once, not per call
     medtuning_peft.disable_cuda_graphs(model)
     assert not medtuning_peft.cuda_graphs_enabled(model)
-
-
-def test_cuda_graphs_with_activation_checkpointing_are_refused():
-    model = medtuning_peft.enable_cuda_graphs(adapted("vit").train())
-    model.base_model.model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
-    with pytest.raises(ValueError, match="cannot be combined with activation checkpointing"):
-        forward(model, slices(2, D), False)
-    with torch.no_grad():  # no recomputation without autograd: allowed
-        forward(model, slices(2, D), False)
 
 
 def test_enabling_needs_med_adapters_and_valid_limits():
@@ -383,6 +391,37 @@ def test_graph_bookkeeping_gives_eager_training_and_inference(stand_in_graphs, n
     graphed.train()
     forward(graphed, inputs[0], autocast).mean().backward()
     assert not graphs.inference  # training released the inference graphs
+
+
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_graphs_with_activation_checkpointing_recompute_only_the_frozen_blocks(stand_in_graphs, name):
+    # With graphs, the checkpointed unit is the frozen block: its recomputation in backward runs the block again,
+    # never the adapter (a forward replay inside its own backward would overwrite what that backward reads).
+    from medtuning_peft.tuners.med_adapter import MedAdapterLayer
+
+    inputs = [slices(2, D, seed=s) for s in range(4)]
+    eager = adapted(name).train()
+    graphed = medtuning_peft.enable_cuda_graphs(adapted(name).train())
+    graphed.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    blocks = [m.base_layer for m in graphed.modules() if isinstance(m, MedAdapterLayer)]
+    block_calls = collections.Counter()
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, args: block_calls.update([id(module)]))
+    eager_losses, _ = _train(eager, inputs, False, count_from=1)
+    graphed_losses, _ = _train(graphed, inputs, False, count_from=1)
+    (captured,) = _graphs_of(graphed).training_sets
+    assert {g.forward_graph.replays for g in captured.values()} == {
+        3
+    }  # passes 2-4, once each: no recomputation
+    assert {g.backward_graph.replays for g in captured.values()} == {3}
+    # Every adapted block runs forward and is recomputed, except the first: nothing before its adapter needs a
+    # gradient, so there is no backward through it.
+    assert [block_calls[id(b)] for b in blocks] == [len(inputs)] + [2 * len(inputs)] * (len(blocks) - 1)
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(eager.state_dict().items(), graphed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def compile_adapters(model: nn.Module, backend: str) -> nn.Module:

@@ -21,11 +21,14 @@ new signature runs eagerly (and, in training, leads to one more captured set, up
 Graphs are dropped when an adapter's parameters or buffers move (``model.to(...)``).
 
 What it cannot do, and refuses or avoids:
-- activation checkpointing (the recomputation would replay a graph inside backward): refused;
 - two training forwards before one backward, while the first pass's autograd graph is alive: a replay would
   overwrite the activations that the pending backward still needs, so it is refused with an error;
 - ``torch.compile`` or an outer CUDA graph capture in progress, or tensors not on CUDA: the adapters run
   eagerly.
+
+With activation checkpointing, the frozen block alone is recomputed in backward (its adapter's activations are in
+the graphs' pool anyway, and replaying its forward graph inside its own backward would overwrite them); without
+graphs the block and its adapter are checkpointed together.
 
 The outputs are copied out of the graphs' static buffers, so tensors a caller keeps (hidden states) are never
 overwritten by a later replay. Capture warm-up runs the adapters on sample inputs; their BatchNorm running

@@ -187,29 +187,32 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
             if self.context.graphs is not None:
-                raise ValueError(
-                    "Med-Adapter CUDA graphs cannot be combined with activation checkpointing: the recomputation in "
-                    "backward would replay the adapters' graphs inside their own backward. Disable one of them "
-                    "(`medtuning_peft.disable_cuda_graphs(model)` or `gradient_checkpointing_disable()`)."
-                )
+                # With CUDA graphs the frozen block alone is the checkpointed unit: the adapter's activations live
+                # in the graphs' memory pool whether it is checkpointed or not, and recomputing it would replay
+                # its forward graph inside its own backward.
+                out = self.checkpoint_func(functools.partial(self._unit, self.base_layer, **kwargs), *args)
+                return self._adapt_output(out, args, kwargs)
             # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
-            return self.checkpoint_func(functools.partial(self._checkpointed_block, **kwargs), *args)
+            return self.checkpoint_func(functools.partial(self._unit, self._adapted_block, **kwargs), *args)
         return self._adapted_block(*args, **kwargs)
 
-    def _checkpointed_block(self, *args: Any, **kwargs: Any) -> Any:
+    def _unit(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         # This call is the checkpointed unit, in forward and in its recomputation: the block must not checkpoint
         # itself inside it, which would recompute it a second time.
         base = self.base_layer
         if not getattr(base, "gradient_checkpointing", False):
-            return self._adapted_block(*args, **kwargs)
+            return function(*args, **kwargs)
         base.gradient_checkpointing = False
         try:
-            return self._adapted_block(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             base.gradient_checkpointing = True
 
     def _adapted_block(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
+        return self._adapt_output(self.base_layer(*args, **kwargs), args, kwargs)
+
+    def _adapt_output(self, out: Any, args: tuple, kwargs: dict) -> Any:
+        """The block's output ``out`` (a tensor or a tuple led by the hidden states) with the adapter applied."""
         if self.disable_adapters:
             return out
         active = [name for name in self.active_adapters if name in self.med_adapter]
