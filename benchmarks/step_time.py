@@ -73,6 +73,7 @@ METHODS = (
     "med_adapter+cuda_graphs",
     "med_adapter_reference",
     "med_adapter+ckpt",
+    "med_adapter+ckpt+cuda_graphs",
     "full",
     "lora",
     "decoder_only",
@@ -81,7 +82,9 @@ METHODS = (
 """Compared methods. ``med_adapter+cuda_graphs`` replays each adapter's kernels as CUDA graphs
 (:func:`medtuning_peft.enable_cuda_graphs`; CUDA only, left out of runs on other devices);
 ``med_adapter_reference`` runs the direct 3D transcription of the adapter with the same
-parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks;
+parameters; ``med_adapter+ckpt`` adds non-reentrant activation checkpointing of the frozen blocks (each
+recomputed with its adapter), ``med_adapter+ckpt+cuda_graphs`` the same with CUDA graphs (the frozen blocks alone
+recomputed; CUDA only);
 ``frozen_backward`` is ``decoder_only`` with the backward pass taken through the whole frozen backbone (to
 its patch embeddings): the floor of any method that trains something after every block, such as
 Med-Adapter, which it cannot beat."""
@@ -105,7 +108,11 @@ compiled with ``mode="reduce-overhead"``, which on CUDA replays each compiled gr
 (no per-kernel launch cost; on CPU it is a plain compile)."""
 
 ALL_METHODS = METHODS + OPTIONAL_METHODS
-CUDA_ONLY_METHODS = ("med_adapter+cuda_graphs", "med_adapter+compile_adapters+cuda_graphs")
+CUDA_ONLY_METHODS = (
+    "med_adapter+cuda_graphs",
+    "med_adapter+ckpt+cuda_graphs",
+    "med_adapter+compile_adapters+cuda_graphs",
+)
 
 BASELINE = "full"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "cost.md"
@@ -329,7 +336,7 @@ def build_method(
     if method == "frozen_backward":
         embeddings = segmenter.backbone.get_input_embeddings()
         embeddings.register_forward_hook(_output_requires_grad)
-    if method == "med_adapter+ckpt":
+    if "+ckpt" in method:
         # After wrapping (PEFT_NOTES.md); the tuner makes recomputation replay the inter-stage context.
         backbone_model = segmenter.backbone
         if hasattr(backbone_model, "activation_checkpointing_enable"):  # transformers >= 5.2x

@@ -441,3 +441,14 @@ def test_compiled_adapters_with_cuda_graphs_method_compiles_every_adapter_and_en
     assert method in step_time.CUDA_ONLY_METHODS and method not in step_time.default_methods(
         torch.device("cuda")
     )
+
+
+@pytest.mark.parametrize("backbone", ["swin-tiny", "vit-tiny"])
+def test_checkpointing_with_cuda_graphs_method_enables_both(backbone):
+    setting = step_time.get_setting("paper", tiny=True)
+    method = "med_adapter+ckpt+cuda_graphs"
+    model = step_time.build_method(setting, backbone, method, torch.device("cpu"))
+    assert medtuning_peft.cuda_graphs_enabled(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules())
+    assert method in step_time.default_methods(torch.device("cuda"))
+    assert method not in step_time.default_methods(torch.device("cpu"))

@@ -245,6 +245,24 @@ def test_off_cuda_the_switch_changes_nothing_and_says_so(caplog):
     assert not medtuning_peft.cuda_graphs_enabled(model)
 
 
+def test_off_cuda_checkpointing_recomputes_the_adapters_as_without_graphs():
+    # Off CUDA the adapters run eagerly, so they are checkpointed with their blocks, as without graphs.
+    calls = {}
+    for graphs in (False, True):
+        model = adapted("swin").train()
+        if graphs:
+            medtuning_peft.enable_cuda_graphs(model)
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        counter = EagerCalls(model)
+        forward(model, slices(2, D), False).mean().backward()
+        counter.remove()
+        calls[graphs] = counter.count
+    adapters = sum(isinstance(m, MedAdapter) for m in model.modules())
+    assert calls[True] == calls[False] > adapters  # recomputed in backward
+
+
 def test_enabling_needs_med_adapters_and_valid_limits():
     with pytest.raises(ValueError, match="has no Med-Adapter layers"):
         medtuning_peft.enable_cuda_graphs(build("vit"))
@@ -303,7 +321,7 @@ def stand_in_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(cg.AdapterGraphs, "_graphable", lambda self, x: True)
+    monkeypatch.setattr(cg.AdapterGraphs, "applies_on", lambda self, device: True)
     capture_forward, capture_backward = cg._TrainingGraph.capture_forward, cg._TrainingGraph.capture_backward
 
     def forward_rerun(self, pool):

@@ -516,16 +516,20 @@ class AdapterGraphs:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    def _graphable(self, x: torch.Tensor) -> bool:
+    def applies_on(self, device: torch.device) -> bool:
+        """Whether adapters called now on ``device`` would run as graphs (else eagerly)."""
         if torch.compiler.is_compiling():
             return False  # torch.compile traces the eager adapter (mode="reduce-overhead" graphs it itself)
-        if x.device.type != "cuda":
+        if device.type != "cuda":
             self._warn_once(
                 "device",
-                f"Med-Adapter CUDA graphs apply to CUDA tensors; adapters on {x.device.type} run eagerly.",
+                f"Med-Adapter CUDA graphs apply to CUDA tensors; adapters on {device.type} run eagerly.",
             )
             return False
         return not torch.cuda.is_current_stream_capturing()  # inside an outer capture: part of that graph
+
+    def _graphable(self, x: torch.Tensor) -> bool:
+        return self.applies_on(x.device)
 
     def _pool(self, device: torch.device) -> Any:
         if device not in self._pools:

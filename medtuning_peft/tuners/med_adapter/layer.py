@@ -186,7 +186,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
-            if self.context.graphs is not None:
+            if self._runs_as_graphs():
                 # With CUDA graphs the frozen block alone is the checkpointed unit: the adapter's activations live
                 # in the graphs' memory pool whether it is checkpointed or not, and recomputing it would replay
                 # its forward graph inside its own backward.
@@ -195,6 +195,14 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
             return self.checkpoint_func(functools.partial(self._unit, self._adapted_block, **kwargs), *args)
         return self._adapted_block(*args, **kwargs)
+
+    def _runs_as_graphs(self) -> bool:
+        """Whether this block's adapter will run as CUDA graphs (enabled, on CUDA, an adapter active)."""
+        graphs = self.context.graphs
+        if graphs is None or self.disable_adapters:
+            return False
+        active = [name for name in self.active_adapters if name in self.med_adapter]
+        return bool(active) and graphs.applies_on(self.med_adapter[active[0]].down.weight.device)
 
     def _unit(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         # This call is the checkpointed unit, in forward and in its recomputation: the block must not checkpoint
