@@ -138,7 +138,11 @@ def measure(
                 entry[f"{key}_ms"] = statistics.median(values)
         activity = profiled_activity(lambda form=form: step(form), device)
         # One profiled call: its kernels are a whole count.
-        entry.update(kernels=int(activity["kernels_per_step"]), busy_ms=activity["busy_ms_per_step"])
+        entry.update(
+            kernels=int(activity["kernels_per_step"]),
+            busy_ms=activity["busy_ms_per_step"],
+            top_kernels=activity["top_kernels"],
+        )
     return results
 
 

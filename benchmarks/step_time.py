@@ -735,8 +735,11 @@ def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
-def profiled_activity(fn: Callable[[], object], device: torch.device, steps: int = 1) -> dict[str, float]:
-    """Kernels launched and device busy time per call of ``fn``, from torch.profiler, against the wall time.
+def profiled_activity(
+    fn: Callable[[], object], device: torch.device, steps: int = 1, top_kernels: int = 15
+) -> dict[str, Any]:
+    """Kernels launched and device busy time per call of ``fn``, from torch.profiler, against the wall time,
+    and the ``top_kernels`` kernel names that took the most device time.
 
     On CUDA this is the GPU's side of a step: ``busy_ms`` well below ``wall_ms`` means the step waits on the
     host (launches, Python), not on the GPU. On CPU the same figures count the top-level operator events.
@@ -756,10 +759,22 @@ def profiled_activity(fn: Callable[[], object], device: torch.device, steps: int
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
     intervals = [(e.time_range.start, e.time_range.end) for e in events]
+    by_name: dict[str, list[float]] = collections.defaultdict(
+        lambda: [0, 0.0]
+    )  # name -> [calls, microseconds]
+    for e in events:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:top_kernels]
     return {
         "kernels_per_step": len(events) / steps,
         "busy_ms_per_step": busy_microseconds(intervals) / 1000 / steps,
         "profiled_wall_ms_per_step": 1000 * wall / steps,
+        # Where the device time goes, by kernel (CPU: operator) name: what fusing would have to remove.
+        "top_kernels": [
+            {"name": name[:160], "calls_per_step": calls / steps, "ms_per_step": us / 1000 / steps}
+            for name, (calls, us) in top
+        ],
     }
 
 

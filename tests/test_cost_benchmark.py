@@ -114,6 +114,12 @@ def test_operation_count_and_profiled_activity_of_a_step():
     activity = step_time.device_activity(runner, volume, labels, torch.device("cpu"), steps=2)
     assert activity["kernels_per_step"] > 0
     assert 0 < activity["busy_ms_per_step"] <= activity["profiled_wall_ms_per_step"]
+    top = activity["top_kernels"]
+    assert 0 < len(top) <= 15 and len({t["name"] for t in top}) == len(top)
+    times = [t["ms_per_step"] for t in top]
+    assert times == sorted(times, reverse=True) and all(t["calls_per_step"] > 0 for t in top)
+    # Top-level operators on CPU: their summed time cannot exceed the step's busy time.
+    assert sum(times) <= activity["busy_ms_per_step"] * (1 + 1e-6)
 
 
 def test_compiled_methods_run_only_when_named():
