@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .io_utils import default_permissions
+from .io_utils import atomic_write_text, default_permissions
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -557,13 +557,9 @@ def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, state: d
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically, keys in the order given (serialized first: a value JSON cannot hold leaves the
+    previous file, and no temporary one)."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from medtuning_peft.training import (
     ShardedBatchSampler,
     TrainSettings,
     _use_cpu_processes,
+    _write_json,
     build_parser,
     complete_checkpoints,
     settings_from_args,
@@ -150,6 +151,18 @@ def test_parser_has_an_option_per_setting_and_script_defaults(tmp_path):
 def test_invalid_settings_name_the_field_and_the_fix(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_settings(tmp_path, tmp_path, tmp_path / "out", **overrides)
+
+
+def test_run_json_files_are_replaced_whole_or_not_at_all(tmp_path):
+    # metrics.json and trainer_state.json: keys in the order written; a value JSON cannot hold leaves the
+    # previous file and no temporary file behind.
+    path = tmp_path / "metrics.json"
+    _write_json(path, {"step": 3, "dice": float("nan")})
+    before = path.read_text()
+    assert list(json.loads(before)) == ["step", "dice"]
+    with pytest.raises(TypeError):
+        _write_json(path, {"step": 4, "model": object()})
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_cpu_launch_that_started_one_of_several_processes_is_refused(monkeypatch):
