@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import DEVICES
 
-from medtuning_peft.tuners.med_adapter import MedAdapter, SpectralFilter, resample_periodic
+from medtuning_peft.tuners.med_adapter import DepthwiseBranch, MedAdapter, SpectralFilter, resample_periodic
 from medtuning_peft.tuners.med_adapter.reference import reference_form, reference_forward, set_reference_form
 
 CASES = {
@@ -31,13 +31,16 @@ def _randomize_batchnorm(adapter: MedAdapter, gen: torch.Generator) -> None:
     adapter.spectral.bias.data.normal_(generator=gen)
 
 
+@pytest.mark.parametrize("form", DepthwiseBranch.forms)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_form_equals_3d_reference_in_float64(case, training):
+def test_fast_form_equals_3d_reference_in_float64(case, training, form):
     c, (h, w), d, prev_c, spatial, prev_grid = CASES[case]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     adapter = MedAdapter(c, 6, (3, 5), True, d, prev_channels=prev_c, prev_spatial=spatial).double()
+    for branch in adapter.branches:  # both forms of the depthwise convolutions (the compiled one: shifts)
+        branch.form = form
     _randomize_batchnorm(adapter, gen)
     adapter.train(training)
     b = 2
@@ -77,6 +80,68 @@ def test_fast_form_matches_reference_in_float32():
     out, _ = adapter(x, (8, 8), 16)
     out_ref, _ = reference_forward(adapter, x, (8, 8), 16)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_graph_ops(adapter: MedAdapter, x: torch.Tensor, d: int) -> set[str]:
+    """The operators torch.compile traces in the adapter's forward (a backend that records its FX graph)."""
+    ops: set[str] = set()
+
+    def recording(gm: torch.fx.GraphModule, example_inputs):
+        ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(adapter, backend=recording, dynamic=False)(x, (4, 3), d)
+    finally:
+        torch._dynamo.reset()
+    return ops
+
+
+@pytest.mark.parametrize("compiled_form", DepthwiseBranch.forms)
+def test_torch_compile_traces_the_depthwise_form_chosen_for_it(compiled_form, monkeypatch):
+    monkeypatch.setattr(DepthwiseBranch, "compiled_form", compiled_form)
+    adapter = MedAdapter(24, 6, (3, 5), True, 5)
+    ops = _compiled_graph_ops(adapter, torch.randn(2 * 5, 12, 24), 5)
+    convolutions = {op for op in ops if "conv" in op}
+    assert bool(convolutions) == (compiled_form == "convolution"), convolutions
+    for branch in adapter.branches:  # an explicit form holds under torch.compile too
+        branch.form = "convolution"
+    assert any("conv" in op for op in _compiled_graph_ops(adapter, torch.randn(2 * 5, 12, 24), 5))
+
+
+def test_compiled_shifted_sums_train_like_the_eager_convolutions():
+    torch.manual_seed(0)
+    eager = MedAdapter(24, 6, (3, 5), True, 5, prev_channels=4, prev_spatial=False).train()
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(2 * 5, 12, 24)
+    prev = torch.randn(2 * 5, 4, 4, 3)
+    results = []
+    for adapter, run in (
+        (eager, eager),
+        (compiled, torch.compile(compiled, backend="aot_eager", dynamic=False)),
+    ):
+        xi = x.clone().requires_grad_()
+        out, a = run(xi, (4, 3), 5, prev)
+        grads = torch.autograd.grad((out.square().mean() + a.mean()), [xi, *adapter.parameters()])
+        results.append((out, a, grads, [b.norm.running_var.clone() for b in adapter.branches]))
+    torch._dynamo.reset()
+    (out_e, a_e, grads_e, stats_e), (out_c, a_c, grads_c, stats_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_c, a_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6)
+    for s_c, s_e in zip(stats_c, stats_e, strict=True):
+        torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_depthwise_form_is_refused():
+    adapter = MedAdapter(24, 6, (3,), False, 5)
+    adapter.branches[0].form = "fft"
+    with pytest.raises(
+        ValueError, match="DepthwiseBranch form 'fft': use one of \\('convolution', 'shifts'\\)"
+    ):
+        adapter(torch.randn(5, 12, 24), (4, 3), 5)
 
 
 def test_resampling_is_the_identity_at_the_configured_slice_count():

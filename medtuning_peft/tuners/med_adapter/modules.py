@@ -90,10 +90,25 @@ def _slices_from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class DepthwiseBranch(nn.Module):
     """One convolution branch: in-plane k x k depthwise, then k x 1 x 1 depthwise across slices, BN, ReLU.
 
+    The two depthwise convolutions run in one of two forms of the same function:
+
+    - ``"convolution"``: ``F.conv2d`` (cuDNN / oneDNN depthwise kernels): the fewest operations eagerly.
+    - ``"shifts"``: sums of zero-padded, shifted copies scaled per channel (k^2 + k terms): element-wise work
+      that ``torch.compile`` fuses into a few kernels with the BatchNorm and ReLU around it, where a compiled
+      convolution stays an external call (several kernel launches each on cuDNN, forward and backward).
+
     Args:
         channels: bottleneck width r.
         kernel_size: odd k.
+
+    Attributes:
+        form: ``"convolution"``, ``"shifts"``, or None (default): ``"convolution"`` eagerly and
+            :attr:`compiled_form` under ``torch.compile``.
     """
+
+    forms: ClassVar[tuple[str, ...]] = ("convolution", "shifts")
+    compiled_form: ClassVar[str] = "shifts"
+    """The form under ``torch.compile`` when :attr:`form` is None."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -102,27 +117,53 @@ class DepthwiseBranch(nn.Module):
         self.inplane = nn.Conv3d(channels, channels, (1, k, k), padding=(0, k // 2, k // 2), groups=channels)
         self.across = nn.Conv3d(channels, channels, (k, 1, 1), padding=(k // 2, 0, 0), groups=channels)
         self.norm = nn.BatchNorm3d(channels)
+        self.form: str | None = None
 
     def forward(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
         """(B*D, r, h, w) -> (B*D, r, h, w); channels-last in gives channels-last out, without copies."""
-        k, r = self.kernel_size, v.shape[1]
-        # (r, 1, 1, k, k) -> (r, 1, k, k): the in-plane kernel as a 2D depthwise conv over the slices.
-        y = F.conv2d(v, self.inplane.weight.squeeze(2), self.inplane.bias, padding=k // 2, groups=r)
-        y = self._across_slices(y, num_slices)
+        form = self.form or (self.compiled_form if torch.compiler.is_compiling() else "convolution")
+        if form not in self.forms:
+            raise ValueError(
+                f"DepthwiseBranch form {form!r}: use one of {self.forms} (or None for the default)."
+            )
+        y = self._shifted_sums(v, num_slices) if form == "shifts" else self._convolutions(v, num_slices)
         # (B*D, r, h, w) -> (B*D, r, 1, h, w): BatchNorm3d statistics per channel over B, D, h, w.
         y = self.norm(y.unsqueeze(2)).squeeze(2)
         return F.relu(y)
 
-    def _across_slices(self, y: torch.Tensor, num_slices: int) -> torch.Tensor:
-        k = self.kernel_size
-        n, r, h, w = y.shape
+    def _convolutions(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
+        k, r = self.kernel_size, v.shape[1]
+        # (r, 1, 1, k, k) -> (r, 1, k, k): the in-plane kernel as a 2D depthwise conv over the slices.
+        y = F.conv2d(v, self.inplane.weight.squeeze(2), self.inplane.bias, padding=k // 2, groups=r)
         rows = _volume_rows(y, num_slices)  # (B, D, h*w*r)
+        _, r, h, w = y.shape
         # (B, D, h*w*r) -> (B, D, h*w, r) -> (B, r, D, h*w): channels-last view of the same memory.
         vol = rows.view(rows.shape[0], num_slices, h * w, r).permute(0, 3, 1, 2)
         # (r, 1, k, 1, 1) -> (r, 1, k, 1): zero padding along D within each volume, as the Conv3d.
         out = F.conv2d(vol, self.across.weight.squeeze(-1), self.across.bias, padding=(k // 2, 0), groups=r)
         # (B, r, D, h*w) -> (B, D, h*w, r) -> (B, D, h*w*r)
         return _slices_from_rows(out.permute(0, 2, 3, 1).reshape(rows.shape), y.shape)
+
+    def _shifted_sums(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
+        # Written out by hand: a depthwise convolution as shifted multiply-adds is what lets the compiler fuse it
+        # (no library offers that form); eagerly it is k^2 + k operations, so the default there is the conv.
+        k, (_, r, h, w) = self.kernel_size, v.shape
+        pad = k // 2
+        inplane = self.inplane.weight.view(r, k * k)  # (r, 1, 1, k, k) -> (r, k*k)
+        padded = F.pad(v, (pad, pad, pad, pad))  # (B*D, r, h + 2p, w + 2p), zeros outside each slice
+        y = self.inplane.bias.view(1, r, 1, 1)
+        for i in range(k):
+            for j in range(k):
+                y = y + padded[:, :, i : i + h, j : j + w] * inplane[:, i * k + j].view(1, r, 1, 1)
+        # (B*D, r, h, w) -> (B, D, h*w*r) -> (B, D, h*w, r), padded along D within each volume.
+        rows = _volume_rows(y, num_slices)
+        vol = rows.reshape(rows.shape[0], num_slices, h * w, r)
+        padded = F.pad(vol, (0, 0, 0, 0, pad, pad))  # (B, D + 2p, h*w, r)
+        across = self.across.weight.view(r, k)  # (r, 1, k, 1, 1) -> (r, k)
+        out = self.across.bias.view(1, 1, 1, r)
+        for i in range(k):
+            out = out + padded[:, i : i + num_slices] * across[:, i]
+        return _slices_from_rows(out.reshape(rows.shape), y.shape)
 
 
 class _CirculantMagnitude(torch.autograd.Function):
