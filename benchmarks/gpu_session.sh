@@ -11,11 +11,11 @@
 #   kernels      python benchmarks/adapter_kernels.py: one adapter per paper block shape, each form
 #                (OUT/adapter_kernels_cuda.json)                                            (limit 90 s)
 #   compile      the adapters compiled (inductor) and replayed as CUDA graphs: first their test
-#                (tests/test_compiled_adapter_graphs.py, limit 150 s), then, if it and the graph tests passed,
+#                (tests/test_compiled_adapter_graphs.py, limit 120 s), then, if it and the graph tests passed,
 #                gpu_cost.sh on ViT-B/16 then Swin-T with full, med_adapter+cuda_graphs
 #                and med_adapter+compile_adapters+cuda_graphs (not the compiled adapters without graphs: their
 #                compilations would double the step, and without graphs they stay launch-bound)
-#                (OUT/cost_paper-compile_cuda.json and .md)                                 (limit 360 s)
+#                (OUT/cost_paper-compile_cuda.json and .md)                                 (limit 320 s)
 #   fpn          gpu_cost.sh --decoder fpn: the comparison with the package's light FPN decoder (128 channels) in
 #                place of UperNet 512, whose activations dominate every method's memory; the default methods
 #                less med_adapter_reference (graphs only if their tests passed)
@@ -23,7 +23,8 @@
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels (at most 570 s; 356 s on an H200 when the graph tests failed
 #   and the cost step ran without graphs). Where the standard figures are already committed, the fusion check is
-#   bash benchmarks/gpu_session.sh OUT graph-tests compile (at most 660 s, compile times untested on a GPU).
+#   bash benchmarks/gpu_session.sh OUT graph-tests compile (at most 590 s; compile times untested on a GPU, so
+#   ViT-B/16 is measured first and written on its own).
 #   The light-decoder comparison: bash benchmarks/gpu_session.sh OUT graph-tests fpn (at most 450 s).
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
 # The steps that measure CUDA graphs leave them out (cost, kernels) or skip (compile) when the graph tests did not
@@ -97,14 +98,14 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
             code=$?
             ;;
         compile)
-            timeout 150 "$PYTHON" -m pytest -m gpu tests/test_compiled_adapter_graphs.py -q -p no:cacheprovider
+            timeout 120 "$PYTHON" -m pytest -m gpu tests/test_compiled_adapter_graphs.py -q -p no:cacheprovider
             code=$?
             echo "$code" >"$OUT/compile_tests.exit"
             if [ "$code" -ne 0 ]; then
                 echo "compiled adapters with CUDA graphs failed their test (exit $code): not measured"
             elif graphs_passed; then
                 # ViT-B/16 first: one adapter shape, the fewest compilations; the JSON is written after each backbone.
-                timeout 360 bash benchmarks/gpu_cost.sh --backbones vit-b16 swin-t --methods full \
+                timeout 320 bash benchmarks/gpu_cost.sh --backbones vit-b16 swin-t --methods full \
                     med_adapter+cuda_graphs med_adapter+compile_adapters+cuda_graphs \
                     --json "$OUT/cost_paper-compile_cuda.json" --markdown "$OUT/cost_paper-compile_cuda.md"
                 code=$?
