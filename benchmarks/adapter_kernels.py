@@ -11,6 +11,12 @@ ViT-B/16), in candidate forms of the same function, alternating rounds after war
   so the bottleneck runs in bf16 (the function is the same up to bf16 rounding).
 - ``cuda_graphs`` (CUDA only): the current form replayed as CUDA graphs, forward and backward
   (:func:`medtuning_peft.enable_cuda_graphs`, through the same object the tuner calls).
+- ``compiled_shifts`` and ``compiled_convolution`` (run only when named in ``--forms``): the adapter compiled
+  with inductor (``torch.compile(dynamic=False)``), its depthwise convolutions as sums of shifted copies (the
+  package's form under ``torch.compile``) or as convolutions. Also reported: ``compile_s`` (the first call,
+  forward and backward) and, from the generated code, ``generated_kernels`` (inductor's fused kernels) and
+  ``external_calls`` (library calls: matrix products, convolutions). On CPU the code generator is C++, not
+  Triton, but the fusion decisions are inductor's own: the counts show what fusing leaves.
 
 Per form and shape: ``enqueue_ms`` (host time to issue forward + backward, before waiting for the GPU),
 ``gpu_ms`` (CUDA events around the same work), ``wall_ms`` (issue + wait), ``kernels`` (torch.profiler), and
@@ -20,6 +26,7 @@ is the bottleneck.
     python benchmarks/adapter_kernels.py --device cuda --json benchmarks/results/adapter_kernels_cuda.json
     python benchmarks/adapter_kernels.py --device cpu --slices 4 --rounds 2   # code path check
     python benchmarks/adapter_kernels.py --forms current cudnn_off   # a subset
+    python benchmarks/adapter_kernels.py --device cpu --slices 32 --forms current compiled_shifts compiled_convolution
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -55,6 +63,8 @@ SHAPES = {
 }
 FORMS = ("current", "cudnn_off", "bf16_bottleneck", "cuda_graphs")
 CUDA_ONLY_FORMS = ("cuda_graphs",)
+COMPILED_FORMS = {"compiled_shifts": "shifts", "compiled_convolution": "convolution"}
+"""Forms run only when named: form -> the depthwise form it compiles (``DepthwiseBranch.form``)."""
 
 
 @contextlib.contextmanager
@@ -74,7 +84,21 @@ def build(hidden: int, slices: int, form: str, device: torch.device) -> MedAdapt
     if form == "bf16_bottleneck":
         for module in (*adapter.branches, adapter.spectral, adapter.mix):
             module.to(torch.bfloat16)
+    for branch in adapter.branches:  # an explicit form holds under torch.compile
+        branch.form = COMPILED_FORMS.get(form)
     return adapter
+
+
+_KERNEL_CALL = re.compile(
+    r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+)", re.M
+)
+
+
+def generated_calls(codes: list[str]) -> dict[str, int]:
+    """Fused kernels and external (library) calls in inductor's generated code of one compiled call."""
+    calls = [m.group(1) for code in codes for m in _KERNEL_CALL.finditer(code)]
+    fused = [c for c in calls if c.startswith(("cpp_fused_", "triton_"))]
+    return {"generated_kernels": len(fused), "external_calls": len(calls) - len(fused)}
 
 
 def measure(
@@ -83,19 +107,26 @@ def measure(
     hidden, side = SHAPES[name]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(slices, side * side, hidden, generator=gen).to(device).requires_grad_(True)
-    forms = [f for f in FORMS if f in args.forms and (device.type == "cuda" or f not in CUDA_ONLY_FORMS)]
+    forms = [
+        f
+        for f in (*FORMS, *COMPILED_FORMS)
+        if f in args.forms and (device.type == "cuda" or f not in CUDA_ONLY_FORMS)
+    ]
     # "current" is the reference of max_abs_diff, measured or not.
     adapters = {form: build(hidden, slices, form, device) for form in dict.fromkeys(["current", *forms])}
     graphs = AdapterGraphs({adapters["cuda_graphs"]: name}) if "cuda_graphs" in adapters else None
+    callables = {
+        form: torch.compile(adapter, dynamic=False) if form in COMPILED_FORMS else adapter
+        for form, adapter in adapters.items()
+    }
 
     def step(form: str) -> torch.Tensor:
-        adapter = adapters[form]
         with form_context(form), torch.autocast(device.type, dtype=torch.bfloat16):
             if form == "cuda_graphs":
                 graphs.start_pass()  # as the tuner does at each backbone forward: captures after the first
-                out, _ = graphs(adapter, x, (side, side), slices, None)
+                out, _ = graphs(adapters[form], x, (side, side), slices, None)
             else:
-                out, _ = adapter(x, (side, side), slices)
+                out, _ = callables[form](x, (side, side), slices)
             out.float().square().mean().backward()
         return out
 
@@ -104,11 +135,20 @@ def measure(
     runnable = []
     for form in forms:
         try:
-            diff = (step(form).detach().float() - reference).abs().max().item()
+            start = time.perf_counter()
+            if form in COMPILED_FORMS:
+                from torch._inductor.utils import run_and_get_code
+
+                out, codes = run_and_get_code(step, form)
+                _sync(device)
+                compiled = {"compile_s": time.perf_counter() - start, **generated_calls(codes)}
+            else:
+                out, compiled = step(form), {}
+            diff = (out.detach().float() - reference).abs().max().item()
         except Exception as error:  # noqa: BLE001 - a form that cannot run here is recorded, not fatal
             results[form] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
             continue
-        results[form] = {"max_abs_diff": diff}
+        results[form] = {"max_abs_diff": diff, **compiled}
         runnable.append(form)
     times: dict[str, dict[str, list[float]]] = {f: {"enqueue": [], "gpu": [], "wall": []} for f in runnable}
     for _ in range(args.warmup):
@@ -157,18 +197,21 @@ def markdown(report: dict) -> str:
         f"{report['what']}; {report['device']}, torch {report['versions']['torch']}; `{report['command']}`; "
         f"{report['date']}",
         "",
-        "| block | form | enqueue ms | GPU ms | wall ms | kernels | max abs diff |",
-        "|---|---|---|---|---|---|---|",
+        "| block | form | enqueue ms | GPU ms | busy ms | wall ms | kernels | generated + library calls | compile s "
+        "| max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block, forms in report["results"].items():
         for form, e in forms.items():
             if "error" in e:
-                lines.append(f"| {block} | {form} | not run: {e['error']} | | | | |")
+                lines.append(f"| {block} | {form} | not run: {e['error']} | | | | | | | |")
                 continue
             gpu = f"{e['gpu_ms']:.2f}" if "gpu_ms" in e else "-"
+            code = f"{e['generated_kernels']} + {e['external_calls']}" if "generated_kernels" in e else "-"
+            compile_s = f"{e['compile_s']:.0f}" if "compile_s" in e else "-"
             lines.append(
-                f"| {block} | {form} | {e['enqueue_ms']:.2f} | {gpu} | {e['wall_ms']:.2f} | {e['kernels']} | "
-                f"{e['max_abs_diff']:.1e} |"
+                f"| {block} | {form} | {e['enqueue_ms']:.2f} | {gpu} | {e['busy_ms']:.2f} | {e['wall_ms']:.2f} "
+                f"| {e['kernels']} | {code} | {compile_s} | {e['max_abs_diff']:.1e} |"
             )
     return "\n".join(lines)
 
@@ -179,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slices", type=int, default=128, help="slices D of the volume")
     parser.add_argument("--blocks", nargs="+", default=list(SHAPES), help=f"subset of {list(SHAPES)}")
     parser.add_argument(
-        "--forms", nargs="+", default=list(FORMS), choices=FORMS, help="forms to measure (default: all)"
+        "--forms",
+        nargs="+",
+        default=list(FORMS),
+        choices=(*FORMS, *COMPILED_FORMS),
+        help=f"forms to measure (default: {list(FORMS)}; {list(COMPILED_FORMS)} only when named)",
     )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

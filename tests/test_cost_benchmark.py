@@ -250,6 +250,33 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
     assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone
 
 
+@pytest.mark.slow
+def test_adapter_kernels_compiled_forms_count_what_inductor_generates(tmp_path):
+    import adapter_kernels
+
+    argv = [
+        "--device",
+        "cpu",
+        "--slices",
+        "4",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--blocks",
+        "swin-t stage 4",
+    ]
+    report = adapter_kernels.main([*argv, "--forms", "compiled_shifts", "compiled_convolution"])
+    forms = report["results"]["swin-t stage 4"]
+    assert set(forms) == {"compiled_shifts", "compiled_convolution"}
+    for entry in forms.values():
+        assert entry["max_abs_diff"] < 0.05  # the same function (bf16 autocast, another summation order)
+        assert entry["compile_s"] > 0 and entry["generated_kernels"] > 0 and entry["external_calls"] > 0
+    # Shifted sums fuse into inductor's kernels; convolutions stay library calls, forward and backward.
+    assert forms["compiled_shifts"]["external_calls"] < forms["compiled_convolution"]["external_calls"]
+    assert "| swin-t stage 4 | compiled_shifts |" in report["markdown"]
+
+
 # Fresh backbone factories (the tiny setting's shapes): a factory's first model is the case under test.
 FACTORIES = {
     "swin": lambda: step_time._swin(32, 12, [1, 1, 2, 1], [1, 1, 2, 2], 4),
