@@ -16,6 +16,10 @@
 #                and med_adapter+compile_adapters+cuda_graphs (not the compiled adapters without graphs: their
 #                compilations would double the step, and without graphs they stay launch-bound)
 #                (OUT/cost_paper-compile_cuda.json and .md)                                 (limit 320 s)
+#   fusion       python benchmarks/adapter_kernels.py on ViT-B/16's and Swin-T stage 1's adapter: eager, as CUDA graphs
+#                (if their tests passed), and compiled with the depthwise convolutions as shifted sums and as
+#                convolutions: GPU busy time and kernels of one adapter per form, the compile time, and what
+#                inductor generated (OUT/adapter_kernels_compiled_cuda.json)                 (limit 200 s)
 #   fpn          gpu_cost.sh --decoder fpn: the comparison with the package's light FPN decoder (128 channels) in
 #                place of UperNet 512, whose activations dominate every method's memory; the default methods
 #                less med_adapter_reference (graphs only if their tests passed)
@@ -36,14 +40,15 @@
 # from a checkout without --json and --markdown writes both in place); the same for the compile files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile] [fpn]}"
+OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile] [fusion] [fpn]}"
 shift
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(graph-tests cost kernels)
 for step in "${STEPS[@]}"; do
     case "$step" in
-        graph-tests | cost | tests | kernels | compile | fpn) ;;
-        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile, fpn)" >&2; exit 2 ;;
+        graph-tests | cost | tests | kernels | compile | fusion | fpn) ;;
+        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile, fusion, fpn)" >&2
+            exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -112,6 +117,13 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
             else
                 code=3
             fi
+            ;;
+        fusion)
+            forms=(current compiled_shifts compiled_convolution)
+            graphs_passed && forms+=(cuda_graphs)
+            timeout 200 "$PYTHON" benchmarks/adapter_kernels.py --device cuda --blocks vit-b16 "swin-t stage 1" \
+                --forms "${forms[@]}" --json "$OUT/adapter_kernels_compiled_cuda.json"
+            code=$?
             ;;
         fpn)
             # step_time.py's default methods on CUDA (or, without passed graph tests, on a CPU), less the

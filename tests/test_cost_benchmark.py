@@ -459,6 +459,21 @@ def test_gpu_session_fpn_step_runs_the_light_decoder_comparison(tmp_path):
     assert code == 0 and "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
 
 
+def test_gpu_session_fusion_step_compares_compiled_forms_of_one_adapter(tmp_path):
+    import adapter_kernels
+
+    code, calls = _gpu_session(tmp_path / "pass", ["graph-tests", "fusion"], pytest_exit=0)
+    (call,) = [c for c in calls if c.startswith("benchmarks/adapter_kernels.py")]
+    assert code == 0 and "--device cuda --blocks vit-b16 swin-t stage 1" in call
+    forms = call.split("--forms ")[1].split(" --json")[0].split()
+    assert forms == ["current", "compiled_shifts", "compiled_convolution", "cuda_graphs"]
+    assert set(forms) <= {*adapter_kernels.FORMS, *adapter_kernels.COMPILED_FORMS}
+    assert "adapter_kernels_compiled_cuda.json" in call
+    code, calls = _gpu_session(tmp_path / "alone", ["fusion"], pytest_exit=0)  # graphs untested: left out
+    (call,) = [c for c in calls if c.startswith("benchmarks/adapter_kernels.py")]
+    assert code == 0 and "cuda_graphs" not in call
+
+
 def test_gpu_session_refuses_an_unknown_step_before_running_anything(tmp_path):
     code, calls = _gpu_session(tmp_path, ["tests", "costs"], pytest_exit=0)
     assert code == 2 and calls == []

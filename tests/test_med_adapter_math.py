@@ -100,7 +100,7 @@ def _compiled_graph_ops(adapter: MedAdapter, x: torch.Tensor, d: int) -> set[str
 
 @pytest.mark.parametrize("compiled_form", DepthwiseBranch.forms)
 def test_torch_compile_traces_the_depthwise_form_chosen_for_it(compiled_form, monkeypatch):
-    monkeypatch.setattr(DepthwiseBranch, "compiled_form", compiled_form)
+    monkeypatch.setattr(DepthwiseBranch, "compiled_form", {"cpu": compiled_form})
     adapter = MedAdapter(24, 6, (3, 5), True, 5)
     ops = _compiled_graph_ops(adapter, torch.randn(2 * 5, 12, 24), 5)
     convolutions = {op for op in ops if "conv" in op}
@@ -110,7 +110,8 @@ def test_torch_compile_traces_the_depthwise_form_chosen_for_it(compiled_form, mo
     assert any("conv" in op for op in _compiled_graph_ops(adapter, torch.randn(2 * 5, 12, 24), 5))
 
 
-def test_compiled_shifted_sums_train_like_the_eager_convolutions():
+def test_compiled_shifted_sums_train_like_the_eager_convolutions(monkeypatch):
+    monkeypatch.setattr(DepthwiseBranch, "compiled_form", {"cpu": "shifts"})  # CUDA's choice, here on CPU
     torch.manual_seed(0)
     eager = MedAdapter(24, 6, (3, 5), True, 5, prev_channels=4, prev_spatial=False).train()
     compiled = copy.deepcopy(eager)

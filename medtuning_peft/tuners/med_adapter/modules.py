@@ -103,12 +103,15 @@ class DepthwiseBranch(nn.Module):
 
     Attributes:
         form: ``"convolution"``, ``"shifts"``, or None (default): ``"convolution"`` eagerly and
-            :attr:`compiled_form` under ``torch.compile``.
+            :attr:`compiled_form` of the device type under ``torch.compile``.
     """
 
     forms: ClassVar[tuple[str, ...]] = ("convolution", "shifts")
-    compiled_form: ClassVar[str] = "shifts"
-    """The form under ``torch.compile`` when :attr:`form` is None."""
+    compiled_form: ClassVar[dict[str, str]] = {"cpu": "convolution", "cuda": "shifts"}
+    """The form under ``torch.compile`` when :attr:`form` is None, per device type (others: convolution). On CPU,
+    compiled oneDNN convolutions ran one adapter faster than compiled shifted sums at 4 of the paper's 5 block
+    shapes (``benchmarks/cost.md``, "Compiled adapters"); on CUDA the shifted sums leave inductor about a third of
+    the kernel launches (no multi-launch cuDNN calls), where the step is bound by many small kernels."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -121,7 +124,10 @@ class DepthwiseBranch(nn.Module):
 
     def forward(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
         """(B*D, r, h, w) -> (B*D, r, h, w); channels-last in gives channels-last out, without copies."""
-        form = self.form or (self.compiled_form if torch.compiler.is_compiling() else "convolution")
+        form = self.form
+        if form is None:
+            compiling = torch.compiler.is_compiling()
+            form = self.compiled_form.get(v.device.type, "convolution") if compiling else "convolution"
         if form not in self.forms:
             raise ValueError(
                 f"DepthwiseBranch form {form!r}: use one of {self.forms} (or None for the default)."
