@@ -1,8 +1,8 @@
 """Cost of Med-Adapter against full fine-tuning, LoRA and a frozen backbone, side by side (issue 5).
 
 Every method trains the same backbone (same random initialization), the same decoder (UperNet by default;
-``--decoder`` picks another of the package's decoders) and the same input in one process. After warm-up, the methods take turns, one training step (forward, loss,
-backward, Adam step) or one inference each per round, in a rotating order, so that a slow period of the
+``--decoder`` picks another of the package's decoders) and the same input in one process. After warm-up, the
+methods take turns, one training step (forward, loss, backward, Adam step) or one inference each per round, in a rotating order, so that a slow period of the
 machine hits every method alike. Reported per method: median step time with its interquartile range,
 peak memory, tuned parameters, checkpoint size and inference time per volume, and ratios against full
 fine-tuning (inference: against the frozen backbone, i.e. ``decoder_only``).
@@ -759,9 +759,8 @@ def profiled_activity(
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
     intervals = [(e.time_range.start, e.time_range.end) for e in events]
-    by_name: dict[str, list[float]] = collections.defaultdict(
-        lambda: [0, 0.0]
-    )  # name -> [calls, microseconds]
+    # name -> [calls, microseconds]
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         by_name[e.name][0] += 1
         by_name[e.name][1] += e.time_range.end - e.time_range.start
@@ -1113,7 +1112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decoder",
         default=None,
-        help=f"decoder every method trains: one of {sorted(DECODERS)} (default: the setting's, UperNet)",
+        choices=sorted(DECODERS),
+        help="decoder every method trains (default: the setting's, UperNet)",
     )
     parser.add_argument(
         "--decoder-channels",
@@ -1137,8 +1137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods or ()) - set(ALL_METHODS))
     if unknown:
         parser.error(f"unknown --methods {unknown}; known: {list(ALL_METHODS)}")
-    if args.decoder is not None and args.decoder not in DECODERS:
-        parser.error(f"unknown --decoder {args.decoder!r}; known: {sorted(DECODERS)}")
     return args
 
 

@@ -472,7 +472,7 @@ class AdapterGraphs:
         num_slices: int,
         prev: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self._graphable(x):
+        if not self.applies_on(x.device):
             return adapter(x, grid, num_slices, prev)
         signature = Signature.of(adapter, x, grid, num_slices, prev)
         if signature.grad:
@@ -527,9 +527,6 @@ class AdapterGraphs:
             )
             return False
         return not torch.cuda.is_current_stream_capturing()  # inside an outer capture: part of that graph
-
-    def _graphable(self, x: torch.Tensor) -> bool:
-        return self.applies_on(x.device)
 
     def _pool(self, device: torch.device) -> Any:
         if device not in self._pools:

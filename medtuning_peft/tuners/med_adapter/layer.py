@@ -201,8 +201,11 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         graphs = self.context.graphs
         if graphs is None or self.disable_adapters:
             return False
-        active = [name for name in self.active_adapters if name in self.med_adapter]
+        active = self._active_names()
         return bool(active) and graphs.applies_on(self.med_adapter[active[0]].down.weight.device)
+
+    def _active_names(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.med_adapter]
 
     def _unit(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         # This call is the checkpointed unit, in forward and in its recomputation: the block must not checkpoint
@@ -223,7 +226,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         """The block's output ``out`` (a tensor or a tuple led by the hidden states) with the adapter applied."""
         if self.disable_adapters:
             return out
-        active = [name for name in self.active_adapters if name in self.med_adapter]
+        active = self._active_names()
         if not active:
             return out
         if len(active) > 1:

@@ -111,7 +111,7 @@ class DepthwiseBranch(nn.Module):
     """The form under ``torch.compile`` when :attr:`form` is None, per device type (others: convolution). On CPU,
     compiled oneDNN convolutions ran one adapter faster than compiled shifted sums at 4 of the paper's 5 block
     shapes (``benchmarks/cost.md``, "Compiled adapters"); on CUDA, where the step is bound by many small kernels,
-    the shifted sums leave 36 generated kernels and library calls per adapter against 53 with the convolutions,
+    the shifted sums leave 36-38 generated kernels and library calls per adapter against 53 with the convolutions,
     12 of which are multi-launch cuDNN calls (eagerly: about 155 CUDA kernels)."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
@@ -139,11 +139,10 @@ class DepthwiseBranch(nn.Module):
         return F.relu(y)
 
     def _convolutions(self, v: torch.Tensor, num_slices: int) -> torch.Tensor:
-        k, r = self.kernel_size, v.shape[1]
+        k, (_, r, h, w) = self.kernel_size, v.shape
         # (r, 1, 1, k, k) -> (r, 1, k, k): the in-plane kernel as a 2D depthwise conv over the slices.
         y = F.conv2d(v, self.inplane.weight.squeeze(2), self.inplane.bias, padding=k // 2, groups=r)
         rows = _volume_rows(y, num_slices)  # (B, D, h*w*r)
-        _, r, h, w = y.shape
         # (B, D, h*w*r) -> (B, D, h*w, r) -> (B, r, D, h*w): channels-last view of the same memory.
         vol = rows.view(rows.shape[0], num_slices, h * w, r).permute(0, 3, 1, 2)
         # (r, 1, k, 1, 1) -> (r, 1, k, 1): zero padding along D within each volume, as the Conv3d.
