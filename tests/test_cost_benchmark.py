@@ -226,6 +226,41 @@ def test_decoder_layout_benchmark_code_path(tmp_path):
     assert "| swin-t |" in report["markdown"]
 
 
+def test_optimizer_step_benchmark_code_path(tmp_path):
+    """benchmarks/optimizer_step.py on the tiny models: every implementation steps its own copy to the same values."""
+    import optimizer_step
+
+    out, md = tmp_path / "optimizer.json", tmp_path / "cost.md"
+    argv = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+        "--markdown",
+        str(md),
+    ]
+    report = optimizer_step.main(argv)
+    assert json.loads(out.read_text())["results"].keys() == {
+        f"{b} {m}" for b in ("swin-tiny", "vit-tiny") for m in ("med_adapter", "full")
+    }
+    for entry in report["results"].values():
+        assert set(entry["step_ms"]) == {"for_loop", "foreach", "fused"}
+        assert all(t > 0 for t in entry["step_ms"].values()) and entry["vs_for_loop"]["for_loop"] == 1.0
+        differences = entry["max_abs_param_difference_vs_for_loop"]
+        assert (
+            differences["for_loop"] == 0 and max(differences.values()) < 1e-5
+        )  # 3 steps of lr 2e-3: rounding only
+    assert (
+        report["results"]["swin-tiny med_adapter"]["tensors"] > report["results"]["swin-tiny full"]["tensors"]
+    )
+    assert "<!-- cost:optimizer_cpu start -->" in md.read_text() and "| vit-tiny full |" in md.read_text()
+
+
 def test_adapter_kernels_benchmark_code_path(tmp_path):
     """benchmarks/adapter_kernels.py shrunk to CPU: every CPU form runs the same function as the current one."""
     import adapter_kernels
