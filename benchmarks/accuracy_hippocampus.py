@@ -47,6 +47,7 @@ def step_times(methods, base: dict, in_channels: int, num_classes: int, rounds: 
     """
     from monai.losses import DiceCELoss
 
+    from medtuning_peft.training import make_optimizer
     from medtuning_peft.volumetric import build_segmenter
 
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
@@ -66,7 +67,8 @@ def step_times(methods, base: dict, in_channels: int, num_classes: int, rounds: 
             crop_size=crop,
         ).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[method] = (model, torch.optim.Adam(params, lr=base["lr"], amsgrad=True))
+        optimizer = make_optimizer(params, lr=base["lr"], weight_decay=base["weight_decay"], device="cpu")
+        runs[method] = (model, optimizer)  # the training engine's optimizer, as train() below uses
     best = dict.fromkeys(methods, float("inf"))
     for round_index in range(rounds + 1):
         for method, (model, optimizer) in runs.items():
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": 2,
         "samples_per_case": 4,
         "lr": args.lr,
+        "weight_decay": 1e-5,  # the engine's default, named here for the step timing
         "split_seed": args.split_seed,
         "val_fraction": 0.2,
         "sw_overlap": 0.5,

@@ -484,9 +484,9 @@ FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 def make_optimizer(
-    params: Sequence[torch.nn.Parameter], settings: TrainSettings, device: torch.device | str
+    params: Sequence[torch.nn.Parameter], *, lr: float, weight_decay: float, device: torch.device | str
 ) -> torch.optim.Adam:
-    """The recipe's Adam (AMSGrad, ``settings.lr``, ``settings.weight_decay``) for parameters trained on ``device``.
+    """The recipe's Adam (AMSGrad with ``lr`` and ``weight_decay``) for parameters trained on ``device``.
 
     On CPU and CUDA it is PyTorch's fused Adam: one operation updates every parameter in a compiled loop, instead
     of a dozen tensor operations per parameter, and gives the same update up to float rounding. With a few hundred
@@ -495,9 +495,7 @@ def make_optimizer(
     benchmarks/optimizer_step.py --device cpu --threads 1``). Other devices get torch's default.
     """
     fused = torch.device(device).type in FUSED_ADAM_DEVICES
-    return torch.optim.Adam(
-        params, lr=settings.lr, weight_decay=settings.weight_decay, amsgrad=True, fused=fused or None
-    )
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=True, fused=fused or None)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
@@ -985,7 +983,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     set_seed(settings.seed, device_specific=True)
     counts = parameter_counts(segmenter)
     trainable = [p for p in segmenter.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, settings, accelerator.device)
+    optimizer = make_optimizer(
+        trainable, lr=settings.lr, weight_decay=settings.weight_decay, device=accelerator.device
+    )
 
     dataset = CropDataset(
         train_cases,

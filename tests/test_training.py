@@ -118,8 +118,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert factor(55) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
-def test_optimizer_is_the_recipes_adam_with_amsgrad_fused_on_cpu(data_dir, cache_dir, tmp_path):
-    settings = tiny_settings(data_dir, cache_dir, tmp_path, lr=3e-3, weight_decay=1e-2)
+def test_optimizer_is_the_recipes_adam_with_amsgrad_fused_on_cpu():
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 8), (8,), (4, 1, 3, 3)]  # a projection, a bias, a depthwise kernel
     start = [torch.randn(s, generator=gen) for s in shapes]
@@ -134,9 +133,11 @@ def test_optimizer_is_the_recipes_adam_with_amsgrad_fused_on_cpu(data_dir, cache
             optimizer.step()
         return optimizer, params
 
-    engine, trained = run(lambda params: make_optimizer(params, settings, torch.device("cpu")))
+    engine, trained = run(
+        lambda params: make_optimizer(params, lr=3e-3, weight_decay=1e-2, device=torch.device("cpu"))
+    )
     assert engine.defaults["fused"] is True
-    # The recipe: Adam with AMSGrad and the settings' lr and weight decay, as the per-tensor implementation takes it.
+    # The recipe: Adam with AMSGrad, the given lr and weight decay, as the per-tensor implementation takes them.
     _, expected = run(
         lambda params: torch.optim.Adam(params, lr=3e-3, weight_decay=1e-2, amsgrad=True, foreach=False)
     )
@@ -144,12 +145,10 @@ def test_optimizer_is_the_recipes_adam_with_amsgrad_fused_on_cpu(data_dir, cache
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert all("max_exp_avg_sq" in state for state in engine.state.values())
     # Devices without a fused Adam get torch's default implementation.
-    assert (
-        make_optimizer([torch.nn.Parameter(torch.zeros(2, device="meta"))], settings, "meta").defaults[
-            "fused"
-        ]
-        is None
+    meta = make_optimizer(
+        [torch.nn.Parameter(torch.zeros(2, device="meta"))], lr=1e-3, weight_decay=0, device="meta"
     )
+    assert meta.defaults["fused"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------
