@@ -17,7 +17,6 @@ for-loop's after all steps (the same update up to float rounding).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -48,14 +47,17 @@ def trainable_copies(
     grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
     copies = []
     for _ in range(n):
-        own = [torch.nn.Parameter(copy.deepcopy(p).to(device)) for p in params]
+        own = [torch.nn.Parameter(p.to(device, copy=True)) for p in params]
         for p, g in zip(own, grads):
-            p.grad = g.to(device)
+            p.grad = g.to(device, copy=True)  # its own: nothing an implementation does leaks into another
         copies.append(own)
     return copies
 
 
-def measure(setting: step_time.Setting, backbone: str, method: str, args: argparse.Namespace, device) -> dict:
+def measure(
+    setting: step_time.Setting, backbone: str, method: str, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """Step times per implementation (median of the rounds, and of each round's ratio to the loop) and end values."""
     copies = trainable_copies(setting, backbone, method, device, len(args.implementations))
     optimizers = {
         name: torch.optim.Adam(params, lr=2e-3, weight_decay=1e-5, amsgrad=True, **IMPLEMENTATIONS[name])
@@ -126,23 +128,18 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"][f"{backbone} {method}"] = entry
             print(backbone, method, json.dumps(entry), flush=True)
     names = args.implementations
+    ratio = " (x for_loop)" if "for_loop" in names else ""
     lines = [
         f"{report['what']}; {report['device']}, {report['torch_threads']} torch threads, torch {torch.__version__}; "
         f"`{report['command']}`; {report['date']}",
         "",
         "| model, method | tensors | parameters | "
-        + " | ".join(
-            f"{n} ms" + (" (x for_loop)" if "vs_for_loop" in next(iter(report["results"].values())) else "")
-            for n in names
-        )
+        + " | ".join(f"{n} ms{ratio}" for n in names)
         + " | largest parameter difference to for_loop |",
         "|---|---|---|" + "---|" * len(names) + "---|",
     ]
     for key, e in report["results"].items():
-        cells = []
-        for n in names:
-            ratio = e.get("vs_for_loop", {}).get(n)
-            cells.append(f"{e['step_ms'][n]:.1f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+        cells = [f"{e['step_ms'][n]:.1f}" + (f" ({e['vs_for_loop'][n]:.2f})" if ratio else "") for n in names]
         diffs = e.get("max_abs_param_difference_vs_for_loop", {})
         diff = ", ".join(f"{n} {d:.1e}" for n, d in diffs.items() if n != "for_loop") or "-"
         lines.append(
