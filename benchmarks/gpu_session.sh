@@ -24,6 +24,9 @@
 #                place of UperNet 512, whose activations dominate every method's memory; the default methods
 #                less med_adapter_reference (graphs only if their tests passed)
 #                (OUT/cost_paper-fpn128_cuda.json and .md)                                  (limit 300 s)
+#   optimizer    python benchmarks/optimizer_step.py: the training engine's Adam step per implementation (per-tensor
+#                loop, foreach, fused) over the paper models' trainable parameters
+#                (OUT/optimizer_step_cuda.json and .md)                                     (limit 60 s)
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels (at most 570 s; 356 s on an H200 when the graph tests failed
 #   and the cost step ran without graphs). Where the standard figures are already committed, the fusion check is
@@ -40,14 +43,15 @@
 # from a checkout without --json and --markdown writes both in place); the same for the compile files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile] [fusion] [fpn]}"
+OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT [graph-tests] [cost] [tests] [kernels] [compile] [fusion] [fpn] [optimizer]}"
 shift
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(graph-tests cost kernels)
 for step in "${STEPS[@]}"; do
     case "$step" in
-        graph-tests | cost | tests | kernels | compile | fusion | fpn) ;;
-        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile, fusion, fpn)" >&2
+        graph-tests | cost | tests | kernels | compile | fusion | fpn | optimizer) ;;
+        *) echo "gpu_session.sh: unknown step '$step' (graph-tests, cost, tests, kernels, compile, fusion, fpn," \
+            "optimizer)" >&2
             exit 2 ;;
     esac
 done
@@ -135,6 +139,11 @@ import step_time, torch
 print(*[m for m in step_time.default_methods(torch.device(sys.argv[1])) if m != "med_adapter_reference"])' "$device")"
             timeout 300 bash benchmarks/gpu_cost.sh --decoder fpn "${methods[@]}" \
                 --json "$OUT/cost_paper-fpn128_cuda.json" --markdown "$OUT/cost_paper-fpn128_cuda.md"
+            code=$?
+            ;;
+        optimizer)
+            timeout 60 "$PYTHON" benchmarks/optimizer_step.py --device cuda \
+                --json "$OUT/optimizer_step_cuda.json" --markdown "$OUT/optimizer_step_cuda.md"
             code=$?
             ;;
     esac

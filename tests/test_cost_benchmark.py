@@ -494,6 +494,18 @@ def test_gpu_session_fpn_step_runs_the_light_decoder_comparison(tmp_path):
     assert code == 0 and "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
 
 
+def test_gpu_session_optimizer_step_times_adam_on_cuda(tmp_path):
+    import optimizer_step
+
+    code, calls = _gpu_session(tmp_path, ["optimizer"], pytest_exit=0)
+    (call,) = [c for c in calls if c.startswith("benchmarks/optimizer_step.py")]
+    args = optimizer_step.parse_args(
+        call.split()[1:]
+    )  # the options the script takes, spelt as it spells them
+    assert code == 0 and args.device == "cuda" and args.json.endswith("optimizer_step_cuda.json")
+    assert args.markdown.endswith("optimizer_step_cuda.md")  # not the repository's cost.md on the device
+
+
 def test_gpu_session_fusion_step_compares_compiled_forms_of_one_adapter(tmp_path):
     import adapter_kernels
 
