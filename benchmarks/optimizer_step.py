@@ -58,12 +58,14 @@ def measure(
     setting: step_time.Setting, backbone: str, method: str, args: argparse.Namespace, device: torch.device
 ) -> dict:
     """Step times per implementation (median of the rounds, and of each round's ratio to the loop) and end values."""
-    copies = trainable_copies(setting, backbone, method, device, len(args.implementations))
+    names = args.implementations
+    params = dict(zip(names, trainable_copies(setting, backbone, method, device, len(names))))
     optimizers = {
-        name: torch.optim.Adam(params, lr=2e-3, weight_decay=1e-5, amsgrad=True, **IMPLEMENTATIONS[name])
-        for name, params in zip(args.implementations, copies)
+        name: torch.optim.Adam(
+            params[name], lr=2e-3, weight_decay=1e-5, amsgrad=True, **IMPLEMENTATIONS[name]
+        )
+        for name in names
     }
-    names = list(optimizers)
     for _ in range(args.warmup):
         for name in names:
             optimizers[name].step()
@@ -75,11 +77,10 @@ def measure(
             optimizers[name].step()
             step_time._sync(device)
             times[name].append(1000 * (time.perf_counter() - start))
-    params = dict(zip(args.implementations, copies))
     base = params.get("for_loop")
     entry: dict = {
-        "tensors": len(copies[0]),
-        "parameters": sum(p.numel() for p in copies[0]),
+        "tensors": len(params[names[0]]),
+        "parameters": sum(p.numel() for p in params[names[0]]),
         "step_ms": {name: statistics.median(t) for name, t in times.items()},
     }
     if base is not None:
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         "optimizer_step.py",
         argv,
         f"one Adam step (AMSGrad, weight decay 1e-5) over the trainable parameters of '{args.setting}'"
-        f"{' (tiny)' if args.tiny else ''} models with {setting.summary().split(', ')[-1]}",
+        f"{' (tiny)' if args.tiny else ''} models with {step_time.DECODER_NAMES[setting.decoder]} "
+        f"{setting.decoder_channels} channels",
         device,
         rounds=args.rounds,
         warmup=args.warmup,

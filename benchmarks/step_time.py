@@ -2,8 +2,8 @@
 
 Every method trains the same backbone (same random initialization), the same decoder (UperNet by default;
 ``--decoder`` picks another of the package's decoders) and the same input in one process. After warm-up, the
-methods take turns, one training step (forward, loss, backward, Adam step) or one inference each per round, in a rotating order, so that a slow period of the
-machine hits every method alike. Reported per method: median step time with its interquartile range,
+methods take turns, one training step (forward, loss, backward, Adam step) or one inference each per round, in
+a rotating order, so that a slow period of the machine hits every method alike. Reported per method: median step time with its interquartile range,
 peak memory, tuned parameters, checkpoint size and inference time per volume, and ratios against full
 fine-tuning (inference: against the frozen backbone, i.e. ``decoder_only``).
 
@@ -267,10 +267,9 @@ SETTINGS: dict[str, Setting] = {
         decoder_channels=64,
         autocast=None,
         # ViT-B/16's width, depth and heads (768, 12, 12) with 8 x 8 tokens per slice, as ViT-B/16 at 128 x 128;
-        # 16 slices keep a step near 10 s on one core. The adapters' cost grows with the width, the backbone's
-        # with its square, so `cpu`'s 192-wide ViT overstates the adapters' share.
+        # 16 slices keep a full fine-tuning step near 7 s on one core. The adapters' cost grows with the width,
+        # the backbone's with its square, so `cpu`'s 192-wide ViT overstates the adapters' share.
         backbones={"vit-b8": _vit(64, 8, 768, 12, 12)},
-        rounds=7,
     ),
 }
 
