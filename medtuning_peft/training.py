@@ -828,8 +828,8 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
-        # Some trainable parameters never get a gradient (the first inter-stage adapter's projection, which sees
-        # zeros as in the reference; unused final norms with method "full"); Adam skips them, and so must DDP.
+        # With method "full" some trainable parameters never get a gradient (final norms the decoder does not
+        # read); Adam skips them, and so must DDP.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if accelerator.is_main_process and not logging.getLogger().handlers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import importlib
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,19 @@ def test_only_adapter_and_head_params_train_and_change(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_trainable_parameter_is_in_the_graph(name):
+    # DistributedDataParallel without find_unused_parameters, and autograd.grad over the trainable parameters,
+    # fail on a parameter the forward never uses. The first inter-stage adapter's projection sees zeros (as in
+    # the reference): it is in the graph with an exactly zero gradient.
+    model = adapted(name).train()
+    # (UperNet's auxiliary head, a trained head next to the adapters, only runs when labels are given.)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".med_adapter." in n]
+    grads = torch.autograd.grad(run(model, slices(2, D)).float().square().mean(), [p for _, p in named])
+    zero = {n for (n, _), g in zip(named, grads) if not g.any()}
+    assert len(zero) == 1 and next(iter(zero)).endswith(".med_adapter.default.project_prev.weight")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_slices_do_not_leak_across_volumes(name):
     model = train_steps(adapted(name), slices(2, D))
     x = slices(2, D)
@@ -112,6 +126,22 @@ def test_slices_do_not_leak_across_volumes(name):
         out = run(model, x2)
     assert torch.equal(out[D:], ref[D:])
     assert not torch.equal(out[:D], ref[:D])
+
+
+def test_new_adapters_take_the_mode_of_the_model():
+    # transformers' from_pretrained returns a model in eval mode: adapters added to it must not run BatchNorm on
+    # batch statistics (volumes would influence each other, and the running statistics would move).
+    model = adapted("swin")  # the tiny builders return eval-mode models, as from_pretrained
+    model.add_adapter("second", MedAdapterConfig(num_slices=D))
+    assert not any(m.training for m in model.base_model.model.modules())
+    x = slices(2, D)
+    x2 = x.clone()
+    x2[D:] += torch.randn_like(x2[D:])  # perturb volume 1 only
+    with torch.no_grad():
+        assert torch.equal(run(model, x2)[:D], run(model, x)[:D])
+    model.train()
+    model.add_adapter("third", MedAdapterConfig(num_slices=D))
+    assert all(m.training for m in model.base_model.model.modules())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -311,6 +341,50 @@ def test_add_set_and_delete_adapters():
         assert torch.equal(run(model, x), first)
 
 
+@pytest.mark.parametrize("name", ["swin", "vit", "upernet_swin"])
+def test_a_deep_copy_and_a_pickled_copy_compute_what_the_original_does(name):
+    # An EMA copy (`AveragedModel` deep-copies the model) must run its own forward context: with hooks bound to
+    # the original, the copy's inter-stage features were never reset, and its `num_slices=` went to the original.
+    model = train_steps(adapted(name), slices(2, D))
+    x, y = slices(2, D), slices(1, 2 * D, seed=5)
+    with torch.no_grad():
+        expected = [run(model, x), run(model, y, num_slices=2 * D), run(model, x)]
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    copies = [ema.module]
+    if name != "upernet_swin":  # transformers' own output-capturing hook on UperNet's backbone is a closure
+        copies.append(pickle.loads(pickle.dumps(model)))
+    clone = copies[-1]
+    for copy in copies:
+        with torch.no_grad():
+            got = [run(copy, x), run(copy, y, num_slices=2 * D), run(copy, x)]
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    # The copy trains on its own: checkpointed gradients (context replayed in backward) equal the original's.
+    for m in (model, clone):
+        m.train().zero_grad()
+        backbone = m.base_model.model
+        backbone = getattr(backbone, "backbone", backbone)
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)  # the same stochastic depth in both
+        run(m, x).float().square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+@pytest.mark.parametrize("name", ["up", "spectral", "0", "blocks", "weight"])
+def test_adapter_names_that_would_drop_weights_on_save_are_refused(name):
+    # peft's save_pretrained leaves out every weight whose name contains another adapter's name as a part: a
+    # second adapter named "up" would drop the first one's up-projections from its file.
+    model = adapted("swin")
+    with pytest.raises(ValueError, match=f"Adapter name '{name}' is also a part of the weight name"):
+        model.add_adapter(name, MedAdapterConfig(num_slices=D))
+    assert list(model.peft_config) == ["default"]
+    assert all(set(m.med_adapter) == {"default"} for m in model.modules() if isinstance(m, MedAdapterLayer))
+    with pytest.raises(ValueError, match=f"Adapter name '{name}'"):
+        get_peft_model(build("swin"), MedAdapterConfig(num_slices=D), adapter_name=name)
+
+
 def test_print_trainable_parameters_counts_the_adapters(capsys):
     model = adapted("vit")
     model.print_trainable_parameters()
@@ -355,11 +429,23 @@ def test_autocast_forward_and_backward(name, dtype):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".med_adapter." in n)
 
 
-def test_bf16_base_weights_keep_float32_adapters():
-    model = get_peft_model(build("vit").to(torch.bfloat16), MedAdapterConfig(num_slices=D))
-    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
-    out = run(model, slices(2, D).to(torch.bfloat16))
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bf16_base_weights_get_float32_adapters_unless_asked_otherwise(autocast_adapter_dtype):
+    # peft's autocast_adapter_dtype: True (default) upcasts bf16/fp16 adapters to float32, False keeps the
+    # dtype of the adapted layer; for adapters created later too.
+    model = get_peft_model(
+        build("vit").to(torch.bfloat16),
+        MedAdapterConfig(num_slices=D),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
+    model.add_adapter("second", MedAdapterConfig(num_slices=D), autocast_adapter_dtype=autocast_adapter_dtype)
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    adapter_params = [p for n, p in model.named_parameters() if ".med_adapter." in n]
+    assert adapter_params and all(p.dtype == expected for p in adapter_params)
+    out = run(model.train(), slices(2, D).to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == expected for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -65,33 +65,48 @@ class ForwardContext:
             self.num_slices, self.pixel_hw, self.prev = saved[0], saved[1], saved[2]
 
     def checkpoint_func(self, original: Callable) -> Callable:
-        """Wrap a transformers ``_gradient_checkpointing_func`` so recomputation sees this forward's context.
+        """Wrap a transformers ``_gradient_checkpointing_func`` so recomputation sees this forward's context."""
+        return ContextReplayingCheckpoint(self, original)
 
-        Raises:
-            ValueError: for reentrant checkpointing, which loses the inter-stage gradients.
-        """
 
-        @functools.wraps(original)
-        def checkpoint(function, *args, **kwargs):
-            keywords = getattr(original, "keywords", None) or {}
-            if keywords.get("use_reentrant", False):
-                raise ValueError(
-                    "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
-                    "flow through the inter-stage features would be lost. Enable it with "
-                    "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
-                )
-            if "context_fn" in kwargs:
-                raise ValueError("Med-Adapter sets the checkpoint `context_fn` itself; do not pass one.")
-            snapshot = self.snapshot()
-            return original(
-                function,
-                *args,
-                context_fn=lambda: (contextlib.nullcontext(), self.restored(snapshot)),
-                **kwargs,
+class ContextReplayingCheckpoint:
+    """A transformers ``_gradient_checkpointing_func`` whose recomputation replays the context of its forward.
+
+    An object rather than a closure, so that a deep copy of the model replays the copy's context and the model
+    can be pickled.
+
+    Args:
+        context: the adapters' per-forward context.
+        original: transformers' checkpoint function (``functools.partial(checkpoint, **kwargs)``).
+
+    Raises:
+        ValueError: when called for reentrant checkpointing, which loses the inter-stage gradients, or with a
+            ``context_fn`` of its own.
+    """
+
+    def __init__(self, context: ForwardContext, original: Callable) -> None:
+        self.context = context
+        self.med_adapter_original = original
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        original = self.med_adapter_original
+        keywords = getattr(original, "keywords", None) or {}
+        if keywords.get("use_reentrant", False):
+            raise ValueError(
+                "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
+                "flow through the inter-stage features would be lost. Enable it with "
+                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
             )
-
-        checkpoint.med_adapter_original = original
-        return checkpoint
+        if "context_fn" in kwargs:
+            raise ValueError("Med-Adapter sets the checkpoint `context_fn` itself; do not pass one.")
+        context = self.context
+        snapshot = context.snapshot()
+        return original(
+            function,
+            *args,
+            context_fn=lambda: (contextlib.nullcontext(), context.restored(snapshot)),
+            **kwargs,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,8 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         # adapted block is a unit of activation checkpointing, else None (MedAdapterModel._plan_checkpointing).
         self.checkpoint_func: Callable | None = None
         self.merged_adapters = []
+        # The wrapper takes the block's mode (the block's submodules keep theirs).
+        self.training = self.med_adapter.training = base_layer.training
         self.update_layer(adapter_name, plan, config)
 
     def update_layer(self, adapter_name: str, plan: BlockPlan, config) -> None:
@@ -150,6 +167,9 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             prev_spatial=plan.spec.hierarchical,
             init_identity=config.init_identity,
         )
+        # A new adapter takes the mode of the block it adapts, so that one added to a model in eval mode (as
+        # `from_pretrained` returns it) does not run its BatchNorm on batch statistics, mixing volumes.
+        self.med_adapter[adapter_name].train(self.base_layer.training)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

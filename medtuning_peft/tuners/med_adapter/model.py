@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
@@ -19,6 +20,7 @@ from ...backbones import (
 )
 from .config import MedAdapterConfig
 from .layer import BlockPlan, ForwardContext, MedAdapterLayer
+from .modules import MedAdapter
 
 
 class MedAdapterModel(BaseTuner):
@@ -54,6 +56,31 @@ class MedAdapterModel(BaseTuner):
             self._hook_handles: list = []
             self._suspended_checkpointing: list[nn.Module] = []
             self._checkpointing_layers: list[MedAdapterLayer] = []
+
+    def _check_new_adapter_config(self, config: MedAdapterConfig) -> None:
+        super()._check_new_adapter_config(config)
+        # peft registers the config under its name before injecting the adapter (get_peft_model, add_adapter,
+        # load_adapter, from_pretrained).
+        name = next(name for name, known in self.peft_config.items() if known is config)
+        self._check_adapter_name(self.model, config, name)
+
+    @staticmethod
+    def _check_adapter_name(model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
+        """Refuse an adapter name that is also a part of a weight's name in the model or in every adapter.
+
+        peft's ``save_pretrained`` leaves out of one adapter's file every weight whose name contains another
+        adapter's name as a part: a second adapter named ``up`` would silently drop the first one's ``up.weight``.
+        """
+        probe = MedAdapter(8, 2, tuple(config.kernel_sizes), config.use_fft, 2, prev_channels=4)
+        names = [f"{MedAdapterModel.prefix}.<adapter>.{key}" for key in probe.state_dict()]
+        names += [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+        clash = next((name for name in names if adapter_name in name.split(".")), None)
+        if clash is not None:
+            raise ValueError(
+                f"Adapter name {adapter_name!r} is also a part of the weight name {clash!r}. peft's save_pretrained "
+                "leaves out of an adapter's file every weight whose name contains another adapter's name, so "
+                "adapters saved from this model would silently lose weights. Choose another adapter name."
+            )
 
     def _prepare_adapter_config(self, peft_config: MedAdapterConfig, model_config: dict) -> MedAdapterConfig:
         # Targets are found from the module tree in `_prepare_model`, which sees the model: a backbone may
@@ -148,7 +175,9 @@ class MedAdapterModel(BaseTuner):
                 "This Med-Adapter was trained on a different backbone than the one it is being loaded into ("
                 + "; ".join(diffs)
                 + "). Load it into the backbone it was trained on (same architecture, "
-                "widths, depth and input channels)."
+                "widths, depth and input channels). A MedAdapterConfig records the backbone it is first used "
+                "with (get_peft_model fills in target_modules, inter_stage_modules and backbone_signature): to "
+                "adapt another backbone, pass a new MedAdapterConfig."
             )
 
     @staticmethod
@@ -209,54 +238,65 @@ class MedAdapterModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
         if self._hook_handles:
             return
-        ctx = self._context
-
-        def pop_num_slices(kwargs: dict) -> None:
-            num_slices = kwargs.pop("num_slices", None)
-            if num_slices is not None:
-                if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
-                    raise ValueError(
-                        f"num_slices must be a positive int (slices per volume), got {num_slices!r}"
-                    )
-                ctx.num_slices = num_slices
-
-        def root_pre_hook(module, args, kwargs):
-            if getattr(module, "_is_replica", False):
-                raise RuntimeError(
-                    "Med-Adapter does not support torch.nn.DataParallel: its replicas would share one forward "
-                    "context across threads, and it splits the slice batch without regard to volumes. Use "
-                    "DistributedDataParallel (e.g. `accelerate launch --multi_gpu`), sharding by volume."
-                )
-            ctx.end()
-            pop_num_slices(kwargs)
-            return args, kwargs
-
-        def backbone_pre_hook(module, args, kwargs):
-            pop_num_slices(kwargs)
-            ctx.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
-            self._plan_checkpointing(module)
-            return args, kwargs
-
-        def backbone_post_hook(module, args, kwargs, output):
-            self._restore_suspended_checkpointing()
-
-        def root_post_hook(module, args, kwargs, output):
-            ctx.end()
-
         backbones = {}
         for plans in self._plans.values():
             for name in plans:
                 owner_name, owner = owning_backbone(model, name)
                 backbones[owner_name] = owner
-        handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True, prepend=True)]
+        # The hooks are bound methods, not closures: a deep copy of the model (e.g. `AveragedModel` for an EMA)
+        # gets hooks bound to the copied tuner and its context, and the model can be pickled.
+        handles = [model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True)]
         for owner in backbones.values():
-            # Appended, so that on a bare backbone (owner is model) it runs after root_pre_hook.
-            handles.append(owner.register_forward_pre_hook(backbone_pre_hook, with_kwargs=True))
+            # Appended, so that on a bare backbone (owner is model) it runs after _root_pre_hook.
+            handles.append(owner.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
             handles.append(
-                owner.register_forward_hook(backbone_post_hook, with_kwargs=True, always_call=True)
+                owner.register_forward_hook(self._backbone_post_hook, with_kwargs=True, always_call=True)
             )
-        handles.append(model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True))
+        handles.append(model.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True))
         self._hook_handles = handles
+
+    def _pop_num_slices(self, kwargs: dict) -> None:
+        num_slices = kwargs.pop("num_slices", None)
+        if num_slices is not None:
+            if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+                raise ValueError(f"num_slices must be a positive int (slices per volume), got {num_slices!r}")
+            self._context.num_slices = num_slices
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if getattr(module, "_is_replica", False):
+            raise RuntimeError(
+                "Med-Adapter does not support torch.nn.DataParallel: its replicas would share one forward "
+                "context across threads, and it splits the slice batch without regard to volumes. Use "
+                "DistributedDataParallel (e.g. `accelerate launch --multi_gpu`), sharding by volume."
+            )
+        self._context.end()
+        self._pop_num_slices(kwargs)
+        return args, kwargs
+
+    def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._pop_num_slices(kwargs)
+        self._context.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
+        self._plan_checkpointing(module)
+        return args, kwargs
+
+    def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self._restore_suspended_checkpointing()
+
+    def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self._context.end()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Adapters are created in float32 (float64 on a float64 model) whatever their block's dtype, which is what
+        # peft's default, autocast_adapter_dtype=True, asks for. With False, peft's methods keep the dtype of the
+        # layer they adapt: a bf16 / fp16 block gets an adapter in its dtype.
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if not isinstance(module, MedAdapterLayer) or adapter_name not in module.med_adapter:
+                continue
+            ref = next((p for p in module.base_layer.parameters() if p.is_floating_point()), None)
+            if ref is not None and ref.dtype in (torch.float16, torch.bfloat16):
+                module.med_adapter[adapter_name].to(ref.dtype)
 
     def _plan_checkpointing(self, backbone: nn.Module) -> None:
         """Make each adapted block (frozen block + its adapter) the unit of activation checkpointing.

@@ -423,8 +423,12 @@ class MedAdapter(nn.Module):
         proj = self.project_prev
         if prev is None:
             # The reference convolves zeros: P is its bias everywhere, so its share of the fusion is a
-            # constant, folded into the fusion bias (the same function).
-            return F.linear(y, weight[:, :r], self.fuse.bias + weight[:, r:] @ proj.bias)
+            # constant, folded into the fusion bias (the same function). P runs on one zero pixel, which gives
+            # its bias exactly and puts its weight in the graph with the reference's zero gradient: every
+            # trainable parameter is used (DistributedDataParallel needs no `find_unused_parameters`).
+            zero = proj.weight.new_zeros(1, proj.in_channels, 1, 1, 1)
+            p = proj(zero).view(r)  # == proj.bias
+            return F.linear(y, weight[:, :r], self.fuse.bias + weight[:, r:] @ p)
         if not self.prev_spatial:
             # (r, r_prev, 1, 1, 1) -> (r, r_prev); (B*D, r_prev, h, w) -> (B*D, h, w, r_prev)
             p = F.linear(prev.permute(0, 2, 3, 1), proj.weight.view(r, -1), proj.bias)
