@@ -445,7 +445,11 @@ def test_bf16_base_weights_get_float32_adapters_unless_asked_otherwise(autocast_
     out = run(model.train(), slices(2, D).to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     out.float().square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == expected for n, p in model.named_parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and p.grad.dtype == expected
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
