@@ -648,6 +648,9 @@ def test_inter_stage_blocks_follow_the_backbone():
         ({"kernel_sizes": (), "use_fft": False}, "has no branch"),
         ({"use_fft": "yes"}, "use_fft must be True or False"),
         ({"target_modules": 5}, "target_modules must be None, a regex string or a list"),
+        ({"modules_to_save": 5}, "modules_to_save must be None or a list of module names, got 5"),
+        ({"modules_to_save": ["head", 3]}, "modules_to_save must be None or a list of module names"),
+        ({"backbone_signature": "x"}, "backbone_signature must be None"),
     ],
 )
 def test_invalid_config_values_are_refused_with_the_field_and_fix(kwargs, message):

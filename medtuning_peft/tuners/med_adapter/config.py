@@ -111,6 +111,21 @@ class MedAdapterConfig(PeftConfig):
                 )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        elif isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise ValueError(
+                f"MedAdapterConfig.modules_to_save must be None or a list of module names, got "
+                f"{self.modules_to_save!r}; e.g. ['decode_head']."
+            )
+        if self.backbone_signature is not None and not isinstance(self.backbone_signature, dict):
+            raise ValueError(
+                f"MedAdapterConfig.backbone_signature must be None (filled in when the adapter is created) or the "
+                f"dict written then, got {self.backbone_signature!r}; leave it unset."
+            )
 
 
 def _check_int(name: str, value, minimum: int, hint: str) -> None:
