@@ -385,6 +385,16 @@ def test_adapter_names_that_would_drop_weights_on_save_are_refused(name):
         get_peft_model(build("swin"), MedAdapterConfig(num_slices=D), adapter_name=name)
 
 
+def test_the_adapter_name_check_draws_no_random_numbers():
+    # Seeded runs must initialize the adapters and the decoder as before the check existed.
+    from medtuning_peft.tuners.med_adapter.model import MedAdapterModel
+
+    model, config = build("swin"), MedAdapterConfig(num_slices=D)
+    state = torch.random.get_rng_state()
+    MedAdapterModel._check_adapter_name(model, config, "second")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_print_trainable_parameters_counts_the_adapters(capsys):
     model = adapted("vit")
     model.print_trainable_parameters()

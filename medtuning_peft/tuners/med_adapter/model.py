@@ -71,7 +71,10 @@ class MedAdapterModel(BaseTuner):
         peft's ``save_pretrained`` leaves out of one adapter's file every weight whose name contains another
         adapter's name as a part: a second adapter named ``up`` would silently drop the first one's ``up.weight``.
         """
-        probe = MedAdapter(8, 2, tuple(config.kernel_sizes), config.use_fft, 2, prev_channels=4)
+        # On the meta device and with the random state restored: the check must not draw from the generator that
+        # initializes the adapters and the decoder (seeded runs would change).
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = MedAdapter(8, 2, tuple(config.kernel_sizes), config.use_fft, 2, prev_channels=4)
         names = [f"{MedAdapterModel.prefix}.<adapter>.{key}" for key in probe.state_dict()]
         names += [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
         clash = next((name for name in names if adapter_name in name.split(".")), None)
