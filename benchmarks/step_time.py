@@ -544,7 +544,7 @@ def checkpoint_sizes(model: nn.Module) -> dict[str, int]:
 
 
 def paper_swin_t_adapter_bytes() -> dict[str, int]:
-    """Adapter checkpoint of the paper's Swin-T configuration (DESIGN.md: 737,568 adapter parameters).
+    """Adapter checkpoint of the paper's Swin-T configuration (737,568 adapter parameters, as in the paper).
 
     ``PeftModel.save_pretrained`` of a Swin-T (embed 96, depths 2-2-2-2, heads 3-6-12-24, window 4, 128 x 128,
     4 channels) with the default MedAdapterConfig; returns the parameter count and the bytes written.

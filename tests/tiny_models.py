@@ -113,7 +113,7 @@ HEADS = {"upernet_swin": ["decode_head", "auxiliary_head"], "segformer_semseg": 
 
 
 def paper_swin_t() -> SwinModel:
-    """The paper's Swin-T (DESIGN.md section 2): embed 96, depths 2-2-2-2, window 4, 128^2, 4 channels."""
+    """The paper's Swin-T (the paper's parity setting): embed 96, depths 2-2-2-2, window 4, 128^2, 4 channels."""
     return SwinModel(
         SwinConfig(
             image_size=128,

@@ -36,7 +36,8 @@ class MedAdapterConfig(PeftConfig):
     """Configuration of a Med-Adapter (Med-Tuning, Shen, Wang et al., MIDL 2024).
 
     A Med-Adapter follows every adapted transformer block of a 2D backbone that sees the slices of a
-    volume as a batch ``(B*D, C, H, W)``, volume-major. See ``docs``/DESIGN.md for the exact math.
+    volume as a batch ``(B*D, C, H, W)``, volume-major. The math is in ``modules.py`` (fast form) and
+    ``reference.py`` (the 3D formula of the paper's released code).
 
     Args:
         reduction_ratio: see ``_HELP`` (the dataclass field metadata carries the same text).

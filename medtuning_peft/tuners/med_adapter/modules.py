@@ -1,4 +1,4 @@
-"""The Med-Adapter math (DESIGN.md section 2), in an exact fast form.
+"""The Med-Adapter math (Med-Tuning, MIDL 2024, and its released code), in an exact fast form.
 
 The paper's reference code folds the tokens into a channels-first volume ``(B, r, D, h, w)`` and runs
 3D convolutions and a 3D FFT on it. Here the adapter works on the slice batch ``(B*D, r, h, w)``, kept

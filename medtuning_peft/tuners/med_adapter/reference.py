@@ -1,7 +1,7 @@
 """A direct transcription of the paper's 3D Med-Adapter formula, kept as the reference.
 
 It folds the tokens into a channels-first volume (B, r, D, h, w) and applies the Conv3d modules, a 3D
-FFT and BatchNorm3d exactly as written in DESIGN.md section 2. It shares the parameters of a
+FFT and BatchNorm3d as the paper's released code does. It shares the parameters of a
 :class:`~medtuning_peft.tuners.med_adapter.modules.MedAdapter`, so the fast form can be checked
 against it (tests) and timed against it (benchmarks). It only runs at D == num_slices, as the
 reference code.
