@@ -11,7 +11,7 @@ Labels 0/1/2/4 are trained as classes 0-3 and scored as the regions ET = {4}, TC
 predicted ET under --et-min-voxels (500) is relabelled NCR before scoring. See examples/README.md.
 """
 
-from medtuning_peft.training import build_parser, settings_from_args, train
+from medtuning_peft.training import build_parser, train_from_args
 
 # CPU demo defaults; the reference recipe's sizes are in the docstring above.
 DEFAULTS = {
@@ -34,4 +34,4 @@ if __name__ == "__main__":
         help="BraTS release: the file layout of the built-in synthetic data (the reader accepts both layouts).",
     )
     args = parser.parse_args()
-    train(settings_from_args(args, dataset="brats", default_data=f"synthetic-brats{args.year}"))
+    train_from_args(parser, args, dataset="brats", default_data=f"synthetic-brats{args.year}")

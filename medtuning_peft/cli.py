@@ -33,7 +33,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io_utils import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .io_utils import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+)
 
 __all__ = ["TASKS", "build_parser", "main", "png_bytes"]
 
@@ -256,6 +262,14 @@ def png_bytes(rgb: Any) -> bytes:
     )
 
 
+def _check_output_file(flag: str, path: Path) -> None:
+    """Refuse an output file that cannot be written (a folder, no parent folder, read-only), naming ``flag``."""
+    try:
+        check_writable(path)
+    except OSError as error:
+        raise CommandError(f"{flag} '{path}': {error}") from error
+
+
 def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
     ids = [c.case_id for c in cases]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -277,9 +291,62 @@ def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
     clobbered = sorted(str(t) for t in targets.values() if t.resolve() in inputs)
     if clobbered:
         raise CommandError(f"--output would overwrite input image(s) {clobbered}; write to another folder.")
-    for target in targets.values():
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in sorted({t.parent for t in targets.values()}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(
+                f"--output '{output}': cannot create the folder '{folder}' ({error.strerror or error}); create "
+                "it, or pass a folder you can write to."
+            ) from error
+    for target in {t.parent: t for t in targets.values()}.values():  # one check per folder
+        try:
+            check_writable(target)
+        except OSError as error:
+            raise CommandError(f"--output '{output}': {error}") from error
     return targets
+
+
+def _device(text: str | None) -> str:
+    """The ``--device`` to run on, checked before any work: cpu, cuda or cuda:N (when visible), mps (when available)."""
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise CommandError(
+            f"--device '{text}' is not a device ({error}); use cpu, cuda, cuda:N or mps."
+        ) from error
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CommandError(
+            f"--device '{text}': '{device.type}' devices are not supported; use cpu, cuda, cuda:N or mps."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {text}: Apple's MPS backend is not available here; use --device cpu.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {text}: no CUDA GPU is visible; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CommandError(
+            f"--device {text}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1})."
+        )
+    return text
+
+
+def _check_roi(roi: tuple[int, ...], model: Any, source: str) -> None:
+    """Refuse windows the backbone cannot embed: every side positive, H and W at least its patch size."""
+    from .volumetric import patch_size
+
+    ph, pw = patch_size(model.backbone)
+    if len(roi) == 3 and min(roi) >= 1 and roi[1] >= ph and roi[2] >= pw:
+        return
+    raise CommandError(
+        f"{source} is {list(roi)}; expected D H W with D >= 1, H >= {ph} and W >= {pw} (the backbone's patch "
+        f"size: smaller slices hold no whole patch). Pass e.g. --roi-size {max(roi[0], 1) if roi else 1} "
+        f"{max(32, ph)} {max(32, pw)}, or the training crop size."
+    )
 
 
 def _preview_path(output: Path) -> Path:
@@ -288,6 +355,7 @@ def _preview_path(output: Path) -> Path:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     cases, layout = _prediction_cases(Path(args.input), args.split)
     outputs = _output_paths(cases, Path(args.output))
 
@@ -300,9 +368,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .evaluation import sliding_window_predict
     from .volumetric import from_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: no CUDA GPU is visible; use --device cpu.")
     try:
         model = from_pretrained(args.model, device=device, revision=args.revision)
     except Exception as error:
@@ -325,6 +390,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             f"segmenter_config.json of --model '{args.model}' records no crop_size; pass --roi-size D H W "
             "(the training crop size)."
         )
+    _check_roi(roi, model, "--roi-size" if args.roi_size else f"crop_size of --model '{args.model}'")
     declared = {len(c.channel_names) for c in cases if c.channel_names}
     if declared and declared != {in_channels}:
         raise CommandError(
@@ -372,8 +438,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             classes = probs.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
             labels = np.asarray(label_values, dtype=dtype)[classes]
             image = case.geometry.to_nifti(labels, dtype=dtype)
-            with atomic_path(target) as tmp:
-                nib.save(image, str(tmp))
+            try:
+                with atomic_path(target) as tmp:
+                    nib.save(image, str(tmp))
+            except OSError as error:
+                raise OSError(
+                    f"case '{files.case_id}': cannot write the label map '{target}' (--output): "
+                    f"{error.strerror or error}"
+                ) from error
             if args.preview:
                 atomic_write_bytes(_preview_path(target), png_bytes(_preview_rgb(case.image[0], classes)))
         except Exception as error:  # one bad case must not stop the batch
@@ -539,6 +611,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import get_challenge, summarize
     from .io_utils import read_json_file
 
+    for flag, value in (("--output", args.output), ("--csv", args.csv)):
+        if value:  # before any scoring: a bad destination would otherwise show only at the end
+            _check_output_file(flag, Path(value))
     pred_dir, labels_dir = Path(args.pred), Path(args.labels)
     if pred_dir.is_file() and _case_id(pred_dir) is not None:
         preds = {_case_id(pred_dir): pred_dir}
@@ -767,14 +842,21 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
 
 
 def _cmd_verify_data(args: argparse.Namespace) -> int:
+    import warnings
+
     from tqdm.auto import tqdm
 
     from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+    from .data.kits19 import skipped_kits19_folders
 
     data_dir = Path(args.data_dir)
+    skipped: list[Path] = []
     try:
         if args.task == "kits19":
-            cases = list_kits19_cases(data_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the skipped folders are reported as problems below
+                cases = list_kits19_cases(data_dir)
+            skipped = skipped_kits19_folders(data_dir)
         elif args.task == "brats":
             cases = list_brats_cases(data_dir)
         else:
@@ -788,6 +870,11 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
         found = _verify_case(files, args.require_labels)
         if found:
             problems[files.case_id] = found
+    for folder in skipped:
+        problems[folder.name] = [
+            f"folder '{folder}' is not named case_XXXXX (5 digits), so it is skipped. Fix: rename it to "
+            "case_XXXXX if it is a case, or move it out of --data-dir"
+        ]
     unlabeled = sum(1 for c in cases if c.label is None)
     count = sum(len(v) for v in problems.values())
     note = f", {unlabeled} without label (prediction-only)" if unlabeled and not args.require_labels else ""
@@ -814,10 +901,11 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import build_model_card, files_to_upload, push_to_hub
+    from .hub import build_model_card, check_push, files_to_upload, push_to_hub
 
     try:
         if args.dry_run:
+            check_push(args.model, args.repo_id)  # what a real push checks, short of the network
             card = build_model_card(
                 args.model,
                 metrics=args.metrics,
@@ -1039,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a .nii.gz file name (single case) or a folder (<case>.nii.gz per case)",
     )
-    predict.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     predict.add_argument("--flip-tta", action="store_true", help="average over the 8 flips (8x slower)")
     predict.add_argument(
         "--cuda-graphs",
@@ -1138,7 +1226,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to push to")
     push.add_argument("--commit-message", default="Upload Med-Adapter segmenter (medtuning_peft)")
     push.add_argument(
-        "--dry-run", action="store_true", help="print the card and the file list; upload nothing"
+        "--dry-run",
+        action="store_true",
+        help="run every check of a real push, print the card and the file list; upload nothing",
     )
     push.set_defaults(func=_cmd_push)
 

@@ -88,6 +88,12 @@ class SimpleFeaturePyramid(nn.Module):
         return [level(x) for level, x in zip(self.levels, features)]
 
 
+def _check_width(owner: str, name: str, value: object) -> None:
+    """Refuse a layer width that is not a positive int (torch would fail later, or only in forward)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive int (feature width), got {value!r}.")
+
+
 class SegmentationDecoder(nn.Module):
     """Base class: optional simple pyramid, the decoding head, bilinear upsampling to the output size.
 
@@ -182,6 +188,9 @@ class UperNetDecoder(SegmentationDecoder):
         channels: width of the fused features (``UperNetConfig.hidden_size``; 512 in the paper / mmseg).
         pool_scales: output sizes of the pyramid pooling module.
         simple_pyramid: see :class:`SegmentationDecoder`.
+
+    Raises:
+        ValueError: for ``channels < 1`` or empty or non-positive ``pool_scales`` (and as the base class does).
     """
 
     def __init__(
@@ -193,7 +202,16 @@ class UperNetDecoder(SegmentationDecoder):
         simple_pyramid: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes, simple_pyramid)
-        config = UperNetConfig(pool_scales=list(pool_scales), hidden_size=channels, num_labels=num_classes)
+        _check_width("UperNetDecoder", "channels", channels)
+        pool_scales = list(pool_scales)
+        if not pool_scales or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pool_scales
+        ):
+            raise ValueError(
+                f"UperNetDecoder.pool_scales must be a non-empty list of positive ints (pooled grid sizes), got "
+                f"{pool_scales!r}; the paper uses (1, 2, 3, 6)."
+            )
+        config = UperNetConfig(pool_scales=pool_scales, hidden_size=channels, num_labels=num_classes)
         self.head = UperNetHead(config, in_channels=self.in_channels)
         # The pyramid pooling module concatenates 1 x 1 pooled maps, which leaves its output in NCHW; the FPN
         # sums and concatenates it with every level, so the fused (4 x hidden_size)-channel map, input of the
@@ -231,12 +249,16 @@ class FPNDecoder(SegmentationDecoder):
         num_classes: classes K.
         channels: width of every FPN level.
         simple_pyramid: see :class:`SegmentationDecoder`.
+
+    Raises:
+        ValueError: for ``channels < 1`` (and as the base class does).
     """
 
     def __init__(
         self, in_channels: Sequence[int], num_classes: int, channels: int = 128, simple_pyramid: bool = False
     ) -> None:
         super().__init__(in_channels, num_classes, simple_pyramid)
+        _check_width("FPNDecoder", "channels", channels)
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, channels, kernel_size=1) for c in self.in_channels)
         self.fpn_convs = nn.ModuleList(_ConvBNReLU(channels, channels, 3) for _ in self.in_channels)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
@@ -269,6 +291,9 @@ class SegformerMLPDecoder(SegmentationDecoder):
         channels: projection width (``decoder_hidden_size``; 256 for SegFormer-B0/B1, 768 for B2-B5).
         dropout: dropout before the classifier (``classifier_dropout_prob``).
         simple_pyramid: see :class:`SegmentationDecoder`.
+
+    Raises:
+        ValueError: for ``channels < 1`` or ``dropout`` outside [0, 1) (and as the base class does).
     """
 
     def __init__(
@@ -280,6 +305,9 @@ class SegformerMLPDecoder(SegmentationDecoder):
         simple_pyramid: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes, simple_pyramid)
+        _check_width("SegformerMLPDecoder", "channels", channels)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"SegformerMLPDecoder.dropout must be a probability in [0, 1), got {dropout!r}.")
         config = SegformerConfig(
             num_encoder_blocks=len(self.in_channels),
             hidden_sizes=self.in_channels,

@@ -41,6 +41,7 @@ __all__ = [
     "UPLOAD_PATTERNS",
     "DatasetInfo",
     "build_model_card",
+    "check_push",
     "count_parameters",
     "files_to_upload",
     "find_metrics",
@@ -502,6 +503,48 @@ def _check_files(model_dir: Path) -> None:
         )
 
 
+def _check_repo_id(repo_id: Any) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if (
+        not isinstance(repo_id, str)
+        or repo_id.count("/") != 1
+        or repo_id.startswith("/")
+        or repo_id.endswith("/")
+    ):
+        raise ValueError(f"repo_id={repo_id!r}; pass the Hub repository as 'org/name'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"repo_id={repo_id!r} is not a valid Hub id ({error}); pass 'org/name'.") from error
+
+
+def check_push(model_dir: str | os.PathLike, repo_id: str) -> None:
+    """Every check :func:`push_to_hub` runs before it touches the network (``medtuning push --dry-run``).
+
+    The repository id; ``segmenter_config.json`` and ``adapter_config.json`` (the schema
+    :func:`medtuning_peft.volumetric.check_saved_model` checks on load); every file to upload complete
+    (safetensors headers and sizes, JSON); no partial files of an interrupted write. No weights are read.
+
+    Args:
+        model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
+        repo_id: ``"org/name"`` on the Hub.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` holds no saved segmenter or misses a weights file.
+        io_utils.CorruptFileError: when a file to upload is truncated or corrupt.
+        ValueError: when ``repo_id`` is not ``"org/name"``, a config file is invalid (naming file and field),
+            or the directory holds partial files.
+    """
+    from .volumetric import check_saved_model
+
+    _check_repo_id(repo_id)
+    model_dir = Path(model_dir)
+    _segmenter_config(model_dir)
+    _check_files(model_dir)  # the files to upload
+    check_saved_model(model_dir, check_files=False)  # the configs, as from_pretrained will read them
+
+
 def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -535,20 +578,13 @@ def push_to_hub(
     Raises:
         FileNotFoundError: when ``model_dir`` holds no saved segmenter.
         io_utils.CorruptFileError: when a file to upload is truncated or corrupt (nothing is uploaded).
-        ValueError: when ``repo_id`` is not ``"org/name"`` or the directory holds partial files.
+        ValueError: when ``repo_id`` is not ``"org/name"``, a config file is invalid or the directory holds
+            partial files (:func:`check_push`; nothing is uploaded).
     """
     from huggingface_hub import HfApi
 
     model_dir = Path(model_dir)
-    if (
-        not isinstance(repo_id, str)
-        or repo_id.count("/") != 1
-        or repo_id.startswith("/")
-        or repo_id.endswith("/")
-    ):
-        raise ValueError(f"repo_id={repo_id!r}; pass the Hub repository as 'org/name'.")
-    _segmenter_config(model_dir)
-    _check_files(model_dir)
+    check_push(model_dir, repo_id)
     card = build_model_card(model_dir, metrics=metrics, dataset=dataset, license=license, repo_id=repo_id)
     atomic_write_text(model_dir / "README.md", card)
     api = HfApi(token=token)

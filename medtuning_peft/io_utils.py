@@ -50,6 +50,7 @@ __all__ = [
     "atomic_write_text",
     "check_json_file",
     "check_safetensors",
+    "check_writable",
     "default_permissions",
     "fsync_directory",
     "is_partial",
@@ -176,6 +177,37 @@ def _check_target(target: Path) -> Path:
         raise FileNotFoundError(
             f"The folder of '{target}' does not exist; create '{target.parent}' first or fix the path."
         )
+    return target
+
+
+def check_writable(target: str | os.PathLike) -> Path:
+    """Check, before any work, that :func:`atomic_path` can write ``target``.
+
+    Creates and deletes a partial file next to ``target``, so a read-only folder or mount, missing write
+    permission or a full inode table is found now rather than after the work whose result it would hold.
+
+    Args:
+        target: the final file path.
+
+    Returns:
+        ``target`` as an absolute path.
+
+    Raises:
+        IsADirectoryError: when ``target`` is a directory.
+        FileNotFoundError: when ``target``'s folder does not exist.
+        PermissionError: when nothing can be written in ``target``'s folder (the message gives the reason).
+    """
+    target = _check_target(Path(target))
+    probe = _partial_sibling(target)
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write in the folder '{target.parent}' ({error.strerror or error}); make it writable or "
+            "choose another folder."
+        ) from error
+    _remove(probe)
     return target
 
 

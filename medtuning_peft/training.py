@@ -19,7 +19,7 @@ What a run does:
   micro-batch ``m`` of process ``p`` taking the ``p``-th ``batch_size`` slice of the ``m``-th chunk
   (:class:`ShardedBatchSampler`). So N processes with per-process batch b see exactly the samples of one process
   accumulating N micro-batches of b, and gradients are averaged the same way.
-- Recipe (DESIGN.md section 5): Adam with AMSGrad (fused on CPU and CUDA), weight decay 1e-5, lr 2e-3 for
+- Recipe (the paper's): Adam with AMSGrad (fused on CPU and CUDA), weight decay 1e-5, lr 2e-3 for
   adapters, linear warm-up over the first 10 % of the steps then cosine decay, MONAI ``DiceCELoss`` (softmax,
   one-hot targets, Dice on the foreground classes only, cross-entropy on all).
 - Validation: every ``val_every`` steps and at the end, sliding-window inference over whole validation volumes
@@ -47,6 +47,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 import typing
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .io_utils import atomic_write_text, default_permissions
+from .io_utils import CorruptFileError, atomic_write_text, check_safetensors, default_permissions
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -67,8 +68,10 @@ __all__ = [
     "DEFAULT_DATA",
     "DatasetSpec",
     "ShardedBatchSampler",
+    "SettingsError",
     "StepInfo",
     "TrainSettings",
+    "TrainingInterrupted",
     "build_parser",
     "complete_checkpoints",
     "default_cache_dir",
@@ -76,6 +79,7 @@ __all__ = [
     "run_example",
     "settings_from_args",
     "train",
+    "train_from_args",
     "warmup_cosine",
 ]
 
@@ -95,6 +99,36 @@ CHECKPOINTS_DIR_NAME = "checkpoints"
 # ---------------------------------------------------------------------------------------------------------
 
 
+class SettingsError(ValueError):
+    """A setting that cannot work (a bad value, or one that does not fit the data or the output folder).
+
+    The message names the field, the value and the fix; the example scripts report it as a usage error of the
+    field's command-line flag (exit status 2).
+
+    Attributes:
+        field: the :class:`TrainSettings` field at fault, or None.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`, with where the run stood.
+
+    Attributes:
+        step: optimizer steps done.
+        total_steps: optimizer steps of the run.
+        checkpoint: the newest complete checkpoint folder, or None.
+        is_main: raised on the main process (the one that reports it).
+    """
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path | None, is_main: bool = True) -> None:
+        super().__init__(f"interrupted at step {step} of {total_steps}")
+        self.step, self.total_steps, self.checkpoint, self.is_main = step, total_steps, checkpoint, is_main
+
+
 def _opt(default: Any, help: str, cli: bool = True, **argparse_options: Any) -> Any:
     """A settings field whose help text is the one the command line shows (one source of truth)."""
     metadata = {"help": help, "cli": cli, **argparse_options}
@@ -108,7 +142,7 @@ class TrainSettings:
     """Everything a training run needs; every field but the first three is also a command-line option.
 
     Raises:
-        ValueError: from ``__post_init__`` for an invalid value, naming the field, the value and the fix.
+        SettingsError: from ``__post_init__`` for an invalid value, naming the field, the value and the fix.
     """
 
     dataset: str = _opt("kits19", "Dataset reader and metric conventions: kits19, msd or brats.", cli=False)
@@ -146,7 +180,9 @@ class TrainSettings:
     )
     decoder: str = _opt("upernet", "2D decoder.", choices=["upernet", "fpn", "segformer"])
     decoder_channels: int | None = _opt(
-        None, "Decoder width (UperNet hidden size; default: the decoder's own, 512 for UperNet)."
+        None,
+        "Decoder width, a positive integer (UperNet hidden size). Left unset in TrainSettings: the decoder's own, "
+        "512 for UperNet (the paper's).",
     )
 
     # Crops
@@ -167,7 +203,9 @@ class TrainSettings:
         0.1, "Share of the steps with a linear warm-up (reference: 25 of 250 epochs)."
     )
     min_lr_ratio: float = _opt(0.0, "Final learning rate of the cosine decay, as a fraction of --lr.")
-    max_grad_norm: float | None = _opt(None, "Clip the gradient norm to this value (off by default).")
+    max_grad_norm: float | None = _opt(
+        None, "Clip the gradient norm to this positive value (default: no clipping)."
+    )
     mixed_precision: str = _opt(
         "auto", "auto (bf16 on CUDA, fp32 on CPU), no, bf16 or fp16.", choices=["auto", "no", "bf16", "fp16"]
     )
@@ -212,46 +250,89 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ValueError(_unknown("TrainSettings.dataset", self.dataset, DATASETS))
+            raise SettingsError(_unknown("TrainSettings.dataset", self.dataset, DATASETS), "dataset")
         if self.data_dir is None and self.default_data is None:
-            raise ValueError(
+            raise SettingsError(
                 f"TrainSettings.data_dir is None and no default_data is set for dataset {self.dataset!r}; pass "
-                f"--data-dir with the dataset folder."
+                f"--data-dir with the dataset folder.",
+                "data_dir",
             )
         if self.default_data is not None and self.default_data not in DEFAULT_DATA:
-            raise ValueError(_unknown("TrainSettings.default_data", self.default_data, DEFAULT_DATA))
+            raise SettingsError(
+                _unknown("TrainSettings.default_data", self.default_data, DEFAULT_DATA), "default_data"
+            )
         self.crop_size = [int(s) for s in self.crop_size]
         if len(self.crop_size) != 3 or min(self.crop_size) < 1:
-            raise ValueError(
-                f"crop_size={self.crop_size}; pass three positive voxel counts D H W, e.g. 32 64 64."
+            raise SettingsError(
+                f"crop_size={self.crop_size}; pass three positive voxel counts D H W, e.g. 32 64 64.",
+                "crop_size",
             )
         if self.target_spacing is not None:
             self.target_spacing = [float(s) for s in self.target_spacing]
+            if len(self.target_spacing) != 3 or not all(
+                math.isfinite(s) and s > 0 for s in self.target_spacing
+            ):
+                raise SettingsError(
+                    f"target_spacing={self.target_spacing}; pass three positive voxel sizes in mm D H W, e.g. "
+                    f"3 1.5 1.5 (or leave it unset to keep each case's spacing).",
+                    "target_spacing",
+                )
         positive = (
             "samples_per_case",
             "batch_size",
             "gradient_accumulation_steps",
             "sw_batch_size",
             "log_every",
+            "keep_checkpoints",
         )
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; pass a positive integer.")
-        for name in ("epochs", "max_steps", "checkpoint_every", "max_cases", "synthetic_cases"):
+            if not _is_int(value) or value < 1:
+                raise SettingsError(f"{name}={value!r}; pass a positive integer.", name)
+        optional_positive = ("epochs", "max_steps", "checkpoint_every", "max_cases", "synthetic_cases")
+        for name in (*optional_positive, "decoder_channels"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}; pass a positive integer (or leave it unset).")
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("Neither epochs nor max_steps is set; pass --max-steps N or --epochs N.")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints={self.keep_checkpoints}; keep at least 1 (resume needs one).")
-        if self.val_every < 0:
-            raise ValueError(
-                f"val_every={self.val_every}; pass 0 (validate at the end only) or a step count."
+            if value is not None and (not _is_int(value) or value < 1):
+                raise SettingsError(f"{name}={value!r}; pass a positive integer (or leave it unset).", name)
+        for name in ("val_every", "et_min_voxels", "seed", "split_seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise SettingsError(f"{name}={value!r}; pass a non-negative integer.", name)
+        if self.num_workers is not None and (not _is_int(self.num_workers) or self.num_workers < 0):
+            raise SettingsError(
+                f"num_workers={self.num_workers!r}; pass 0 (load in the training process) or more workers, or "
+                f"leave it unset.",
+                "num_workers",
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr}; pass a positive learning rate, e.g. 2e-3 for adapters.")
+        if self.epochs is None and self.max_steps is None:
+            raise SettingsError(
+                "Neither epochs nor max_steps is set; pass --max-steps N or --epochs N.", "max_steps"
+            )
+        if (self.num_folds is None) != (self.fold is None):
+            name = "fold" if self.fold is None else "num_folds"
+            raise SettingsError(
+                f"num_folds={self.num_folds}, fold={self.fold}; pass both (e.g. num_folds=5, fold=0) or neither.",
+                name,
+            )
+        if self.num_folds is not None and (not _is_int(self.num_folds) or self.num_folds < 2):
+            raise SettingsError(f"num_folds={self.num_folds!r}; pass at least 2 folds.", "num_folds")
+        if self.fold is not None and (not _is_int(self.fold) or not 0 <= self.fold < self.num_folds):
+            raise SettingsError(f"fold={self.fold!r}; pass 0 <= fold < num_folds ({self.num_folds}).", "fold")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SettingsError(f"lr={self.lr}; pass a positive learning rate, e.g. 2e-3 for adapters.", "lr")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SettingsError(
+                f"weight_decay={self.weight_decay}; pass 0 (none) or a positive decay, e.g. 1e-5.",
+                "weight_decay",
+            )
+        if self.max_grad_norm is not None and not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
+            raise SettingsError(
+                f"max_grad_norm={self.max_grad_norm}; pass a positive norm to clip to, e.g. 1.0, or leave it unset "
+                f"(no clipping).",
+                "max_grad_norm",
+            )
         for name in (
             "val_fraction",
             "foreground_probability",
@@ -260,20 +341,32 @@ class TrainSettings:
             "sw_overlap",
         ):
             value = getattr(self, name)
-            upper_open = name in ("val_fraction", "sw_overlap")
-            if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-                raise ValueError(f"{name}={value}; pass a fraction in [0, 1{')' if upper_open else ']'}.")
+            if name == "val_fraction":  # a split needs cases on both sides
+                ok, interval = 0.0 < value < 1.0, "(0, 1)"
+            elif name == "sw_overlap":
+                ok, interval = 0.0 <= value < 1.0, "[0, 1)"
+            else:
+                ok, interval = 0.0 <= value <= 1.0, "[0, 1]"
+            if not ok:
+                raise SettingsError(f"{name}={value}; pass a fraction in {interval}.", name)
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite are both set; pass one: continue the run or start over.")
+            raise SettingsError(
+                "resume and overwrite are both set; pass one: continue the run or start over.", "overwrite"
+            )
         if self.cuda_graphs and self.method != "med_adapter":
-            raise ValueError(
+            raise SettingsError(
                 f"cuda_graphs=True graphs the Med-Adapters, but method={self.method!r}; use method 'med_adapter' "
-                "or leave cuda_graphs off."
+                "or leave cuda_graphs off.",
+                "cuda_graphs",
             )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy (stored in metrics.json, trainer_state.json and the trackers)."""
         return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _unknown(name: str, value: Any, known: Any) -> str:
@@ -710,14 +803,60 @@ _RESUME_KEYS = (
 )
 
 
+class _ExistingRunError(SettingsError, FileExistsError):
+    """``output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set."""
+
+
+class _MissingDataError(SettingsError, FileNotFoundError):
+    """``data_dir`` does not exist."""
+
+
 def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) -> None:
+    """Refuse an ``output_dir`` that cannot be created or written, or that holds an earlier run (unless resumed);
+    with ``overwrite``, delete the earlier run. Nothing is created here.
+
+    Raises:
+        SettingsError: naming ``output_dir``, for a file in its place or a folder this process cannot write.
+        FileExistsError: (also a SettingsError) for an earlier run without ``resume`` or ``overwrite``.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SettingsError(
+            f"output_dir '{output_dir}' is a file, not a folder; pass a new or existing folder as --output-dir.",
+            "output_dir",
+        )
+    existing = output_dir
+    while not existing.exists():  # the folder is created later, once the settings fit the data
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingsError(
+            f"output_dir '{output_dir}' cannot be created: '{existing}' is a file; pass another --output-dir.",
+            "output_dir",
+        )
+    # Everything a run writes into (the checkpoints, the model and the predictions folders of an earlier run
+    # too), probed with a temporary file: a read-only folder must stop the run now, not after training.
+    probed = [existing] + [
+        output_dir / n for n in (CHECKPOINTS_DIR_NAME, MODEL_DIR_NAME, PREDICTIONS_DIR_NAME)
+    ]
+    for folder in (f for f in probed if f.is_dir()):
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".medtuning-write-check-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            action = "written" if existing == output_dir else "created"
+            raise SettingsError(
+                f"output_dir '{output_dir}' cannot be {action}: {error.strerror or error} in '{folder}'; pass an "
+                f"--output-dir you can write to, or make that folder writable.",
+                "output_dir",
+            ) from error
     earlier = [output_dir / n for n in (CHECKPOINTS_DIR_NAME, MODEL_DIR_NAME, METRICS_NAME)]
     if not any(p.exists() for p in earlier) or settings.resume:
         return
     if not settings.overwrite:
-        raise FileExistsError(
+        raise _ExistingRunError(
             f"output_dir '{output_dir}' holds an earlier run ({', '.join(p.name for p in earlier if p.exists())}); "
-            f"pass --resume to continue it, --overwrite to start over, or a new --output-dir."
+            f"pass --resume to continue it, --overwrite to start over, or a new --output-dir.",
+            "output_dir",
         )
     if is_main:
         for path in earlier + [output_dir / PREDICTIONS_DIR_NAME]:
@@ -740,9 +879,10 @@ def _load_task(settings: TrainSettings, accelerator: Any) -> tuple[dict[str, Any
         else:
             data_dir = Path(settings.data_dir).expanduser()
             if not data_dir.is_dir():
-                raise FileNotFoundError(
+                raise _MissingDataError(
                     f"data_dir '{data_dir}' does not exist; pass the {settings.dataset} dataset folder "
-                    f"(layouts in examples/README.md)."
+                    f"(layouts in examples/README.md).",
+                    "data_dir",
                 )
             if note:
                 logger.info("Data: %s, at %s.", note, data_dir)
@@ -751,17 +891,24 @@ def _load_task(settings: TrainSettings, accelerator: Any) -> tuple[dict[str, Any
         if settings.max_cases is not None:
             labelled = labelled[: settings.max_cases]
         if len(labelled) < 2:
-            raise ValueError(
+            raise SettingsError(
                 f"data_dir '{data_dir}' has {len(labelled)} labelled case(s); training with validation needs at "
-                f"least 2."
+                f"least 2.",
+                "data_dir",
             )
-        train_ids, val_ids = split_cases(
-            [c.case_id for c in labelled],
-            val_fraction=settings.val_fraction,
-            num_folds=settings.num_folds,
-            fold=settings.fold,
-            seed=settings.split_seed,
-        )
+        try:
+            train_ids, val_ids = split_cases(
+                [c.case_id for c in labelled],
+                val_fraction=settings.val_fraction,
+                num_folds=settings.num_folds,
+                fold=settings.fold,
+                seed=settings.split_seed,
+            )
+        except ValueError as error:  # e.g. more folds than cases
+            raise SettingsError(
+                f"{error} (data_dir '{data_dir}': {len(labelled)} labelled cases)",
+                "num_folds" if settings.num_folds is not None else "val_fraction",
+            ) from error
         first = labelled[0]
         preprocessing = default_preprocessing(first.modality, first.dataset)
         if settings.target_spacing is not None:
@@ -851,7 +998,7 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
         decoder=settings.decoder,
         method=settings.method,
         label_names=task["label_names"],
-        decoder_kwargs={"channels": settings.decoder_channels} if settings.decoder_channels else None,
+        decoder_kwargs=None if settings.decoder_channels is None else {"channels": settings.decoder_channels},
         crop_size=settings.crop_size,
         preprocessing=task["preprocessing"],
     )
@@ -870,26 +1017,104 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
     return segmenter
 
 
+_TRAINER_STATE_KEYS = ("step", "total_steps", "num_processes", "history", "settings")
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+"""What ``accelerator.save_state`` writes for this engine's model, optimizer and scheduler (RNG states apart)."""
+
+
+def _check_checkpoint(folder: Path, process_index: int, previous: Path | None) -> dict[str, Any]:
+    """The trainer state of checkpoint ``folder`` after checking that it can be resumed from.
+
+    The trainer state must hold every key resume reads, the model weights must be a complete safetensors file, and
+    the optimizer and scheduler files must load. A missing RNG state only warns: the run goes on, but no longer
+    repeats an uninterrupted one exactly.
+
+    Raises:
+        CorruptFileError: naming the folder, what is wrong, and how to go on (remove it: resume then takes
+            ``previous``).
+    """
+
+    def damaged(problem: str) -> CorruptFileError:
+        return _damaged_checkpoint(folder, problem, previous)
+
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text())  # readable: complete_checkpoints parsed it
+    missing = [k for k in _TRAINER_STATE_KEYS if k not in state]
+    if missing:
+        raise damaged(f"{TRAINER_STATE_NAME} lacks {missing}")
+    history = state["history"]
+    if not isinstance(state["settings"], dict) or not (
+        isinstance(history, dict) and all(isinstance(history.get(k), list) for k in ("loss", "validation"))
+    ):
+        raise damaged(f"{TRAINER_STATE_NAME} has no settings mapping or no loss and validation history")
+    absent = [name for name in _CHECKPOINT_FILES if not (folder / name).is_file()]
+    if absent:
+        raise damaged(f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing")
+    try:
+        check_safetensors(folder / "model.safetensors")
+    except CorruptFileError as error:
+        raise damaged(_first_sentence(error)) from error
+    for name in _CHECKPOINT_FILES[1:]:  # read as load_state reads them, to name the file that fails
+        try:
+            torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated or overwritten file: torch and pickle raise many kinds
+            raise damaged(
+                f"{name} cannot be read ({type(error).__name__}: {_first_sentence(error)})"
+            ) from error
+    if not (folder / f"random_states_{process_index}.pkl").is_file():
+        logger.warning(
+            "Checkpoint %s has no random_states_%d.pkl: resuming with this process's current random state, so "
+            "the crops and augmentations will differ from those of an uninterrupted run.",
+            folder,
+            process_index,
+        )
+    return state
+
+
+def _first_sentence(error: Exception) -> str:
+    return str(error).strip().split(". ")[0].split("\n")[0].rstrip(".")
+
+
+def _damaged_checkpoint(folder: Path, problem: str, previous: Path | None) -> CorruptFileError:
+    then = f"the previous complete one, {previous}" if previous else "step 0 (no earlier checkpoint is left)"
+    return CorruptFileError(
+        f"Checkpoint {folder} is damaged: {problem}. Remove that folder and run again with --resume to continue from "
+        f"{then}."
+    )
+
+
 def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None."""
+    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None.
+
+    A damaged newest checkpoint stops the run rather than falling back to an older one: going back silently
+    would discard the steps since then and hide a disk problem; the error names the folder to remove.
+
+    Raises:
+        CorruptFileError: for a damaged newest checkpoint (naming it and the fix).
+        SettingsError: for a checkpoint written with other settings or another number of processes.
+    """
     checkpoints = complete_checkpoints(checkpoint_dir)
     if not checkpoints:
         logger.info("--resume: no complete checkpoint in %s; starting from step 0.", checkpoint_dir)
         return None
     step, folder = checkpoints[-1]
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    previous = checkpoints[-2][1] if len(checkpoints) > 1 else None
+    state = _check_checkpoint(folder, accelerator.process_index, previous)
     saved, current = state["settings"], settings.to_dict()
     changed = {k: (saved.get(k), current[k]) for k in _RESUME_KEYS if saved.get(k) != current[k]}
     if state["num_processes"] != accelerator.num_processes:
         changed["num_processes"] = (state["num_processes"], accelerator.num_processes)
     if changed:
-        raise ValueError(
+        raise SettingsError(
             f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
             f"settings and number of processes, or start a new --output-dir."
         )
-    accelerator.load_state(
-        str(folder)
-    )  # model, optimizer, scheduler, RNG; torch files read with weights_only
+    try:
+        accelerator.load_state(
+            str(folder)
+        )  # model, optimizer, scheduler, RNG; torch files read with weights_only
+    except Exception as error:  # a truncated or overwritten file: torch and pickle raise many kinds
+        problem = f"loading it failed ({type(error).__name__}: {_first_sentence(error)})"
+        raise _damaged_checkpoint(folder, problem, previous) from error
     logger.info("Resumed from %s at step %d of %d.", folder, step, state["total_steps"])
     return state
 
@@ -948,10 +1173,16 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         ``data``, ``parameters``, ``adapter_bytes``, ``wall_time_s`` and more.
 
     Raises:
-        FileExistsError: when ``output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
-        FileNotFoundError: when ``data_dir`` does not exist.
-        ValueError: for settings that do not fit the data (too few cases or crops) or a checkpoint whose settings
-            differ from these.
+        SettingsError: before anything is written, for settings that do not fit the data (too few cases or
+            crops, more folds than cases), an ``output_dir`` that cannot be created or written, or a checkpoint
+            whose settings differ from these. An earlier run in ``output_dir`` without ``resume`` or ``overwrite``
+            raises one that is also a ``FileExistsError``, a missing ``data_dir`` one that is also a
+            ``FileNotFoundError``.
+        CorruptFileError: when ``resume`` finds the newest checkpoint damaged (naming it and the fix).
+        FloatingPointError: when the training loss of a step is not finite (naming the step, the loss and the
+            learning rate); that step is not saved, earlier complete checkpoints stay.
+        TrainingInterrupted: (a ``KeyboardInterrupt``) on Ctrl-C during training, with the step reached and the
+            newest complete checkpoint.
     """
     from accelerate.utils import set_seed
     from monai.losses import DiceCELoss
@@ -964,15 +1195,12 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     checkpoint_dir = output_dir / CHECKPOINTS_DIR_NAME
     accelerator, mixed_precision = _make_accelerator(settings, output_dir)
     if settings.cuda_graphs and accelerator.device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA device; this process runs on {accelerator.device}.")
+        raise SettingsError(
+            f"cuda_graphs=True needs a CUDA device; this process runs on {accelerator.device}.", "cuda_graphs"
+        )
     is_main = accelerator.is_main_process
     _check_output_dir(output_dir, settings, is_main)
     accelerator.wait_for_everyone()
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint_dir.glob(".step_*.partial") if checkpoint_dir.is_dir() else []:
-            logger.info("Removing incomplete checkpoint %s (a run stopped while saving it).", stale)
-            shutil.rmtree(stale, ignore_errors=True)
 
     task, train_cases, val_cases = _load_task(settings, accelerator)
     val_cases = sorted(val_cases, key=lambda c: c.case_id)
@@ -997,16 +1225,24 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     P, b, A = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
     steps_per_epoch = len(dataset) // (b * P) // A
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise SettingsError(
             f"One optimizer step needs batch_size x num_processes x gradient_accumulation_steps = {b} x {P} x {A} = "
             f"{b * P * A} crops but an epoch has {len(dataset)} ({len(train_cases)} training cases x "
-            f"samples_per_case={settings.samples_per_case}); raise --samples-per-case or lower the batch."
+            f"samples_per_case={settings.samples_per_case}); raise --samples-per-case or lower the batch.",
+            "samples_per_case",
         )
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     warmup_steps = round(settings.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, warmup_steps, settings.min_lr_ratio)
     )
+    # The settings fit the data: only now does the run folder appear.
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint_dir.glob(".step_*.partial") if checkpoint_dir.is_dir() else []:
+            logger.info("Removing incomplete checkpoint %s (a run stopped while saving it).", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
     model, optimizer, scheduler = accelerator.prepare(segmenter, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
@@ -1045,80 +1281,98 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     final_validation: tuple[dict, dict] | None = None
     running = torch.zeros((), device=accelerator.device)
     model.train()
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        for batch in _epoch_loader(dataset, settings, accelerator, epoch, steps_per_epoch, first):
-            with accelerator.accumulate(model):
-                images = batch["image"].to(accelerator.device, non_blocking=True)  # (b, C, D, H, W)
-                labels = batch["label"].to(accelerator.device, non_blocking=True)  # (b, D, H, W) classes
-                logits = model(images)  # (b, K, D, H, W)
-                loss = loss_fn(logits.float(), labels[:, None])  # targets (b, 1, D, H, W)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-                optimizer.step()  # skipped by Accelerate until the last micro-batch of the step
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            step_loss = accelerator.reduce(running / A, reduction="mean").item()
-            running.zero_()
-            history["loss"].append({"step": step, "loss": step_loss, "lr": lr})
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if settings.report_to:
-                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
-            if is_main and (step % settings.log_every == 0 or step == total_steps):
-                recent = np.mean([h["loss"] for h in history["loss"][-settings.log_every :]])
-                progress.write(f"step {step}/{total_steps}  loss {recent:.4f}  lr {lr:.2e}")
-
-            is_last = step == total_steps
-            if (settings.val_every and step % settings.val_every == 0) or is_last:
-                predictions = (
-                    _fresh_predictions_dir(accelerator, output_dir)
-                    if is_last and settings.save_predictions
-                    else None
-                )
-                per_case, summary = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
-                model.train()
-                history["validation"].append({"step": step, "summary": summary})
-                final_validation = (per_case, summary) if is_last else None
-                if settings.report_to:
-                    accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=step)
-                if is_main:
-                    progress.write(
-                        f"validation at step {step} ({len(per_case)} cases): {_format_summary(summary)}"
+    try:
+        while step < total_steps:
+            epoch, first = divmod(step, steps_per_epoch)
+            for batch in _epoch_loader(dataset, settings, accelerator, epoch, steps_per_epoch, first):
+                with accelerator.accumulate(model):
+                    images = batch["image"].to(accelerator.device, non_blocking=True)  # (b, C, D, H, W)
+                    labels = batch["label"].to(accelerator.device, non_blocking=True)  # (b, D, H, W) classes
+                    logits = model(images)  # (b, K, D, H, W)
+                    loss = loss_fn(logits.float(), labels[:, None])  # targets (b, 1, D, H, W)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and settings.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+                    optimizer.step()  # skipped by Accelerate until the last micro-batch of the step
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach()
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                step_loss = accelerator.reduce(running / A, reduction="mean").item()  # the step's one sync
+                running.zero_()
+                if not math.isfinite(step_loss):  # the same on every process: all stop together
+                    raise FloatingPointError(
+                        f"Training loss is {step_loss} at step {step} of {total_steps} (learning rate {lr:.3g}); the run "
+                        f"stopped without saving this step (complete checkpoints before it are kept in "
+                        f"{checkpoint_dir}). Lower --lr, clip gradients with --max-grad-norm, or check the data for "
+                        f"NaN or infinite voxels, and start over with --overwrite."
                     )
-            checkpoint = None
-            if step % checkpoint_every == 0 or is_last:
-                trainer_state = {
-                    "step": step,
-                    "epoch": epoch,
-                    "total_steps": total_steps,
-                    "num_processes": P,
-                    "samples_seen": step * b * P * A,
-                    "history": history,
-                    "settings": settings.to_dict(),
-                    "wall_time_s": elapsed_before + time.time() - train_started,
-                }
-                checkpoint = _save_checkpoint(
-                    accelerator, checkpoint_dir, step, trainer_state, settings.keep_checkpoints
-                )
-            if on_step_end is not None:
-                on_step_end(
-                    StepInfo(step, total_steps, step_loss, lr, accelerator, model, optimizer, checkpoint)
-                )
-            if is_last:
-                break
-    progress.close()
-    train_time = time.time() - train_started
+                history["loss"].append({"step": step, "loss": step_loss, "lr": lr})
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                if settings.report_to:
+                    accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
+                if is_main and (step % settings.log_every == 0 or step == total_steps):
+                    recent = np.mean([h["loss"] for h in history["loss"][-settings.log_every :]])
+                    progress.write(f"step {step}/{total_steps}  loss {recent:.4f}  lr {lr:.2e}")
 
-    if final_validation is None:  # a finished run resumed: validate the loaded model again
-        predictions = _fresh_predictions_dir(accelerator, output_dir) if settings.save_predictions else None
-        final_validation = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
+                is_last = step == total_steps
+                if (settings.val_every and step % settings.val_every == 0) or is_last:
+                    predictions = (
+                        _fresh_predictions_dir(accelerator, output_dir)
+                        if is_last and settings.save_predictions
+                        else None
+                    )
+                    per_case, summary = _validate(
+                        accelerator, unwrapped, val_cases, settings, task, predictions
+                    )
+                    model.train()
+                    history["validation"].append({"step": step, "summary": summary})
+                    final_validation = (per_case, summary) if is_last else None
+                    if settings.report_to:
+                        accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=step)
+                    if is_main:
+                        progress.write(
+                            f"validation at step {step} ({len(per_case)} cases): {_format_summary(summary)}"
+                        )
+                checkpoint = None
+                if step % checkpoint_every == 0 or is_last:
+                    trainer_state = {
+                        "step": step,
+                        "epoch": epoch,
+                        "total_steps": total_steps,
+                        "num_processes": P,
+                        "samples_seen": step * b * P * A,
+                        "history": history,
+                        "settings": settings.to_dict(),
+                        "wall_time_s": elapsed_before + time.time() - train_started,
+                    }
+                    checkpoint = _save_checkpoint(
+                        accelerator, checkpoint_dir, step, trainer_state, settings.keep_checkpoints
+                    )
+                if on_step_end is not None:
+                    on_step_end(
+                        StepInfo(step, total_steps, step_loss, lr, accelerator, model, optimizer, checkpoint)
+                    )
+                if is_last:
+                    break
+        progress.close()
+        train_time = time.time() - train_started
+
+        if final_validation is None:  # a finished run resumed: validate the loaded model again
+            predictions = (
+                _fresh_predictions_dir(accelerator, output_dir) if settings.save_predictions else None
+            )
+            final_validation = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
+    except KeyboardInterrupt as interrupt:
+        progress.close()
+        newest = complete_checkpoints(checkpoint_dir) if is_main else []
+        raise TrainingInterrupted(
+            step, total_steps, newest[-1][1] if newest else None, is_main
+        ) from interrupt
     per_case, summary = final_validation
 
     model_dir = output_dir / MODEL_DIR_NAME
@@ -1247,6 +1501,53 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> TrainSettings:
     return TrainSettings(**{**values, **fixed})
 
 
+def train_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, **fixed: Any
+) -> dict[str, Any]:
+    """Train with the parsed options of an example script, reporting as a command-line tool does.
+
+    A :class:`SettingsError` (from the settings or from :func:`train`'s checks of the data and the output folder)
+    becomes a usage error of its flag: ``parser.error``, exit status 2. Ctrl-C prints where the run stopped and how
+    to resume it, and exits with status 130.
+
+    Args:
+        parser: the script's parser (from :func:`build_parser`).
+        args: its parsed options.
+        **fixed: the script's fixed fields (``dataset``, ``default_data``, ...).
+
+    Returns:
+        What :func:`train` returns.
+    """
+    try:
+        return train(settings_from_args(args, **fixed))
+    except SettingsError as error:
+        cli = {f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("cli", True)}
+        if error.field in cli:
+            parser.error(f"argument --{error.field.replace('_', '-')}: {error}")
+        parser.error(str(error))
+    except KeyboardInterrupt as interrupt:
+        if not isinstance(interrupt, TrainingInterrupted):
+            print(
+                f"Interrupted. Run the same command with --resume to continue from the newest complete checkpoint "
+                f"in {Path(args.output_dir) / CHECKPOINTS_DIR_NAME} (from step 0 if there is none).",
+                file=sys.stderr,
+            )
+        elif interrupt.is_main and interrupt.checkpoint is not None:
+            print(
+                f"Interrupted at step {interrupt.step} of {interrupt.total_steps}. Run the same command with "
+                f"--resume to continue from the newest complete checkpoint, {interrupt.checkpoint}.",
+                file=sys.stderr,
+            )
+        elif interrupt.is_main:
+            print(
+                f"Interrupted at step {interrupt.step} of {interrupt.total_steps}, before the first checkpoint was "
+                f"saved; run the same command with --resume to start again from step 0 (--checkpoint-every N "
+                f"saves checkpoints more often).",
+                file=sys.stderr,
+            )
+        sys.exit(130)
+
+
 def run_example(
     description: str,
     argv: Sequence[str] | None = None,
@@ -1269,10 +1570,12 @@ def run_example(
         **defaults: the script's defaults for :class:`TrainSettings` fields.
 
     Returns:
-        What :func:`train` returns.
+        What :func:`train` returns; a settings error exits with a usage message (status 2), Ctrl-C with a line on
+        how to resume (status 130), as :func:`train_from_args` describes.
     """
-    args = build_parser(description, **defaults).parse_args(argv)
+    parser = build_parser(description, **defaults)
+    args = parser.parse_args(argv)
     fixed: dict[str, Any] = {"dataset": dataset, "default_data": default_data}
     if args.data_dir is None and default_data_dir is not None:
         fixed.update(data_dir=str(default_data_dir), data_note=f"{data_note} (no --data-dir given)")
-    return train(settings_from_args(args, **fixed))
+    return train_from_args(parser, args, **fixed)

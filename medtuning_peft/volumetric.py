@@ -34,15 +34,22 @@ from typing import Any
 import peft
 import torch
 import transformers
-from huggingface_hub import snapshot_download
+from huggingface_hub import is_offline_mode, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbones import BACKBONE_SPECS
-from .decoders import build_decoder
-from .io_utils import atomic_directory, check_safetensors, read_json_file, safetensors_header
+from .decoders import DECODERS, build_decoder
+from .io_utils import (
+    CorruptFileError,
+    atomic_directory,
+    check_safetensors,
+    read_json_file,
+    safetensors_header,
+)
 from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
@@ -54,17 +61,22 @@ __all__ = [
     "adapt_input_channels",
     "backbone_signature",
     "build_segmenter",
+    "check_saved_model",
+    "check_segmenter_config",
     "extract_features",
     "feature_channels",
     "feature_spec",
     "from_pretrained",
     "load_backbone",
+    "patch_size",
     "plain_taps",
     "slices_to_volume",
     "volume_to_slices",
 ]
 
 SEGMENTER_CONFIG_NAME = "segmenter_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 BACKBONE_SUBFOLDER = "backbone"
 FORMAT_VERSION = 1
@@ -301,6 +313,18 @@ def extract_features(backbone: nn.Module, pixel_values: torch.Tensor, **kwargs: 
     return feature_spec(backbone).extract(backbone, pixel_values, **kwargs)
 
 
+def patch_size(backbone: nn.Module) -> tuple[int, int]:
+    """``(ph, pw)``: the pixels of one token of the backbone's first grid; smaller slices hold no whole patch.
+
+    The patch size of ViT, DINOv2 and Swin; the first stride of SegFormer's overlapping patch embeddings.
+    """
+    config = backbone.config
+    size = getattr(config, "patch_size", None)
+    if size is None:
+        size = config.strides[0]
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def feature_channels(backbone: nn.Module) -> list[int]:
     """Widths ``[C_i]`` of the maps :func:`extract_features` returns for ``backbone``."""
     return feature_spec(backbone).channels(backbone)
@@ -463,6 +487,46 @@ TINY_BACKBONES: dict[str, tuple[str, Callable[[], PretrainedConfig]]] = {
 """Named tiny configurations (3-channel, random init) for tests and offline use: name -> (class, config)."""
 
 
+def _looks_like_path(text: str) -> bool:
+    """Whether ``text`` can only be a local path: a Hub id is ``name`` or ``org/name``."""
+    return (
+        Path(text).expanduser().is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or os.sep != "/"
+        and os.sep in text
+    )
+
+
+def _hub_miss(text: str, error: Exception) -> str:
+    """Why ``text``, neither a local directory nor loadable by Hub id, could not be found."""
+    if is_offline_mode() or isinstance(error, LocalEntryNotFoundError):
+        why = "it is not in the local Hugging Face cache (offline: HF_HUB_OFFLINE is set or the Hub is unreachable)"
+    elif isinstance(error, RevisionNotFoundError):
+        why = f"the Hub repository has no such revision ({error})"
+    elif isinstance(error, RepositoryNotFoundError):
+        why = "no such repository exists on the Hub (or it is private: log in with `hf auth login`)"
+    else:
+        why = f"it could not be loaded ({type(error).__name__}: {error})"
+    return (
+        f"{text!r} is not a local directory (no such directory under '{Path.cwd()}'), and as a Hub id {why}."
+    )
+
+
+def _check_source(source: str) -> None:
+    """Refuse, before any download, a tiny name or local path that names nothing."""
+    if Path(source).expanduser().is_dir():
+        return
+    if source.startswith("tiny") and "/" not in source:
+        raise ValueError(_unknown("tiny backbone name", source, TINY_BACKBONES))
+    if _looks_like_path(source) or Path(source).expanduser().exists():
+        raise FileNotFoundError(
+            f"backbone {source!r} is not a local directory (no such directory) and not a Hub id "
+            f"('org/name'); pass a directory holding a transformers config.json, a Hub id or one of "
+            f"{sorted(TINY_BACKBONES)}."
+        )
+
+
 def _model_class(name: str) -> type[PreTrainedModel]:
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
@@ -494,15 +558,24 @@ def load_backbone(
         not be saved with an adapter).
 
     Raises:
-        ValueError: for an unsupported ``model_type`` or a ``backbone_class`` of another architecture.
+        ValueError: for an unsupported ``model_type``, a ``backbone_class`` of another architecture, or an
+            unknown ``tiny-*`` name.
+        FileNotFoundError: when ``source`` is a path that is not a directory, or is neither a local
+            directory nor a Hub id that can be loaded (e.g. offline and not in the cache).
     """
     if source in TINY_BACKBONES:
         class_name, make_config = TINY_BACKBONES[source]
         model = _model_class(class_name)(make_config())
         info = {"backbone": source, "backbone_class": class_name, "backbone_revision": None}
         return model, {**info, "backbone_config_overrides": None, "backbone_reloadable": False}
+    _check_source(source)
     overrides = dict(config_overrides or {})
-    config = transformers.AutoConfig.from_pretrained(source, revision=revision, **overrides)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision, **overrides)
+    except OSError as error:
+        if Path(source).expanduser().is_dir():
+            raise
+        raise FileNotFoundError(f"backbone {_hub_miss(source, error)}") from error
     if config.model_type not in FEATURE_SPECS:
         raise ValueError(_unknown(f"backbone model_type of {source!r}:", config.model_type, FEATURE_SPECS))
     class_name = backbone_class or FEATURE_SPECS[config.model_type].model_class
@@ -587,7 +660,290 @@ def _check_backbone_signature(
         )
 
 
-def _check_model_files(path: Path, config: dict[str, Any]) -> None:
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _type_check(name: str, model_type: str | None, file: Path) -> None:
+    """Refuse a ``backbone_class`` that is no transformers model, or one of another architecture."""
+    try:
+        cls = _model_class(name)
+    except ValueError as error:
+        raise ValueError(f"{file}: {error} Restore the value the model was saved with.") from None
+    if model_type is not None and cls.config_class.model_type != model_type:
+        expected = (
+            FEATURE_SPECS[model_type].model_class if model_type in FEATURE_SPECS else "a matching class"
+        )
+        raise ValueError(
+            f"{file}: backbone_class {name!r} is a {cls.config_class.model_type!r} model but the saved backbone "
+            f"is a {model_type!r} model; restore backbone_class (e.g. {expected!r})."
+        )
+
+
+# field -> (check, what is expected); fields absent from a config are not checked, except _REQUIRED_FIELDS.
+_CONFIG_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "decoder": (lambda v: isinstance(v, str) and v in DECODERS, f"one of {sorted(DECODERS)}"),
+    "num_classes": (lambda v: _is_int(v, 1), "a positive int (classes K, background included)"),
+    "in_channels": (lambda v: _is_int(v, 1), "a positive int (input channels C)"),
+    "decoder_kwargs": (lambda v: v is None or isinstance(v, dict), "an object of decoder options or null"),
+    "label_names": (lambda v: v is None or _is_str_list(v), "a list of K class names or null"),
+    "label_values": (
+        lambda v: v is None or isinstance(v, list) and all(_is_int(x, 0) for x in v),
+        "a list of K distinct label values >= 0 or null",
+    ),
+    "backbone": (lambda v: v is None or isinstance(v, str), "the backbone's Hub id, directory or tiny name"),
+    "backbone_class": (
+        lambda v: v is None or isinstance(v, str),
+        "a transformers class name, e.g. 'SwinModel'",
+    ),
+    "backbone_weights": (
+        lambda v: v in (None, BACKBONE_SUBFOLDER, "hub"),
+        f"{BACKBONE_SUBFOLDER!r} or 'hub'",
+    ),
+    "backbone_revision": (lambda v: v is None or isinstance(v, str), "a Hub revision or null"),
+    "backbone_config_overrides": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "backbone_signature": (lambda v: v is None or isinstance(v, dict), "the object save_pretrained wrote"),
+    "num_slices": (lambda v: v is None or _is_int(v, 1), "a positive int (slices per volume D) or null"),
+    "crop_size": (
+        lambda v: v is None or isinstance(v, list) and len(v) == 3 and all(_is_int(x, 1) for x in v),
+        "[D, H, W] of positive ints or null",
+    ),
+    "preprocessing": (
+        lambda v: v is None or isinstance(v, dict),
+        "an object of preprocessing settings or null",
+    ),
+    "versions": (lambda v: isinstance(v, dict), "an object of package versions"),
+}
+_REQUIRED_FIELDS = ("format_version", "method", "decoder", "num_classes", "in_channels")
+
+
+def check_segmenter_config(config: Any, file: str | os.PathLike = SEGMENTER_CONFIG_NAME) -> dict[str, Any]:
+    """Validate the contents of a ``segmenter_config.json`` before anything is built from it.
+
+    Args:
+        config: the parsed JSON.
+        file: the file it was read from, for messages.
+
+    Returns:
+        ``config``.
+
+    Raises:
+        ValueError: naming the file and the field, for a missing required field, a value of the wrong type
+            or range, ``label_names`` / ``label_values`` not giving one entry per class, or a
+            ``backbone_class`` that is no transformers model or one of another architecture than the
+            saved backbone.
+    """
+    fix = (
+        "Restore the value the model was saved with, or re-save it with VolumetricSegmenter.save_pretrained."
+    )
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{file} holds a JSON {type(config).__name__}; expected an object (the one "
+            f"VolumetricSegmenter.save_pretrained writes). {fix}"
+        )
+    missing = [name for name in _REQUIRED_FIELDS if name not in config]
+    if missing:
+        raise ValueError(f"{file}: required field(s) {missing} missing. {fix}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{SEGMENTER_CONFIG_NAME} has format_version={config['format_version']!r}; this "
+            f"medtuning_peft reads {FORMAT_VERSION}. Install the version that saved it."
+        )
+    if config["method"] not in METHODS:
+        raise ValueError(f"{file}: {_unknown('method', config['method'], METHODS)} {fix}")
+    for name, (valid, expected) in _CONFIG_FIELDS.items():
+        if name in config and not valid(config[name]):
+            raise ValueError(f"{file}: {name} is {config[name]!r}; expected {expected}. {fix}")
+    num_classes = config["num_classes"]
+    for name in ("label_names", "label_values"):
+        values = config.get(name)
+        if values is not None and (len(values) != num_classes or len(set(values)) != num_classes):
+            raise ValueError(
+                f"{file}: {name} is {values!r} but num_classes is {num_classes}; expected {num_classes} distinct "
+                f"entries, one per class. {fix}"
+            )
+    if config.get("backbone_weights") == "hub" and not config.get("backbone"):
+        raise ValueError(
+            f"{file}: backbone is {config.get('backbone')!r}; expected the backbone's Hub id. {fix}"
+        )
+    if config.get("backbone_class"):
+        _type_check(
+            config["backbone_class"], (config.get("backbone_signature") or {}).get("model_type"), file
+        )
+    return config
+
+
+_ADAPTER_CONFIGS: dict[str, tuple[str, Callable[[], type[peft.PeftConfig]]]] = {
+    "med_adapter": ("MED_ADAPTER", lambda: MedAdapterConfig),
+    "lora": ("LORA", lambda: peft.LoraConfig),
+}
+"""Adapter methods: name -> (``peft_type`` of their ``adapter_config.json``, config class)."""
+
+# Fields of the config files that set the shapes of saved tensors, for messages.
+_SHAPE_FIELDS = {
+    "med_adapter": f"{ADAPTER_CONFIG_NAME} (reduction_ratio, kernel_sizes, num_slices, use_fft, inter_stage, "
+    "target_modules, inter_stage_modules)",
+    "lora": f"{ADAPTER_CONFIG_NAME} (r, target_modules)",
+    "full": f"{SEGMENTER_CONFIG_NAME} (backbone, backbone_class, backbone_signature)",
+}
+
+
+def _read_adapter_config(path: Path, method: str) -> peft.PeftConfig:
+    """The validated peft config of an adapter method's ``adapter_config.json``."""
+    file = path / ADAPTER_CONFIG_NAME
+    peft_type, config_class = _ADAPTER_CONFIGS[method]
+    fix = "Restore the file the model was saved with, or re-save it with VolumetricSegmenter.save_pretrained."
+    data = read_json_file(file, ADAPTER_CONFIG_NAME)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{file} holds a JSON {type(data).__name__}; expected an object with peft_type {peft_type!r}. {fix}"
+        )
+    if data.get("peft_type") != peft_type:
+        found = repr(data["peft_type"]) if "peft_type" in data else "missing"
+        raise ValueError(
+            f"{file}: peft_type is {found}; expected {peft_type!r} ({SEGMENTER_CONFIG_NAME} says method "
+            f"{method!r}). {fix}"
+        )
+    try:
+        config = config_class().from_pretrained(str(path))
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"{file}: {type(error).__name__}: {error}. {fix}") from error
+    if not isinstance(config, config_class()):
+        raise ValueError(f"{file}: expected a {config_class().__name__}, got {type(config).__name__}. {fix}")
+    return config
+
+
+def check_saved_model(path: str | os.PathLike, check_files: bool = True) -> dict[str, Any]:
+    """Check a directory written by :meth:`VolumetricSegmenter.save_pretrained`, reading no weights.
+
+    Validates ``segmenter_config.json`` (:func:`check_segmenter_config`) and ``adapter_config.json``, and
+    that every file the method needs is there and complete (safetensors headers and sizes, JSON).
+
+    Args:
+        path: the model directory.
+        check_files: also check that every JSON and safetensors file under ``path`` is complete (False: only
+            the files the method needs are checked to be there).
+
+    Returns:
+        The segmenter config.
+
+    Raises:
+        FileNotFoundError: when ``segmenter_config.json`` or a weights file is missing.
+        ValueError: naming the file and field of a bad config; ``io_utils.CorruptFileError`` for a truncated
+            or corrupt file.
+    """
+    config, _ = _read_configs(Path(path), check_files)
+    return config
+
+
+def _read_configs(path: Path, check_files: bool = True) -> tuple[dict[str, Any], peft.PeftConfig | None]:
+    config_file = path / SEGMENTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"No {SEGMENTER_CONFIG_NAME} in {str(path)!r}; save the model with "
+            f"VolumetricSegmenter.save_pretrained (a bare peft adapter loads with "
+            f"peft.PeftModel.from_pretrained instead)."
+        )
+    config = check_segmenter_config(read_json_file(config_file, SEGMENTER_CONFIG_NAME), config_file)
+    _check_model_files(path, config, check_files)
+    method = config["method"]
+    return config, _read_adapter_config(path, method) if method in _ADAPTER_CONFIGS else None
+
+
+def _is_decoder(name: str) -> bool:
+    return name.startswith("decoder.") or ".decoder." in name
+
+
+def _shape_fields(names: list[str], config: dict[str, Any], resized: dict[str, tuple[tuple, tuple]]) -> str:
+    """The config files and fields that set the shapes of the tensors ``names``."""
+    parts = []
+    if any(_is_decoder(n) for n in names):
+        num_classes = config["num_classes"]
+        classes = {
+            saved[0]
+            for n, (saved, expected) in resized.items()
+            if _is_decoder(n) and expected[:1] == (num_classes,) != saved[:1]
+        }
+        fields = (
+            [f"num_classes={num_classes} (the weights hold {sorted(classes)} classes)"] if classes else []
+        )
+        fields += [
+            f"decoder={config['decoder']!r}",
+            f"decoder_kwargs={json.dumps(config.get('decoder_kwargs'))}",
+        ]
+        parts.append(f"{SEGMENTER_CONFIG_NAME} ({', '.join(fields)})")
+    if any(not _is_decoder(n) for n in names):
+        parts.append(_SHAPE_FIELDS.get(config["method"], _SHAPE_FIELDS["full"]))
+    return " and ".join(parts)
+
+
+def _check_weights_fit(weights: Path, expected: dict[str, tuple[int, ...]], config: dict[str, Any]) -> None:
+    """Refuse saved tensors that do not all land on the model, by name and shape, reading headers only.
+
+    peft only warns about missing adapter keys and drops saved tensors that match no module, which leaves a
+    model with freshly initialized adapters. That happens when transformers renamed the backbone's modules
+    between the version that saved the model and this one (DINOv2 with registers called its attention
+    projections ``query`` / ``key`` / ``value`` before 5.24, ``q_proj`` / ``k_proj`` / ``v_proj`` since), or
+    when a config file was edited (other decoder, class count, adapter width).
+    """
+    saved = {k: tuple(v["shape"]) for k, v in safetensors_header(weights).items() if k != "__metadata__"}
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    resized = {
+        k: (saved[k], expected[k]) for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]
+    }
+    if not missing and not unexpected and not resized:
+        return
+    problems = []
+    if missing or unexpected:
+        problems.append(
+            f"{len(missing)} tensor(s) the model expects are not in the file (e.g. {missing[:2]}) and "
+            f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]})"
+        )
+    if resized:
+        name, (was, now) = next(iter(resized.items()))
+        problems.append(
+            f"{len(resized)} tensor(s) differ in shape (e.g. {name!r}: {list(was)} in the file, {list(now)} "
+            "from the config files)"
+        )
+    saved_with = config.get("versions", {}).get("transformers")
+    if not resized and saved_with and saved_with != transformers.__version__:
+        cause = (
+            f"The model was saved with transformers {saved_with}, and this is transformers "
+            f"{transformers.__version__}: module names differ between them. Load it with "
+            f"transformers=={saved_with}."
+        )
+    else:
+        fields = _shape_fields([*missing, *unexpected, *resized], config, resized)
+        cause = (
+            f"{fields} do not describe the model these weights were saved from (edited, or copied from another "
+            "model); restore the values it was saved with, or re-save it with VolumetricSegmenter.save_pretrained."
+        )
+    raise ValueError(
+        f"The weights in '{weights}' do not fit the model its config files describe: {'; '.join(problems)}. "
+        f"{cause} No weights were loaded."
+    )
+
+
+def _check_finite(weights: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN / Inf in the tensors loaded from ``weights`` (one pass over them)."""
+    bad = [
+        name
+        for name, tensor in state.items()
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise CorruptFileError(
+            f"The weights in '{weights}' hold NaN or Inf values in {len(bad)} tensor(s) (e.g. {bad[:2]}): the "
+            "file is corrupt or was saved from a diverged run. Re-save it from a good checkpoint or download it "
+            "again."
+        )
+
+
+def _check_model_files(path: Path, config: dict[str, Any], check_files: bool = True) -> None:
     """Refuse a partial or corrupt model directory before reading any weights."""
     method = config.get("method")
     expected = (
@@ -606,44 +962,11 @@ def _check_model_files(path: Path, config: dict[str, Any]) -> None:
             f"Model directory '{path}' is incomplete: {missing} missing (an interrupted copy or "
             f"download?). Re-save it with VolumetricSegmenter.save_pretrained or download it again."
         )
-    for file in sorted(path.rglob("*")):
+    for file in sorted(path.rglob("*")) if check_files else []:
         if file.suffix == ".json":
             read_json_file(file, file.name)
         elif file.suffix == ".safetensors":
             check_safetensors(file)
-
-
-def _check_adapter_keys(path: Path, peft_model: peft.PeftModel, config: dict[str, Any]) -> None:
-    """Refuse adapter weights that do not all land on the model, and a model that lacks some of them.
-
-    peft only warns about missing adapter keys and drops saved tensors that match no module, which leaves a
-    model with freshly initialized adapters. That happens when transformers renamed the backbone's modules
-    between the version that saved the model and this one (DINOv2 with registers called its attention
-    projections ``query`` / ``key`` / ``value`` before 5.24, ``q_proj`` / ``k_proj`` / ``v_proj`` since).
-    """
-    weights = path / "adapter_model.safetensors"
-    saved = {k for k in safetensors_header(weights) if k != "__metadata__"}
-    expected = set(peft.get_peft_model_state_dict(peft_model))
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if not missing and not unexpected:
-        return
-    saved_with = config.get("versions", {}).get("transformers")
-    if saved_with and saved_with != transformers.__version__:
-        cause = (
-            f"The model was saved with transformers {saved_with}, and this is transformers "
-            f"{transformers.__version__}: module names differ between them. Load it with "
-            f"transformers=={saved_with}."
-        )
-    else:
-        cause = (
-            f"{SEGMENTER_CONFIG_NAME} and adapter_config.json do not describe the model these weights were "
-            "saved from (edited, or copied from another model); re-save it with VolumetricSegmenter.save_pretrained."
-        )
-    raise ValueError(
-        f"The adapter weights in '{weights}' do not fit this backbone's modules: "
-        f"{len(missing)} tensor(s) the model expects are not in the file (e.g. {missing[:2]}) and "
-        f"{len(unexpected)} saved tensor(s) match no module (e.g. {unexpected[:2]}). {cause}"
-    )
 
 
 def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -974,18 +1297,24 @@ def _resolve(model_id_or_path: str | os.PathLike, revision: str | None) -> Path:
     if path.is_dir():
         return path
     text = str(model_id_or_path)
-    if path.exists() or path.is_absolute() or text.startswith(".") or text.count("/") > 1:
+    if path.exists() or _looks_like_path(text):
         raise FileNotFoundError(
             f"{text!r} is not a directory and not a Hub id ('org/name'); pass the directory written by "
             f"VolumetricSegmenter.save_pretrained."
         )
-    return Path(
-        snapshot_download(
-            repo_id=str(model_id_or_path),
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.md"],
+    try:
+        return Path(
+            snapshot_download(
+                repo_id=text,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.md"],
+            )
         )
-    )
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise FileNotFoundError(
+            f"{_hub_miss(text, error)} Pass the directory written by VolumetricSegmenter.save_pretrained, or "
+            f"a Hub id that exists (downloaded once while online)."
+        ) from error
 
 
 def from_pretrained(
@@ -1008,36 +1337,27 @@ def from_pretrained(
         The segmenter in eval mode.
 
     Raises:
-        FileNotFoundError: when the directory holds no ``segmenter_config.json`` or misses a weights file.
-        ValueError: for an unknown format version or method, a backbone other than the one the model was
-            trained on (architecture, widths, depth or input channels; checked before any weights load),
-            or a truncated / corrupt JSON or safetensors file (``io_utils.CorruptFileError``).
+        FileNotFoundError: when the directory holds no ``segmenter_config.json`` or misses a weights file, or
+            ``model_id_or_path`` is neither a local directory nor a Hub id that can be loaded.
+        ValueError: naming the file and field, for a ``segmenter_config.json`` or ``adapter_config.json`` of the
+            wrong schema (:func:`check_segmenter_config`); a backbone other than the one the model was trained
+            on (architecture, widths, depth or input channels); saved tensors whose names or shapes differ from
+            what the config files describe (all checked before any weights load); or a truncated / corrupt JSON
+            or safetensors file, or weights holding NaN / Inf (``io_utils.CorruptFileError``).
     """
     path = _resolve(model_id_or_path, revision)
     config_file = path / SEGMENTER_CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"No {SEGMENTER_CONFIG_NAME} in {str(path)!r}; save the model with "
-            f"VolumetricSegmenter.save_pretrained (a bare peft adapter loads with "
-            f"peft.PeftModel.from_pretrained instead)."
-        )
-    config = read_json_file(config_file, SEGMENTER_CONFIG_NAME)
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{SEGMENTER_CONFIG_NAME} has format_version={config.get('format_version')!r}; this "
-            f"medtuning_peft reads {FORMAT_VERSION}. Install the version that saved it."
-        )
+    config, adapter_config = _read_configs(path)
     method = config["method"]
-    if method not in METHODS:
-        raise ValueError(_unknown(f"method in {SEGMENTER_CONFIG_NAME}", method, METHODS))
-    _check_model_files(path, config)
 
     with_weights = method != "full"
     if config.get("backbone_weights") == BACKBONE_SUBFOLDER:
-        cls = _model_class(config["backbone_class"])
         folder = str(path / BACKBONE_SUBFOLDER)
         backbone_config = transformers.AutoConfig.from_pretrained(folder)  # its own type, whatever cls says
         _check_backbone_signature(path, config, backbone_config, f"'{folder}'")
+        class_name = config.get("backbone_class") or FEATURE_SPECS[backbone_config.model_type].model_class
+        _type_check(class_name, backbone_config.model_type, config_file)
+        cls = _model_class(class_name)
         backbone = (
             cls.from_pretrained(folder, config=backbone_config, use_safetensors=True)
             if with_weights
@@ -1053,25 +1373,39 @@ def from_pretrained(
         )
         _check_backbone_signature(path, config, backbone.config, f"backbone {config['backbone']!r}")
     adapt_input_channels(backbone, config["in_channels"])
-    head = build_decoder(
-        config["decoder"], feature_channels(backbone), config["num_classes"], **config["decoder_kwargs"]
-    )
+    decoder_kwargs = config.get("decoder_kwargs") or {}
+    try:
+        head = build_decoder(
+            config["decoder"], feature_channels(backbone), config["num_classes"], **decoder_kwargs
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{config_file}: decoder {config['decoder']!r} cannot be built with decoder_kwargs "
+            f"{decoder_kwargs} ({error}); restore the values the model was saved with."
+        ) from error
     segmenter = VolumetricSegmenter(backbone, head, config)
 
-    if method in ("med_adapter", "lora"):
-        importlib.import_module("medtuning_peft")  # registers MED_ADAPTER with peft
-        with warnings.catch_warnings():  # _check_adapter_keys raises instead, naming the cause
+    if adapter_config is not None:
+        weights = path / ADAPTER_WEIGHTS_NAME
+        adapter_config.inference_mode = not is_trainable
+        peft_class = peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(adapter_config.task_type, peft.PeftModel)
+        peft_model = peft_class(segmenter, adapter_config)  # adapters injected, not loaded yet
+        expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+        _check_weights_fit(weights, expected, config)
+        with warnings.catch_warnings():  # _check_weights_fit has compared every name already
             warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
-            peft_model = peft.PeftModel.from_pretrained(segmenter, str(path), is_trainable=is_trainable)
-        _check_adapter_keys(path, peft_model, config)
+            peft_model.load_adapter(str(path), "default", is_trainable=is_trainable)
+        _check_finite(weights, peft.get_peft_model_state_dict(peft_model))
         segmenter._attach_peft_model(peft_model)
     else:
-        state = load_file(str(path / WEIGHTS_NAME))
-        if method == "full":
-            segmenter.load_state_dict(state, strict=True)
-        else:
-            prefix = "decoder."
-            segmenter.decoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=True)
+        weights = path / WEIGHTS_NAME
+        target, prefix = (segmenter, "") if method == "full" else (segmenter.decoder, "decoder.")
+        _check_weights_fit(
+            weights, {prefix + k: tuple(v.shape) for k, v in target.state_dict().items()}, config
+        )
+        state = load_file(str(weights))
+        _check_finite(weights, state)
+        target.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=True)
         if is_trainable:
             METHODS[method](segmenter)
     if not is_trainable:

@@ -6,6 +6,7 @@ must not depend on what the model predicts, only on shapes, geometry and the sav
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtuning_peft import cli
+from medtuning_peft import cli, volumetric
 from medtuning_peft.cli import main, png_bytes
 from medtuning_peft.data import (
     CaseCache,
@@ -775,3 +776,110 @@ def test_predict_then_evaluate_on_hippocampus_images(tmp_path):
         "hd95_posterior",
         "hd95_mean",
     }
+
+
+# -----------------------------------------------------------------------------------------------------
+# Bad options and output destinations are refused before any work
+# -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_not_loaded(monkeypatch):
+    """Fails the test if the model is loaded: the option checks must come first."""
+    monkeypatch.setattr(volumetric, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder nothing can be written in, also for root (who ignores the mode bits)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wxa+") and Path(file).parent.resolve() == folder.resolve():
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    return folder
+
+
+def test_predict_refuses_an_unknown_device_before_loading_the_model(tmp_path, capsys, model_not_loaded):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = ["predict", "--model", "model_ct", "--input", str(image), "--output", str(tmp_path / "out")]
+    assert main([*args, "--device", "tpu"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "--device 'tpu' is not a device" in err
+        and "use cpu, cuda, cuda:N or mps" in err
+        and "--model" not in err
+    )
+
+
+@pytest.mark.parametrize("roi", [["1", "1", "1"], ["8", "32", "3"]])
+def test_predict_refuses_a_window_smaller_than_the_backbone_patch(model_dir, tmp_path, capsys, roi):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = [
+        "predict",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(image),
+        "--output",
+        str(tmp_path / "o.nii.gz"),
+    ]
+    assert main([*args, "--roi-size", *roi, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--roi-size is [{', '.join(roi)}]; expected D H W with D >= 1, H >= 4 and W >= 4" in err
+    assert "FAILED" not in err and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_predict_into_a_read_only_folder_fails_before_any_case_naming_output(
+    tmp_path, capsys, read_only, model_not_loaded
+):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    assert main(["predict", "--model", "m", "--input", str(image), "--output", str(read_only)]) == 1
+    err = capsys.readouterr().err
+    assert f"--output '{read_only}': Cannot write in the folder '{read_only}' (Permission denied)" in err
+    assert "FAILED" not in err and PARTIAL_PREFIX not in err and os.listdir(read_only) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder modes")
+def test_predict_under_a_read_only_parent_names_output(tmp_path, capsys, model_not_loaded):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o555)
+    try:
+        assert main(["predict", "--model", "m", "--input", str(image), "--output", str(parent / "new")]) == 1
+    finally:
+        parent.chmod(0o755)
+    assert f"--output '{parent / 'new'}': cannot create the folder" in capsys.readouterr().err
+
+
+def test_evaluate_checks_its_output_files_before_scoring(tmp_path, capsys, read_only, monkeypatch):
+    write_nifti(tmp_path / "pred" / "case_1.nii.gz", label_map(0).astype(np.uint8))
+    write_nifti(tmp_path / "gt" / "case_1.nii.gz", label_map(0).astype(np.uint8))
+    monkeypatch.setattr(cli, "_score_case", lambda *a, **k: pytest.fail("scored before the output check"))
+    base = [
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred"),
+        "--labels",
+        str(tmp_path / "gt"),
+        "--task",
+        "kits19",
+    ]
+    cases = {
+        ("--output", str(tmp_path)): f"--output '{tmp_path}': '{tmp_path}' is a directory",
+        ("--csv", "/nonexistent_dir/x.csv"): "--csv '/nonexistent_dir/x.csv': The folder of",
+        (
+            "--output",
+            str(read_only / "m.json"),
+        ): f"--output '{read_only / 'm.json'}': Cannot write in the folder",
+    }
+    for option, words in cases.items():
+        assert main([*base, *option]) == 1
+        err = capsys.readouterr().err
+        assert words in err, err
+    assert os.listdir(read_only) == []

@@ -11,6 +11,7 @@ import pytest
 from paths import KITS_CT_SAMPLE
 from scipy import ndimage
 
+from medtuning_peft.cli import main
 from medtuning_peft.data import (
     CaseFileMissingError,
     CaseLoadError,
@@ -174,3 +175,48 @@ def test_non_finite_intensities_are_rejected(tmp_path):
     case_dir = _write_case(tmp_path, image=image)
     with pytest.raises(CaseLoadError, match=r"case_00000.*imaging\.nii\.gz.*2 NaN/Inf"):
         load_kits19_case(case_dir)
+
+
+def test_folder_not_named_like_a_case_is_skipped_with_a_warning(tmp_path):
+    _write_case(tmp_path, "case_00000")
+    _write_case(tmp_path, "case_00000_old")
+    _write_case(tmp_path, "backup")  # holds imaging.nii.gz
+    (tmp_path / "notes").mkdir()  # unrelated folders and hidden ones are not cases
+    (tmp_path / ".cache").mkdir()
+    with pytest.warns(
+        UserWarning, match=r"skipping 2 folder\(s\) not named case_XXXXX.*'backup', 'case_00000_old'"
+    ):
+        cases = list_kits19_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["case_00000"]
+
+
+def test_only_misnamed_case_folders_are_named_in_the_error(tmp_path):
+    _write_case(tmp_path, "case_0001")
+    with pytest.raises(CaseLoadError, match=r"no case_XXXXX folder \(skipped .*\['case_0001'\]\)"):
+        list_kits19_cases(tmp_path)
+
+
+def test_verify_data_reports_a_misnamed_case_folder(tmp_path, capsys):
+    _write_case(tmp_path, "case_00000")
+    _write_case(tmp_path, "case_00000_old")
+    assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "case_00000_old" in err and "not named case_XXXXX" in err
+
+
+@pytest.mark.parametrize("stem", ["imaging", "segmentation"])
+def test_both_nii_and_nii_gz_of_one_file_are_refused(tmp_path, stem):
+    case_dir = _write_case(tmp_path)
+    (case_dir / f"{stem}.nii").write_bytes(gzip.decompress((case_dir / f"{stem}.nii.gz").read_bytes()))
+    with pytest.raises(CaseLoadError, match=rf"case_00000.*2 files claim the {stem} role.*{stem}\.nii'\]"):
+        list_kits19_cases(tmp_path)
+
+
+def test_zero_size_volume_reports_its_header_shape(tmp_path, capsys):
+    case_dir = _write_case(tmp_path, image=np.zeros((36, 52, 0), np.float32), label=False)
+    with pytest.raises(
+        CaseLoadError, match=r"case_00000.*imaging\.nii\.gz.*shape \(36, 52, 0\) with no voxels"
+    ):
+        load_kits19_case(case_dir)
+    assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    assert "shape (36, 52, 0) with no voxels" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from paths import HIPPOCAMPUS
 
+from medtuning_peft.cli import main
 from medtuning_peft.data import (
     CaseLoadError,
     CTPreprocessing,
@@ -136,3 +138,59 @@ def test_dataset_json_errors_name_the_field(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(CaseLoadError, match="not valid JSON"):
         read_msd_task(tmp_path)
+
+
+_PAIR = {"image": "./imagesTr/a_001.nii.gz", "label": "./labelsTr/a_001.nii.gz"}
+_VALID = {"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "A"}, "training": [_PAIR]}
+
+# (change to a valid dataset.json, what the error must say after naming dataset.json)
+_MALFORMED = {
+    "labels-without-background": ({"labels": {"1": "A", "2": "P"}}, r"field 'labels' .*no \"0\""),
+    "labels-keys-collide": ({"labels": {"0": "bg", "1": "A", "01": "B"}}, r"'labels' .*'1' and '01'"),
+    "label-name-is-a-list": ({"labels": {"0": "bg", "1": ["x"]}}, r"labels\['1'\] is \['x'\].*name string"),
+    "label-name-is-null": ({"labels": {"0": "bg", "1": None}}, r"labels\['1'\] is None.*name string"),
+    "label-beyond-uint8": ({"labels": {"0": "bg", "300": "x"}}, r"'labels' has value 300.*0\.\.255"),
+    "label-key-negative": ({"labels": {"0": "bg", "-1": "x"}}, r"'labels' has key '-1'"),
+    "modality-empty": ({"modality": {}}, r"field 'modality' is empty"),
+    "modality-keys-gap": ({"modality": {"0": "T1", "2": "T2"}}, r"'modality' has keys \[0, 2\].*0\.\.1"),
+    "training-empty": ({"training": []}, r"field 'training' is an empty list"),
+    "training-image-int": ({"training": [{"image": 5, "label": "l.nii.gz"}]}, r"training\[0\]\.image is 5"),
+    "training-image-null": (
+        {"training": [_PAIR, {"image": None, "label": "l.nii.gz"}]},
+        r"training\[1\]\.image is None",
+    ),
+    "training-label-not-nifti": (
+        {"training": [{"image": "i.nii.gz", "label": "l.mha"}]},
+        r"training\[0\]\.label is 'l\.mha'.*\.nii",
+    ),
+    "training-duplicate": (
+        {"training": [_PAIR, _PAIR]},
+        r"training\[1\] repeats case 'a_001' of training\[0\]",
+    ),
+    "test-is-a-string": ({"test": "imagesTs"}, r"field 'test' is a str, expected a list"),
+    "test-entry-without-image": ({"test": [{"img": "b.nii.gz"}]}, r"test\[0\] is \{'img'.*without 'image'"),
+    "test-entry-int": ({"test": [3]}, r"test\[0\] is 3; expected a \.nii"),
+    "test-repeats-training": ({"test": ["imagesTs/a_001.nii.gz"]}, r"test\[0\] repeats case 'a_001'"),
+}
+
+
+@pytest.mark.parametrize("change, message", _MALFORMED.values(), ids=_MALFORMED.keys())
+def test_malformed_dataset_json_is_refused_naming_the_file_and_field(tmp_path, change, message):
+    (tmp_path / "dataset.json").write_text(json.dumps({**_VALID, **change}))
+    with pytest.raises(CaseLoadError, match=re.escape(str(tmp_path / "dataset.json")) + ".*" + message):
+        read_msd_task(tmp_path)
+
+
+@pytest.mark.parametrize("top_level", [42, [], "text", None])
+def test_dataset_json_that_is_not_an_object_is_refused(tmp_path, top_level):
+    (tmp_path / "dataset.json").write_text(json.dumps(top_level))
+    with pytest.raises(CaseLoadError, match=r"dataset\.json': top level is a \w+; expected a JSON object"):
+        read_msd_task(tmp_path)
+
+
+def test_verify_data_reports_a_malformed_dataset_json_instead_of_checking_cases(tmp_path, capsys):
+    (tmp_path / "dataset.json").write_text(json.dumps({**_VALID, "test": "imagesTs"}))
+    assert main(["verify-data", "--task", "msd", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "field 'test' is a str" in captured.err and str(tmp_path / "dataset.json") in captured.err
+    assert "checked" not in captured.out

@@ -184,3 +184,18 @@ def test_wrong_feature_channels_are_refused():
 def test_invalid_construction_is_refused(in_channels, num_classes, kwargs):
     with pytest.raises(ValueError):
         build_decoder("upernet", in_channels, num_classes, **kwargs)
+
+
+@pytest.mark.parametrize("channels", [0, -4])
+@pytest.mark.parametrize("name", DECODER_SPECS)
+def test_non_positive_decoder_width_is_refused_at_construction(name, channels):
+    cls = DECODERS[name].__name__
+    with pytest.raises(ValueError, match=rf"{cls}\.channels must be a positive int .* got {channels}"):
+        build_decoder(name, [8, 16], 2, channels=channels)
+
+
+def test_segmenter_with_a_zero_width_decoder_is_refused_when_built():
+    from medtuning_peft.volumetric import build_segmenter
+
+    with pytest.raises(ValueError, match=r"UperNetDecoder\.channels .* got 0"):
+        build_segmenter("tiny-swin", in_channels=1, num_classes=2, decoder_kwargs={"channels": 0})

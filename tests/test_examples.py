@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,26 @@ def test_synthetic_brats_is_in_the_real_layout_and_loads_with_the_reader(tmp_pat
     assert set(np.unique(load_brats_case(cases[3]).label)) == {0, 1, 2}  # every 4th case has no ET
     again = write_synthetic_brats(tmp_path / "again", num_cases=1, shape=(24, 32, 32), year=year, seed=1)
     assert (again[0] / cases[0].images[0].name).read_bytes() == cases[0].images[0].read_bytes()
+
+
+@pytest.mark.parametrize("script", ["train_kits.py", "train_msd.py", "train_brats.py"])
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--max-steps", "-1"], "error: argument --max-steps: max_steps=-1; pass a positive integer"),
+        (["--crop-size", "0", "32", "32"], "error: argument --crop-size: crop_size=[0, 32, 32]; pass three"),
+        (["--weight-decay", "-1"], "error: argument --weight-decay: weight_decay=-1.0; pass 0"),
+    ],
+)
+def test_example_scripts_report_invalid_flags_as_usage_errors(
+    tmp_path, monkeypatch, capsys, script, flags, error
+):
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", [script, "--output-dir", str(out), *flags])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    assert exit_.value.code == 2
+    assert error in capsys.readouterr().err and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

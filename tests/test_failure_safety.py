@@ -17,6 +17,7 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import SwinConfig, SwinModel
 
 import medtuning_peft
@@ -336,3 +337,145 @@ def test_atomic_writes_give_new_files_the_umask_mode_and_keep_an_overwritten_fil
         (tmp / "sub").mkdir()
         save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))
     assert modes(tmp_path / "folder") == {".": 0o750, "sub": 0o750, "sub/w.safetensors": 0o640}
+
+
+# -----------------------------------------------------------------------------------------------------
+# Edited or corrupt config files and weights are refused naming the file and field
+# -----------------------------------------------------------------------------------------------------
+
+
+def edit_json(folder: Path, name: str, change) -> Path:
+    path = folder / name
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return path
+
+
+@pytest.fixture
+def no_adapter_weights_read(monkeypatch):
+    """Fails the test if adapter or decoder weights are read: the checks must come first."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("weights were read before the check")
+
+    monkeypatch.setattr(volumetric, "load_file", touched)
+    monkeypatch.setattr(peft.PeftModel, "load_adapter", touched)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", touched)
+
+
+def without(key: str):
+    return lambda config: {k: v for k, v in config.items() if k != key}
+
+
+# case -> (change to segmenter_config.json, words the error must contain)
+BAD_SEGMENTER_CONFIGS = {
+    **{f"no_{key}": (without(key), f"\\['{key}'\\] missing") for key in ("method", "decoder", "num_classes")},
+    "no_in_channels": (without("in_channels"), "\\['in_channels'\\] missing"),
+    "top_level_list": (lambda c: [c], "holds a JSON list; expected an object"),
+    "unknown_decoder": (lambda c: {**c, "decoder": "unet"}, "decoder is 'unet'; expected one of"),
+    "num_classes_text": (lambda c: {**c, "num_classes": "3"}, "num_classes is '3'; expected a positive int"),
+    "backbone_class_of_another_model": (
+        lambda c: {**c, "backbone_class": "ViTModel"},
+        "backbone_class 'ViTModel' is a 'vit' model but the saved backbone is a 'swin' model",
+    ),
+    "backbone_class_unknown": (lambda c: {**c, "backbone_class": "NoSuchModel"}, "'NoSuchModel' is not a"),
+    "label_values_too_few": (
+        lambda c: {**c, "label_values": [0, 1]},
+        "label_values is \\[0, 1\\] but num_classes is 3; expected 3 distinct",
+    ),
+    "label_names_repeated": (lambda c: {**c, "label_names": ["a", "a", "b"]}, "label_names is"),
+    "crop_size_2d": (
+        lambda c: {**c, "crop_size": [32, 32]},
+        "crop_size is \\[32, 32\\]; expected \\[D, H, W\\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEGMENTER_CONFIGS))
+def test_edited_segmenter_config_is_refused_naming_the_file_and_field(copy_of, no_weights_read, case):
+    change, words = BAD_SEGMENTER_CONFIGS[case]
+    path = edit_json(copy_of, "segmenter_config.json", change)
+    with pytest.raises(ValueError, match=f"{path}.*{words}"):
+        from_pretrained(copy_of)
+
+
+# case -> (file, change, words the error must contain: the file, and the field that disagrees)
+RESHAPED = {
+    "num_classes": (
+        "segmenter_config.json",
+        lambda c: {**c, "num_classes": 5, "label_names": None, "label_values": None},
+        r"\[3\] in the file, \[5\] from the config files.*segmenter_config.json \(num_classes=5 \(the weights "
+        r"hold \[3\] classes\)",
+    ),
+    "decoder_channels": (
+        "segmenter_config.json",
+        lambda c: {**c, "decoder_kwargs": {**c["decoder_kwargs"], "channels": 32}},
+        r"differ in shape.*16.*32.*segmenter_config.json \(decoder='fpn', decoder_kwargs=",
+    ),
+    "decoder": (
+        "segmenter_config.json",
+        lambda c: {**c, "decoder": "upernet"},
+        r"not in the file.*match no module.*segmenter_config.json \(decoder='upernet'",
+    ),
+    "reduction_ratio": (
+        "adapter_config.json",
+        lambda c: {**c, "reduction_ratio": 4},
+        r"differ in shape.*adapter_config.json \(reduction_ratio",
+    ),
+    "num_slices": (
+        "adapter_config.json",
+        lambda c: {**c, "num_slices": 16},
+        r"differ in shape.*adapter_config.json \(reduction_ratio, kernel_sizes, num_slices",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESHAPED))
+def test_config_fields_that_change_weight_shapes_are_named_before_weights_load(
+    copy_of, no_adapter_weights_read, case
+):
+    name, change, words = RESHAPED[case]
+    edit_json(copy_of, name, change)
+    with pytest.raises(ValueError, match=f"'{copy_of / 'adapter_model.safetensors'}' do not fit.*{words}"):
+        from_pretrained(copy_of)
+
+
+def test_decoder_shape_changes_of_a_decoder_only_model_are_named(tmp_path, monkeypatch):
+    tiny(method="decoder_only").save_pretrained(tmp_path / "model")
+    edit_json(
+        tmp_path / "model", "segmenter_config.json", lambda c: {**c, "decoder_kwargs": {"channels": 32}}
+    )
+    monkeypatch.setattr(volumetric, "load_file", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(ValueError, match=r"model.safetensors' do not fit.*segmenter_config.json \(decoder="):
+        from_pretrained(tmp_path / "model")
+
+
+BAD_ADAPTER_CONFIGS = {
+    "lora": (lambda c: {**c, "peft_type": "LORA"}, "peft_type is 'LORA'; expected 'MED_ADAPTER'"),
+    "unknown": (lambda c: {**c, "peft_type": "BOGUS"}, "peft_type is 'BOGUS'; expected 'MED_ADAPTER'"),
+    "missing": (without("peft_type"), "peft_type is missing; expected 'MED_ADAPTER'"),
+    "top_level_list": (lambda c: [c], "holds a JSON list; expected an object with peft_type 'MED_ADAPTER'"),
+    "bad_value": (
+        lambda c: {**c, "reduction_ratio": 0},
+        "MedAdapterConfig.reduction_ratio must be an int >= 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTER_CONFIGS))
+def test_bad_adapter_config_is_refused_naming_the_file_and_the_peft_type(copy_of, no_weights_read, case):
+    change, words = BAD_ADAPTER_CONFIGS[case]
+    path = edit_json(copy_of, "adapter_config.json", change)
+    with pytest.raises(ValueError, match=f"{path}.*{words}"):
+        from_pretrained(copy_of)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_with_an_intact_header_are_refused_naming_the_file(copy_of, value):
+    weights = copy_of / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if k.endswith("decoder.classifier.weight"))
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = value
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CorruptFileError, match=f"'{weights}' hold NaN or Inf values in 1 tensor.*classifier"):
+        from_pretrained(copy_of)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,40 @@ def test_push_command_uploads(tmp_path, recorded, capsys):
     model_dir = model_with_clutter(tmp_path)
     assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x"]) == 0
     assert recorded["upload_folder"]["allow_patterns"] == UPLOAD_PATTERNS
+
+
+def truncate_weights(model_dir: Path) -> None:
+    weights = model_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def drop_method(model_dir: Path) -> None:
+    config = json.loads((model_dir / "segmenter_config.json").read_text())
+    del config["method"]
+    (model_dir / "segmenter_config.json").write_text(json.dumps(config))
+
+
+# case -> (damage to the model folder, repo id, words the error must contain)
+NOT_PUSHABLE = {
+    "truncated_weights": (truncate_weights, "my-org/x", "adapter_model.safetensors.*truncated"),
+    "config_without_method": (
+        drop_method,
+        "my-org/x",
+        r"segmenter_config.json: required field\(s\) \['method'\]",
+    ),
+    "repo_id_without_org": (lambda model_dir: None, "notvalid", "pass the Hub repository as 'org/name'"),
+    "repo_id_bad_characters": (lambda model_dir: None, "my org/x y", "not a valid Hub id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_PUSHABLE))
+def test_dry_run_refuses_what_a_real_push_refuses(tmp_path, recorded, capsys, case):
+    damage, repo_id, words = NOT_PUSHABLE[case]
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    damage(model_dir)
+    for extra in (["--dry-run"], []):
+        assert main(["push", "--model", str(model_dir), "--repo-id", repo_id, *extra]) == 1
+        captured = capsys.readouterr()
+        assert re.search(words, captured.err) and captured.out == "", captured.err
+    assert recorded == {}

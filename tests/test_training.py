@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +17,11 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from medtuning_peft.data import write_synthetic_kits19
+from medtuning_peft.io_utils import CorruptFileError
 from medtuning_peft.training import (
+    SettingsError,
     ShardedBatchSampler,
+    TrainingInterrupted,
     TrainSettings,
     _use_cpu_processes,
     _write_json,
@@ -25,6 +30,7 @@ from medtuning_peft.training import (
     make_optimizer,
     settings_from_args,
     train,
+    train_from_args,
     warmup_cosine,
 )
 
@@ -185,6 +191,46 @@ def test_parser_has_an_option_per_setting_and_script_defaults(tmp_path):
 def test_invalid_settings_name_the_field_and_the_fix(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_settings(tmp_path, tmp_path, tmp_path / "out", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"decoder_channels": 0}, "decoder_channels"),  # not "the decoder's default"
+        ({"decoder_channels": -4}, "decoder_channels"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),  # would flip the gradients
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),  # would silently not clip
+        ({"max_grad_norm": float("inf")}, "max_grad_norm"),
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"max_steps": -1}, "max_steps"),
+        ({"crop_size": [0, 32, 32]}, "crop_size"),
+        ({"target_spacing": [0.0, 1.0, 1.0]}, "target_spacing"),
+        ({"num_folds": 5}, "fold"),
+        ({"num_folds": 1, "fold": 0}, "num_folds"),
+        ({"num_folds": 5, "fold": 5}, "fold"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"seed": -1}, "seed"),
+        ({"et_min_voxels": -1}, "et_min_voxels"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, overrides, field):
+    with pytest.raises(SettingsError, match=f"{field}=") as error:
+        tiny_settings(tmp_path, tmp_path, tmp_path / "out", **overrides)
+    assert error.value.field == field
+
+
+def test_settings_errors_are_usage_errors_naming_the_flag(tmp_path, capsys):
+    parser = build_parser("demo")
+    args = parser.parse_args(["--output-dir", str(tmp_path / "out"), "--max-steps", "5", "--lr", "inf"])
+    with pytest.raises(SystemExit) as exit_:
+        train_from_args(parser, args, dataset="kits19", data_dir=str(tmp_path))
+    assert exit_.value.code == 2
+    assert "error: argument --lr: lr=inf; pass a positive learning rate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_json_files_are_replaced_whole_or_not_at_all(tmp_path):
@@ -457,3 +503,186 @@ def test_checkpoints_models_and_built_in_data_have_the_umask_modes(data_dir, cac
         found = {p: p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
         assert any(p.suffix == ".safetensors" for p in found) or folder == built_in
         assert found == {p: 0o750 if p.is_dir() else 0o640 for p in found}, folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals before and during a run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"num_folds": 9, "fold": 0}, "num_folds"), ({"batch_size": 16}, "samples_per_case")],
+)
+def test_settings_that_do_not_fit_the_data_leave_no_run_folder(
+    data_dir, cache_dir, tmp_path, overrides, field
+):
+    with pytest.raises(SettingsError) as error:
+        train(tiny_settings(data_dir, cache_dir, tmp_path / "run", **overrides))
+    assert error.value.field == field and f"{field}=" in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layout", ["file", "below_a_file", "read_only"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_training(
+    data_dir, cache_dir, tmp_path, monkeypatch, layout
+):
+    target = tmp_path / "run"
+    output_dir = target / "sub" if layout == "below_a_file" else target
+    if layout == "read_only":
+        target.mkdir()
+        target.chmod(0o555)
+        if os.geteuid() == 0:  # root writes anywhere: the probe fails as in a read-only folder
+            real = tempfile.mkstemp
+
+            def mkstemp(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir) == target:
+                    raise PermissionError(errno.EACCES, "Permission denied")
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        target.write_text("")
+    steps = []
+    try:
+        with pytest.raises(SettingsError, match="--output-dir") as error:
+            train(tiny_settings(data_dir, cache_dir, output_dir, max_steps=1), on_step_end=steps.append)
+    finally:
+        target.chmod(0o755)
+    assert error.value.field == "output_dir" and str(output_dir) in str(error.value) and not steps
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_lr_without_saving_that_step(
+    data_dir, cache_dir, tmp_path, monkeypatch
+):
+    import monai.losses
+
+    calls = []
+
+    class NaNAtTheSecondStep(monai.losses.DiceCELoss):
+        def forward(self, input, target):
+            calls.append(None)
+            loss = super().forward(input, target)
+            return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(monai.losses, "DiceCELoss", NaNAtTheSecondStep)
+    run = tmp_path / "run"
+    settings = tiny_settings(data_dir, cache_dir, run, max_steps=3, checkpoint_every=1, val_hd95=False)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 of 3 \(learning rate 0\.0015\)"):
+        train(settings)
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [1]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no model, metrics or predictions
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_1"]  # nothing half-written
+
+
+def test_ctrl_c_during_training_reports_the_step_and_the_newest_checkpoint(data_dir, cache_dir, tmp_path):
+    def interrupt(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=4, checkpoint_every=2)
+    try:
+        with pytest.raises(TrainingInterrupted) as error:
+            train(settings, on_step_end=interrupt)
+    except KeyboardInterrupt:  # not the session's own Ctrl-C: pytest must not stop
+        pytest.fail("the interruption reached the caller as a bare KeyboardInterrupt")
+    assert (error.value.step, error.value.total_steps) == (3, 4)
+    assert error.value.checkpoint == tmp_path / "run" / "checkpoints" / "step_2"
+
+
+def test_ctrl_c_in_an_example_script_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    import medtuning_peft.training as training
+
+    checkpoint = tmp_path / "out" / "checkpoints" / "step_2"
+
+    def interrupted(settings, on_step_end=None):
+        raise TrainingInterrupted(3, 4, checkpoint)
+
+    monkeypatch.setattr(training, "train", interrupted)
+    parser = build_parser("demo")
+    args = parser.parse_args(["--output-dir", str(tmp_path / "out"), "--max-steps", "4"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_from_args(parser, args, dataset="kits19", data_dir=str(tmp_path))
+    except KeyboardInterrupt:
+        pytest.fail("the interruption reached the caller as a bare KeyboardInterrupt")
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"Interrupted at step 3 of 4. Run the same command with --resume to continue from the newest complete "
+        f"checkpoint, {checkpoint}."
+    )
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data_dir, cache_dir, tmp_path_factory):
+    """A finished 2-step run with complete checkpoints step_1 and step_2."""
+    output_dir = tmp_path_factory.mktemp("two") / "run"
+    settings = tiny_settings(
+        data_dir,
+        cache_dir,
+        output_dir,
+        max_steps=2,
+        checkpoint_every=1,
+        val_hd95=False,
+        save_predictions=False,
+    )
+    train(settings)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return settings
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _drop_state_key(folder: Path, key: str) -> None:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    del state[key]
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+DAMAGE = {
+    "truncated model": (lambda f: _cut(f / "model.safetensors"), "model.safetensors' .*truncated"),
+    "deleted model": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+    "truncated optimizer": (lambda f: _cut(f / "optimizer.bin"), "optimizer.bin cannot be read"),
+    "garbage scheduler": (
+        lambda f: (f / "scheduler.bin").write_bytes(b"x\n"),
+        "scheduler.bin cannot be read",
+    ),
+    "state without settings": (lambda f: _drop_state_key(f, "settings"), r"lacks \['settings'\]"),
+    "state without history": (lambda f: _drop_state_key(f, "history"), r"lacks \['history'\]"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_from_a_damaged_checkpoint_names_it_and_how_to_go_on(
+    two_checkpoints, tmp_path, caplog, damage
+):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints.output_dir, run)
+    spoil, problem = DAMAGE[damage]
+    spoil(run / "checkpoints" / "step_2")
+    expected = (
+        f"Checkpoint {run / 'checkpoints' / 'step_2'} is damaged: .*{problem}.*Remove that folder and run again "
+        f"with --resume to continue from the previous complete one, {run / 'checkpoints' / 'step_1'}"
+    )
+    with (
+        caplog.at_level("INFO", logger="medtuning_peft.training"),
+        pytest.raises(CorruptFileError, match=expected),
+    ):
+        train(replace(two_checkpoints, output_dir=str(run), resume=True))
+    assert "Resumed" not in caplog.text
+
+
+def test_resume_without_the_rng_state_warns_that_it_is_not_exact(two_checkpoints, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints.output_dir, run)
+    (run / "checkpoints" / "step_2" / "random_states_0.pkl").unlink()
+    with caplog.at_level("INFO", logger="medtuning_peft.training"):
+        metrics = train(replace(two_checkpoints, output_dir=str(run), resume=True))
+    assert metrics["resumed_from_step"] == 2
+    assert (
+        "has no random_states_0.pkl" in caplog.text
+        and "differ from those of an uninterrupted run" in caplog.text
+    )

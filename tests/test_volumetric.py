@@ -514,3 +514,40 @@ def test_adapter_weights_saved_under_other_module_names_are_refused(saved_models
     with pytest.raises(ValueError, match=r"tensor\(s\) the model expects are not in the file.*re-save it"):
         from_pretrained(copy)
     assert from_pretrained(root / "vit-lora") is not None  # the original still loads
+
+
+def test_a_mistyped_tiny_backbone_name_lists_the_known_ones(monkeypatch):
+    monkeypatch.setattr(
+        volumetric.transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("Hub")
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown tiny backbone name 'tiny-swim'; known: \[.*'tiny-vit'.*Did you mean 'tiny-swin'",
+    ):
+        build_segmenter("tiny-swim", 1, 2)
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/dir", "./no_such_dir", "runs/no/such/model"])
+def test_a_missing_local_backbone_directory_is_named_not_sent_to_the_hub(source, monkeypatch):
+    monkeypatch.setattr(
+        volumetric.transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("Hub")
+    )
+    with pytest.raises(FileNotFoundError, match=f"backbone '{source}' is not a local directory"):
+        build_segmenter(source, 1, 2)
+
+
+@pytest.mark.parametrize("load", ["backbone", "model"])
+def test_a_name_neither_local_nor_cached_says_so_when_offline(load, monkeypatch, tmp_path):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError(
+            "Cannot find an appropriate cached snapshot folder for the specified revision"
+        )
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(volumetric, "snapshot_download", offline)
+    monkeypatch.setattr(volumetric.transformers.AutoConfig, "from_pretrained", offline)
+    words = r"'nope_model' is not a local directory \(no such directory under .*\), and as a Hub id it is not in the local Hugging Face cache"
+    with pytest.raises(FileNotFoundError, match=words):
+        build_segmenter("nope_model", 1, 2) if load == "backbone" else from_pretrained("nope_model")

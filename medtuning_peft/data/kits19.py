@@ -12,6 +12,7 @@ Default preprocessing: :class:`~medtuning_peft.data.preprocessing.CTPreprocessin
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error
@@ -20,13 +21,46 @@ from .preprocessing import Preprocessing
 
 KITS19_LABELS: dict[int, str] = {0: "background", 1: "kidney", 2: "tumor"}
 KITS19_CASE_PATTERN = re.compile(r"^case_\d{5}$")
+_STEMS = ("imaging", "segmentation")
 
 
 def _find(case_dir: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
-        if (case_dir / f"{stem}{suffix}").is_file():
-            return case_dir / f"{stem}{suffix}"
-    return None
+    found = [case_dir / f"{stem}{suffix}" for suffix in (".nii.gz", ".nii")]
+    found = [p for p in found if p.is_file()]
+    if len(found) > 1:
+        raise CaseLoadError(
+            case_error(
+                case_dir.name,
+                found[0],
+                f"{len(found)} files claim the {stem} role: {[p.name for p in found]}",
+                f"keep one {stem}.nii or {stem}.nii.gz in the case folder",
+            )
+        )
+    return found[0] if found else None
+
+
+def _looks_like_case(path: Path) -> bool:
+    if path.name.startswith(".") or KITS19_CASE_PATTERN.match(path.name):
+        return False
+    if path.name.lower().startswith("case"):
+        return True
+    return any((path / f"{stem}{suffix}").is_file() for stem in _STEMS for suffix in (".nii.gz", ".nii"))
+
+
+def skipped_kits19_folders(data_dir: str | Path) -> list[Path]:
+    """Folders of ``data_dir`` that look like cases but are not named ``case_XXXXX`` (5 digits).
+
+    A folder counts if its name starts with "case" (``case_00000_old``, ``Case_1``) or it holds an
+    ``imaging`` or ``segmentation`` NIfTI; hidden folders do not. :func:`list_kits19_cases` skips them
+    with a warning.
+
+    Args:
+        data_dir: Folder holding ``case_XXXXX`` folders.
+
+    Returns:
+        The skipped folders, sorted by name.
+    """
+    return sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and _looks_like_case(p))
 
 
 def kits19_case_files(case_dir: str | Path, *, require_label: bool = False) -> CaseFiles:
@@ -42,6 +76,7 @@ def kits19_case_files(case_dir: str | Path, *, require_label: bool = False) -> C
         The case's :class:`CaseFiles` (a missing ``imaging`` file is reported when loading).
 
     Raises:
+        CaseLoadError: If both ``.nii`` and ``.nii.gz`` exist for the imaging or the segmentation.
         CaseFileMissingError: If ``require_label`` and the segmentation is missing.
     """
     case_dir = Path(case_dir)
@@ -78,9 +113,14 @@ def list_kits19_cases(data_dir: str | Path, *, require_label: bool = False) -> l
     Returns:
         One :class:`CaseFiles` per case folder.
 
+    Warns:
+        UserWarning: For folders that look like cases but are not named ``case_XXXXX`` (see
+            :func:`skipped_kits19_folders`); they are not listed.
+
     Raises:
         FileNotFoundError: If ``data_dir`` does not exist.
-        CaseLoadError: If it holds no ``case_XXXXX`` folder.
+        CaseLoadError: If it holds no ``case_XXXXX`` folder, or a case has both ``.nii`` and
+            ``.nii.gz`` files for the imaging or the segmentation.
         CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
     data_dir = Path(data_dir)
@@ -89,10 +129,20 @@ def list_kits19_cases(data_dir: str | Path, *, require_label: bool = False) -> l
             f"KiTS19 data_dir '{data_dir}' does not exist; pass the folder of case_XXXXX."
         )
     case_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and KITS19_CASE_PATTERN.match(p.name))
+    skipped = [p.name for p in skipped_kits19_folders(data_dir)]
     if not case_dirs:
         raise CaseLoadError(
-            f"KiTS19 data_dir '{data_dir}' holds no case_XXXXX folder. Fix: pass the folder that contains "
-            "case_00000/, case_00001/, ... (in the KiTS19 repository that is 'data/')."
+            f"KiTS19 data_dir '{data_dir}' holds no case_XXXXX folder"
+            + (f" (skipped folders not named case_XXXXX: {skipped})" if skipped else "")
+            + ". Fix: pass the folder that contains case_00000/, case_00001/, ... (in the KiTS19 "
+            "repository that is 'data/')."
+        )
+    if skipped:
+        warnings.warn(
+            f"KiTS19 data_dir '{data_dir}': skipping {len(skipped)} folder(s) not named case_XXXXX "
+            f"(5 digits): {skipped}. Rename a folder to case_XXXXX if it is a case, or move it out of "
+            "data_dir.",
+            stacklevel=2,
         )
     return [kits19_case_files(d, require_label=require_label) for d in case_dirs]
 

@@ -16,6 +16,7 @@ non-zero voxels, zero voxels stay 0.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,16 @@ class MSDTask:
         return default_preprocessing(self.modality, "msd")
 
 
+_FORMAT_FIX = "repair dataset.json to the Decathlon format"
+_KEY_PATTERN = re.compile(r"[0-9]+")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_MAX_LABEL = 255  # label maps are stored as uint8
+
+
+def _error(path: Path, where: str, problem: str, fix: str = _FORMAT_FIX) -> CaseLoadError:
+    return CaseLoadError(f"'{path}': {where} {problem}. Fix: {fix}.")
+
+
 def _field(data: dict[str, Any], key: str, path: Path, kind: type) -> Any:
     if key not in data:
         raise CaseLoadError(
@@ -71,12 +82,128 @@ def _field(data: dict[str, Any], key: str, path: Path, kind: type) -> Any:
     return data[key]
 
 
+def _int_keys(mapping: dict[str, Any], field: str, path: Path) -> dict[int, Any]:
+    """``{"0": v, "1": w}`` -> ``{0: v, 1: w}``; refuses non-integer keys and keys naming one value twice."""
+    result: dict[int, Any] = {}
+    spelled: dict[int, str] = {}
+    for key, value in mapping.items():
+        if not _KEY_PATTERN.fullmatch(key):
+            raise _error(
+                path, f"field '{field}'", f'has key {key!r}; expected non-negative integer keys like "0", "1"'
+            )
+        number = int(key)
+        if number in spelled:
+            raise _error(
+                path,
+                f"field '{field}'",
+                f"has keys {spelled[number]!r} and {key!r} for the same value {number}",
+                f"keep one entry per value in '{field}'",
+            )
+        spelled[number] = key
+        if not isinstance(value, str) or not value.strip():
+            raise _error(path, f"{field}[{key!r}]", f"is {value!r}; expected a non-empty name string")
+        result[number] = value
+    return result
+
+
+def _channel_names(modality: dict[str, Any], path: Path) -> tuple[str, ...]:
+    channels = _int_keys(modality, "modality", path)
+    if not channels:
+        raise _error(
+            path,
+            "field 'modality'",
+            "is empty; expected one entry per image channel",
+            'list the channels, e.g. {"0": "CT"} or {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}',
+        )
+    if sorted(channels) != list(range(len(channels))):
+        raise _error(
+            path,
+            "field 'modality'",
+            f"has keys {sorted(channels)}; expected the channel indices 0..{len(channels) - 1}",
+            "number the channels 0, 1, ... in the order of the image's last axis",
+        )
+    return tuple(channels[c] for c in range(len(channels)))
+
+
+def _label_names(labels: dict[str, Any], path: Path) -> dict[int, str]:
+    names = _int_keys(labels, "labels", path)
+    if 0 not in names:
+        raise _error(
+            path,
+            "field 'labels'",
+            f'has keys {sorted(names)} but no "0"; expected the background label "0" and one key per class',
+            'add "0": "background" to \'labels\'',
+        )
+    if max(names) > _MAX_LABEL:
+        raise _error(
+            path,
+            "field 'labels'",
+            f"has value {max(names)}; expected label values 0..{_MAX_LABEL} (label maps are read as uint8)",
+            "renumber the classes below 256",
+        )
+    return dict(sorted(names.items()))
+
+
+def _nifti_path(value: Any, where: str, path: Path) -> str:
+    if not isinstance(value, str) or not value.endswith(_NIFTI_SUFFIXES):
+        raise _error(
+            path,
+            where,
+            f"is {value!r}; expected a .nii or .nii.gz path relative to the task folder",
+        )
+    return value
+
+
 def _case_id(relative: str) -> str:
     name = Path(relative).name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in _NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _entries(data: dict[str, Any], path: Path) -> list[tuple[str, str, str | None]]:
+    """``training`` then ``test`` as ``(where, image, label)``, label ``None`` for test; all checked."""
+    training = _field(data, "training", path, list)
+    if not training:
+        raise _error(
+            path,
+            "field 'training'",
+            'is an empty list; expected at least one {"image": ..., "label": ...} entry',
+            "list the labelled cases of imagesTr/ and labelsTr/",
+        )
+    test = _field(data, "test", path, list) if "test" in data else []
+    entries: list[tuple[str, str, str | None]] = []
+    for index, entry in enumerate(training):
+        where = f"training[{index}]"
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise CaseLoadError(
+                f"'{path}': {where}={entry!r} needs 'image' and 'label'. Fix: repair dataset.json."
+            )
+        image = _nifti_path(entry["image"], f"{where}.image", path)
+        entries.append((where, image, _nifti_path(entry["label"], f"{where}.label", path)))
+    for index, entry in enumerate(test):
+        where = f"test[{index}]"
+        if isinstance(entry, dict):
+            if "image" not in entry:
+                raise _error(
+                    path, where, f"is {entry!r} without 'image'; expected a path or {{\"image\": path}}"
+                )
+            entries.append((where, _nifti_path(entry["image"], f"{where}.image", path), None))
+        else:
+            entries.append((where, _nifti_path(entry, where, path), None))
+    seen: dict[str, str] = {}
+    for where, image, _ in entries:
+        case_id = _case_id(image)
+        if case_id in seen:
+            raise _error(
+                path,
+                where,
+                f"repeats case '{case_id}' of {seen[case_id]}; expected each case once",
+                "remove the duplicate entry (or give the two images different file names)",
+            )
+        seen[case_id] = where
+    return entries
 
 
 def read_msd_task(data_dir: str | Path) -> MSDTask:
@@ -90,8 +217,12 @@ def read_msd_task(data_dir: str | Path) -> MSDTask:
 
     Raises:
         FileNotFoundError: If ``dataset.json`` is missing.
-        CaseLoadError: If ``dataset.json`` is not valid JSON or lacks/mistypes ``modality``,
-            ``labels`` or ``training``, or a label key is not an integer.
+        CaseLoadError: If ``dataset.json`` is not valid JSON or not a Decathlon description; the
+            message names the file and the field (``labels``, ``training[3].image``, ...):
+            ``modality`` must map channel indices 0..C-1 to names, ``labels`` must map integer values
+            0..255 (background ``"0"`` included) to names, ``training`` must be a non-empty list of
+            ``{"image", "label"}`` paths and ``test`` (optional) a list of image paths, with no case
+            listed twice.
     """
     data_dir = Path(data_dir)
     path = data_dir / "dataset.json"
@@ -103,54 +234,40 @@ def read_msd_task(data_dir: str | Path) -> MSDTask:
         raise CaseLoadError(
             f"'{path}' is not valid JSON ({error}). Fix: repair or re-download it."
         ) from error
-    modality = _field(data, "modality", path, dict)
-    labels = _field(data, "labels", path, dict)
-    training = _field(data, "training", path, list)
-    test = data.get("test", [])
-    try:
-        channel_names = tuple(str(modality[k]) for k in sorted(modality, key=int))
-        label_names = {int(k): str(v) for k, v in labels.items()}
-    except ValueError as error:
-        raise CaseLoadError(
-            f"'{path}': 'modality' and 'labels' keys must be integers like \"0\" ({error}). "
-            "Fix: repair dataset.json."
-        ) from error
+    if not isinstance(data, dict):
+        raise _error(
+            path,
+            "top level",
+            f"is a {type(data).__name__}; expected a JSON object with 'modality', 'labels' and 'training'",
+        )
+    channel_names = _channel_names(_field(data, "modality", path, dict), path)
+    label_names = _label_names(_field(data, "labels", path, dict), path)
+    entries = _entries(data, path)
     kind = "CT" if all(name.upper() == "CT" for name in channel_names) else "MRI"
     common = {
         "channel_names": channel_names,
-        "label_values": tuple(sorted(label_names)),
+        "label_values": tuple(label_names),
         "label_names": label_names,
         "modality": kind,
         "dataset": "msd",
     }
-    cases = []
-    for index, entry in enumerate(training):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise CaseLoadError(
-                f"'{path}': training[{index}]={entry!r} needs 'image' and 'label'. Fix: repair dataset.json."
-            )
-        cases.append(
-            CaseFiles(
-                case_id=_case_id(entry["image"]),
-                images=(data_dir / entry["image"],),
-                label=data_dir / entry["label"],
-                **common,
-            )
+    cases = [
+        CaseFiles(
+            case_id=_case_id(image),
+            images=(data_dir / image,),
+            label=None if label is None else data_dir / label,
+            **common,
         )
-    test_cases = []
-    for entry in test:
-        relative = entry["image"] if isinstance(entry, dict) else entry
-        test_cases.append(
-            CaseFiles(case_id=_case_id(relative), images=(data_dir / relative,), label=None, **common)
-        )
+        for _, image, label in entries
+    ]
     return MSDTask(
         name=str(data.get("name", data_dir.name)),
         data_dir=data_dir,
         channel_names=channel_names,
         label_names=label_names,
         modality=kind,
-        training=tuple(cases),
-        test=tuple(test_cases),
+        training=tuple(c for c in cases if c.label is not None),
+        test=tuple(c for c in cases if c.label is None),
     )
 
 

@@ -46,7 +46,8 @@ def read_nifti(
 
     Raises:
         CaseFileMissingError: If the file does not exist.
-        CaseLoadError: If it is not a NIfTI file or cannot be fully decoded (e.g. truncated gzip).
+        CaseLoadError: If it is not a NIfTI file, cannot be fully decoded (e.g. truncated gzip) or
+            has a zero-length axis.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,6 +73,15 @@ def read_nifti(
                 "re-download or re-extract it (a truncated .gz usually means an interrupted download)",
             )
         ) from error
+    if 0 in image.shape:  # nibabel decodes an empty grid as shape (0,), so report the header's shape
+        raise CaseLoadError(
+            case_error(
+                case_id,
+                path,
+                f"{role} has shape {tuple(image.shape)} with no voxels; expected a non-empty volume",
+                "re-export the volume (a zero-length axis usually comes from a failed conversion or crop)",
+            )
+        )
     return _squeeze_trailing(np.asarray(data)), image
 
 
