@@ -390,14 +390,6 @@ BAD_SEGMENTER_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_SEGMENTER_CONFIGS))
-def test_edited_segmenter_config_is_refused_naming_the_file_and_field(copy_of, no_weights_read, case):
-    change, words = BAD_SEGMENTER_CONFIGS[case]
-    path = edit_json(copy_of, "segmenter_config.json", change)
-    with pytest.raises(ValueError, match=f"{path}.*{words}"):
-        from_pretrained(copy_of)
-
-
 # case -> (file, change, words the error must contain: the file, and the field that disagrees)
 RESHAPED = {
     "num_classes": (
@@ -461,10 +453,16 @@ BAD_ADAPTER_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_ADAPTER_CONFIGS))
-def test_bad_adapter_config_is_refused_naming_the_file_and_the_peft_type(copy_of, no_weights_read, case):
-    change, words = BAD_ADAPTER_CONFIGS[case]
-    path = edit_json(copy_of, "adapter_config.json", change)
+BAD_CONFIGS = {
+    **{("segmenter_config.json", case): v for case, v in BAD_SEGMENTER_CONFIGS.items()},
+    **{("adapter_config.json", case): v for case, v in BAD_ADAPTER_CONFIGS.items()},
+}
+
+
+@pytest.mark.parametrize(("file", "case"), sorted(BAD_CONFIGS))
+def test_an_edited_config_is_refused_naming_the_file_and_field(copy_of, no_weights_read, file, case):
+    change, words = BAD_CONFIGS[file, case]
+    path = edit_json(copy_of, file, change)
     with pytest.raises(ValueError, match=f"{path}.*{words}"):
         from_pretrained(copy_of)
 
