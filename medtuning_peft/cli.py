@@ -469,6 +469,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 # -----------------------------------------------------------------------------------------------------
 
 
+def _strip_label_suffix(case_id: str) -> str:
+    """``x_seg`` / ``x_label`` / ... -> ``x``: the case a label file belongs to."""
+    return next((case_id[: -len(s)] for s in _LABEL_SUFFIXES if case_id.endswith(s)), case_id)
+
+
 def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
     """Label files by case name, and the ``dataset.json`` found with them (MSD)."""
     from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
@@ -481,7 +486,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         case_id = _case_id(labels)
         if case_id is None:
             raise CommandError(f"--labels '{labels}' is not a NIfTI file or a folder.")
-        return {case_id: labels}, dataset_json
+        return {_strip_label_suffix(case_id): labels}, dataset_json
     if not labels.is_dir():
         raise CommandError(f"--labels '{labels}' does not exist; pass the folder of ground-truth label maps.")
     try:
@@ -490,10 +495,17 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
             found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
         elif files := _nifti_files(labels):
-            found = {}
+            by_case: dict[str, list[Path]] = {}
             for case_id, path in _unique(files, f"--labels '{labels}'").items():
-                stripped = next((case_id[: -len(s)] for s in _LABEL_SUFFIXES if case_id.endswith(s)), case_id)
-                found[stripped if stripped not in files else case_id] = path
+                by_case.setdefault(_strip_label_suffix(case_id), []).append(path)
+            for case_id, paths in by_case.items():
+                if len(paths) > 1:
+                    raise CommandError(
+                        f"--labels '{labels}': {len(paths)} files name case '{case_id}' "
+                        f"({', '.join(p.name for p in paths)}); keep one label map per case there (images "
+                        "belong in another folder)."
+                    )
+            found = {case_id: paths[0] for case_id, paths in by_case.items()}
         else:
             try:
                 found = {c.case_id: c.label for c in list_brats_cases(labels) if c.label is not None}

@@ -19,7 +19,8 @@ msd        keys of dataset.json   one region per foreground label, named after t
 
 Empty masks, for every task: both empty -> Dice 1 and HD95 0 mm; only one empty -> Dice 0 and
 HD95 373.13 mm (the BraTS value: the diagonal of a 240 x 240 x 155 mm volume). MONAI itself returns
-NaN / inf there.
+NaN there. For KiTS19 this scores a case without tumour in either map as tumour Dice 1; the KiTS19 starter
+code meant 0 there (its division by zero gives NaN in numpy); the official cases all have a tumour.
 
 Label maps are single cases of shape (D, H, W) (2D (H, W) also works), numpy or torch, and ``spacing``
 gives the voxel size in mm *in the same axis order as the array* (take it from the affine of the
@@ -238,16 +239,23 @@ def get_challenge(task: str, labels: Mapping[int | str, str] | None = None) -> C
 # --------------------------------------------------------------------------------------------------------
 
 
+# Integer dtypes that torch holds but whose comparisons (isin) are not implemented: uint16 / uint32 / uint64
+# label maps, common in NIfTI files, are widened to int64.
+_WIDENED = (torch.uint16, torch.uint32, torch.uint64) if hasattr(torch, "uint16") else ()
+
+
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    """numpy array or tensor -> tensor (no copy when possible); numpy dtypes torch lacks become int64."""
+    """numpy array or tensor -> tensor (no copy when possible); unsigned dtypes wider than 8 bits become int64."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, np.ndarray):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
         try:
-            return torch.from_numpy(np.ascontiguousarray(x))
-        except TypeError:  # e.g. uint16 / uint32 label maps
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        except TypeError:  # numpy dtypes this torch lacks
             return torch.from_numpy(x.astype(np.int64))
-    raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}.")
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}.")
+    return t.to(torch.int64) if t.dtype in _WIDENED else t
 
 
 def _check_pair(pred: torch.Tensor, gt: torch.Tensor, pred_name: str, gt_name: str) -> None:
@@ -278,6 +286,8 @@ def _as_mask(x: ArrayLike, name: str) -> torch.Tensor:
 
 def _as_label_map(x: ArrayLike, name: str, spec: ChallengeSpec) -> torch.Tensor:
     t = _as_tensor(x, name)
+    if t.dtype == torch.bool:  # a binary label map: 0 background, 1 the first class
+        t = t.to(torch.uint8)
     allowed = torch.tensor(spec.label_values, dtype=t.dtype, device=t.device)
     inside = torch.isin(t, allowed)
     if not inside.all():
@@ -370,7 +380,7 @@ def hd95(
         gt_mask: ground-truth mask of the same shape.
         spacing: voxel size in mm per axis, in the masks' axis order (length 3 for (D, H, W)).
         both_empty: returned when both masks are empty (MONAI gives NaN).
-        one_empty: returned when exactly one mask is empty (MONAI gives inf); default 373.13 mm.
+        one_empty: returned when exactly one mask is empty (MONAI gives NaN); default 373.13 mm.
 
     Returns:
         HD95 in mm as a Python float.

@@ -489,6 +489,25 @@ def test_evaluate_scores_matched_cases_and_names_every_mismatch(tmp_path, capsys
     assert leftovers(tmp_path) == []
 
 
+def test_evaluate_pairs_a_label_file_by_its_case_and_refuses_two_files_of_one_case(tmp_path, capsys):
+    # x_seg.nii.gz is case x's label, as a single --labels file and in a folder; a folder holding x.nii.gz
+    # (the image) or x_label.nii.gz next to it names case x twice, which must not pick either silently.
+    labels, preds = tmp_path / "labels", tmp_path / "pred"
+    write_nifti(labels / "x_seg.nii.gz", label_map(0), np.eye(4))
+    write_nifti(preds / "x.nii.gz", label_map(0), np.eye(4))
+    args = ["evaluate", "--pred", str(preds / "x.nii.gz"), "--task", "kits19", "--no-hd95", "--no-progress"]
+    out = tmp_path / "m.json"
+    assert main([*args, "--labels", str(labels / "x_seg.nii.gz"), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["per_case"]["x"]["dice_mean"] == 1.0
+    for other in ("x.nii.gz", "x_label.nii.gz"):
+        write_nifti(labels / other, label_map(1), np.eye(4))
+        capsys.readouterr()
+        assert main([*args, "--labels", str(labels)]) == 1
+        err = capsys.readouterr().err
+        assert "2 files name case 'x'" in err and other in err and "x_seg.nii.gz" in err
+        (labels / other).unlink()
+
+
 def test_evaluate_matches_kits_case_folders_by_name(tmp_path):
     for i in range(2):
         write_nifti(tmp_path / "kits" / f"case_0000{i}" / "imaging.nii.gz", ct_volume(i, (10, 12, 14)))

@@ -201,6 +201,20 @@ def test_label_values_outside_the_task_set_are_refused(task, bad_value, message)
         evaluate_case(task, np.zeros_like(gt), gt, spacing=(1.0, 1.0, 1.0))
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.float32, bool])
+def test_label_maps_of_any_numeric_dtype_score_as_uint8(dtype):
+    # NIfTI label maps are often stored as uint16; a bool map is a binary label map (0 and label 1).
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1
+    pred = np.zeros_like(gt)
+    pred[3:6, 2:5, 2:5] = 1
+    expected = evaluate_case("brats", pred, gt, (1.0, 1.0, 1.0))
+    assert evaluate_case("brats", pred.astype(dtype), gt.astype(dtype), (1.0, 1.0, 1.0)) == expected
+    if dtype is not bool:
+        et = gt.astype(dtype) * 4
+        assert np.array_equal(postprocess_brats_et(et, min_voxels=100), gt.astype(dtype))
+
+
 def test_msd_scores_every_foreground_class_and_their_mean():
     gt = _volume(v1=[(0, 0, 0), (0, 0, 1)], v2=[(2, 2, 2)])
     pred = _volume(v1=[(0, 0, 0)], v3=[(2, 2, 2)])
