@@ -60,7 +60,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .io_utils import CorruptFileError, atomic_write_text, check_safetensors, default_permissions
+from .io_utils import (
+    CorruptFileError,
+    atomic_write_text,
+    check_safetensors,
+    check_writable,
+    default_permissions,
+)
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -839,14 +845,12 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) 
     ]
     for folder in (f for f in probed if f.is_dir()):
         try:
-            handle, probe = tempfile.mkstemp(prefix=".medtuning-write-check-", dir=folder)
-            os.close(handle)
-            os.unlink(probe)
+            check_writable(folder / ".medtuning-write-check")  # probes with a partial file next to that name
         except OSError as error:
             action = "written" if existing == output_dir else "created"
             raise SettingsError(
-                f"output_dir '{output_dir}' cannot be {action}: {error.strerror or error} in '{folder}'; pass an "
-                f"--output-dir you can write to, or make that folder writable.",
+                f"output_dir '{output_dir}' cannot be {action}: {error}; pass an --output-dir you can write to, "
+                f"or make that folder writable.",
                 "output_dir",
             ) from error
     earlier = [output_dir / n for n in (CHECKPOINTS_DIR_NAME, MODEL_DIR_NAME, METRICS_NAME)]

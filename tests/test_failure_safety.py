@@ -176,16 +176,23 @@ def copy_of(saved, tmp_path):
     return Path(shutil.copytree(saved, tmp_path / "model"))
 
 
-@pytest.fixture
-def no_weights_read(monkeypatch):
-    """Fails the test if any weights are read: the checks must come first."""
+def _refuse_weight_reads(monkeypatch, backbone: bool) -> None:
+    """Make reading adapter or decoder weights (and, with ``backbone``, backbone weights) fail the test."""
 
     def touched(*args, **kwargs):
         raise AssertionError("weights were read before the check")
 
     monkeypatch.setattr(volumetric, "load_file", touched)
+    monkeypatch.setattr(peft.PeftModel, "load_adapter", touched)
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", touched)
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(touched))
+    if backbone:
+        monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(touched))
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fails the test if any weights are read: the checks must come first."""
+    _refuse_weight_reads(monkeypatch, backbone=True)
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "backbone/model.safetensors"])
@@ -353,13 +360,7 @@ def edit_json(folder: Path, name: str, change) -> Path:
 @pytest.fixture
 def no_adapter_weights_read(monkeypatch):
     """Fails the test if adapter or decoder weights are read: the checks must come first."""
-
-    def touched(*args, **kwargs):
-        raise AssertionError("weights were read before the check")
-
-    monkeypatch.setattr(volumetric, "load_file", touched)
-    monkeypatch.setattr(peft.PeftModel, "load_adapter", touched)
-    monkeypatch.setattr(peft.PeftModel, "from_pretrained", touched)
+    _refuse_weight_reads(monkeypatch, backbone=False)
 
 
 def without(key: str):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -533,14 +533,14 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(
         target.mkdir()
         target.chmod(0o555)
         if os.geteuid() == 0:  # root writes anywhere: the probe fails as in a read-only folder
-            real = tempfile.mkstemp
+            real_open = builtins.open
 
-            def mkstemp(*args, dir=None, **kwargs):
-                if dir is not None and Path(dir) == target:
-                    raise PermissionError(errno.EACCES, "Permission denied")
-                return real(*args, dir=dir, **kwargs)
+            def guarded_open(file, mode="r", *args, **kwargs):
+                if any(c in mode for c in "wxa+") and Path(file).parent == target:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(file))
+                return real_open(file, mode, *args, **kwargs)
 
-            monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+            monkeypatch.setattr(builtins, "open", guarded_open)
     else:
         target.write_text("")
     steps = []

@@ -64,10 +64,6 @@ class ForwardContext:
         finally:
             self.num_slices, self.pixel_hw, self.prev = saved[0], saved[1], saved[2]
 
-    def checkpoint_func(self, original: Callable) -> Callable:
-        """Wrap a transformers ``_gradient_checkpointing_func`` so recomputation sees this forward's context."""
-        return ContextReplayingCheckpoint(self, original)
-
 
 class ContextReplayingCheckpoint:
     """A transformers ``_gradient_checkpointing_func`` whose recomputation replays the context of its forward.

@@ -19,7 +19,7 @@ from ...backbones import (
     supported_model_types,
 )
 from .config import MedAdapterConfig
-from .layer import BlockPlan, ForwardContext, MedAdapterLayer
+from .layer import BlockPlan, ContextReplayingCheckpoint, ForwardContext, MedAdapterLayer
 from .modules import MedAdapter
 
 
@@ -353,7 +353,7 @@ class MedAdapterModel(BaseTuner):
             any_on = True
             fn = module.__dict__.get("_gradient_checkpointing_func")
             if fn is not None and not hasattr(fn, "med_adapter_original"):
-                module._gradient_checkpointing_func = self._context.checkpoint_func(fn)
+                module._gradient_checkpointing_func = ContextReplayingCheckpoint(self._context, fn)
         return any_on
 
     def _restore_suspended_checkpointing(self) -> None:
