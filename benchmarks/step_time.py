@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+from medtuning_peft.backbones import enable_activation_checkpointing  # noqa: E402
 from medtuning_peft.decoders import DECODERS, SegmentationDecoder  # noqa: E402
 from medtuning_peft.tuners.med_adapter import enable_cuda_graphs  # noqa: E402
 from medtuning_peft.tuners.med_adapter.modules import MedAdapter  # noqa: E402
@@ -351,15 +352,7 @@ def build_method(
         embeddings.register_forward_hook(_output_requires_grad)
     if "+ckpt" in method:
         # After wrapping (PEFT_NOTES.md); the tuner makes recomputation replay the inter-stage context.
-        backbone_model = segmenter.backbone
-        if hasattr(backbone_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            backbone_model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:
-            backbone_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        enable_activation_checkpointing(segmenter.backbone)
     if method.endswith("+cuda_graphs"):
         enable_cuda_graphs(segmenter)
     segmenter = segmenter.to(device).train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .backbones import enable_activation_checkpointing
 from .tuners.med_adapter import (
     MED_ADAPTER,
     MedAdapterConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "cuda_graphs_enabled",
     "disable_cuda_graphs",
+    "enable_activation_checkpointing",
     "enable_cuda_graphs",
     "has_med_adapter",
     *_LAZY,

@@ -206,3 +206,40 @@ def owning_backbone(model: nn.Module, block_name: str) -> tuple[str, nn.Module]:
         ):
             return name, module
     raise ValueError(f"block {block_name!r} is not inside a transformers model that takes `pixel_values`")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on transformers' non-reentrant activation checkpointing of the backbone inside ``model``.
+
+    Call it after the adapters are in place (``get_peft_model``, ``build_segmenter``): enabled before, Swin's
+    checkpointed stages would not see them. Med-Adapter then makes each adapted block (block and adapter) one
+    checkpoint unit; gradients and BatchNorm statistics are those of training without checkpointing. It uses
+    ``activation_checkpointing_enable`` (transformers >= 5.24) or, before it, ``gradient_checkpointing_enable``,
+    its former name.
+
+    Args:
+        model: a transformers model, a ``PeftModel`` of one, a :class:`~medtuning_peft.VolumetricSegmenter`, or
+            any module holding one; the outermost transformers model inside that supports checkpointing (in a
+            task model such as ``UperNetForSemanticSegmentation``, its backbone) is switched on, with every
+            block in it.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: when ``model`` holds no transformers model that supports activation checkpointing.
+    """
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    target = next((m for m in models if getattr(m, "supports_gradient_checkpointing", False)), None)
+    if target is None:
+        what = f"{type(models[0]).__name__}, which does not support it" if models else "no transformers model"
+        raise ValueError(
+            f"enable_activation_checkpointing: {type(model).__name__} holds {what}; pass a transformers "
+            "backbone (Swin, ViT, DINOv2, SegFormer), a PeftModel of one or a VolumetricSegmenter."
+        )
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.24
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .backbones import enable_activation_checkpointing
 from .io_utils import (
     CorruptFileError,
     atomic_write_text,
@@ -1008,9 +1009,7 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
     )
     if settings.gradient_checkpointing:
         # After the adapters are in place (enabling it first breaks Swin); non-reentrant only.
-        segmenter.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_activation_checkpointing(segmenter.backbone)
     if settings.cuda_graphs:
         from .tuners.med_adapter import enable_cuda_graphs
 

@@ -18,7 +18,7 @@ from tiny_models import build, output_tensor, slices
 from torch import nn
 
 import medtuning_peft
-from medtuning_peft import MedAdapterConfig
+from medtuning_peft import MedAdapterConfig, enable_activation_checkpointing
 from medtuning_peft.tuners.med_adapter import MedAdapter
 
 D = 3
@@ -121,9 +121,7 @@ def test_graphed_training_with_activation_checkpointing_matches_eager_training(n
     inputs = [slices(2, D, seed=s).cuda() for s in range(5)]
     eager = adapted(name).cuda().train()
     graphed = medtuning_peft.enable_cuda_graphs(adapted(name).cuda().train())
-    graphed.base_model.model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
+    enable_activation_checkpointing(graphed.base_model.model)
     eager_losses, _ = _train(eager, inputs, True, count_from=2)
     graphed_losses, eager_calls = _train(graphed, inputs, True, count_from=2)
     assert eager_calls == 0  # replayed in passes 3-5, and not run again to recompute
@@ -252,9 +250,7 @@ def test_off_cuda_checkpointing_recomputes_the_adapters_as_without_graphs():
         model = adapted("swin").train()
         if graphs:
             medtuning_peft.enable_cuda_graphs(model)
-        model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_activation_checkpointing(model.base_model.model)
         counter = EagerCalls(model)
         forward(model, slices(2, D), False).mean().backward()
         counter.remove()
@@ -420,9 +416,7 @@ def test_graphs_with_activation_checkpointing_recompute_only_the_frozen_blocks(s
     inputs = [slices(2, D, seed=s) for s in range(4)]
     eager = adapted(name).train()
     graphed = medtuning_peft.enable_cuda_graphs(adapted(name).train())
-    graphed.base_model.model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
+    enable_activation_checkpointing(graphed.base_model.model)
     blocks = [m.base_layer for m in graphed.modules() if isinstance(m, MedAdapterLayer)]
     block_calls = collections.Counter()
     for block in blocks:

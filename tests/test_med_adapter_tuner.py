@@ -23,7 +23,7 @@ from torch import nn
 from transformers import SwinConfig, SwinModel
 
 import medtuning_peft
-from medtuning_peft import MedAdapterConfig
+from medtuning_peft import MedAdapterConfig, enable_activation_checkpointing
 from medtuning_peft.tuners.med_adapter import MedAdapterLayer, SpectralFilter
 
 D = 3  # slices per volume
@@ -364,7 +364,7 @@ def test_a_deep_copy_and_a_pickled_copy_compute_what_the_original_does(name):
         m.train().zero_grad()
         backbone = m.base_model.model
         backbone = getattr(backbone, "backbone", backbone)
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(backbone)
         torch.manual_seed(0)  # the same stochastic depth in both
         run(m, x).float().square().mean().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
@@ -465,26 +465,66 @@ def test_bf16_base_weights_get_float32_adapters_unless_asked_otherwise(autocast_
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["swin", "vit", "segformer"])
 def test_non_reentrant_gradient_checkpointing_gives_exact_gradients(name, device):
+    # The same gradients, and the same BatchNorm statistics after the step: the recomputation in backward must
+    # not update the adapters' running statistics a second time.
     x = slices(2, D).to(device)
     # cuDNN's convolution backward may sum in another order in the recomputation: float32 rounding apart.
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
 
-    def grads(checkpointing: bool):
+    def step(checkpointing: bool):
         model = adapted(name).to(device).train()
         for m in model.modules():  # dropout off: compare the math, not the random masks
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
         if checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(model)
         run(model, x).square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, {n: b.clone() for n, b in model.named_buffers() if "med_adapter" in n}
 
-    plain, checkpointed = grads(False), grads(True)
+    (plain, plain_buffers), (checkpointed, checkpointed_buffers) = step(False), step(True)
     assert plain.keys() == checkpointed.keys()
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], **tolerance, msg=n)
+    assert any(n.endswith("num_batches_tracked") for n in plain_buffers)
+    assert plain_buffers.keys() == checkpointed_buffers.keys()
+    for n in plain_buffers:
+        torch.testing.assert_close(checkpointed_buffers[n], plain_buffers[n], rtol=0, atol=0, msg=n)
+
+
+def test_checkpointing_keeps_batchnorm_statistics_over_steps_and_momentum_none():
+    # Several steps, cumulative averaging (momentum None) and one BatchNorm frozen in eval mode by the user: the
+    # statistics after training with checkpointing are those of training without it, and the momenta are back.
+    x = slices(2, D)
+
+    def train(checkpointing: bool):
+        model = adapted("swin").train()
+        norms = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d) and "med_adapter" in n]
+        norms[0].momentum = None
+        norms[1].eval()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        for _ in range(3):
+            run(model, x).square().mean().backward()
+        assert norms[0].momentum is None and norms[2].momentum == 0.1
+        return {n: b.clone() for n, b in model.named_buffers() if "med_adapter" in n}
+
+    plain, checkpointed = train(False), train(True)
+    assert any(n.endswith("num_batches_tracked") and int(b) == 3 for n, b in plain.items())
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=0, atol=0, msg=n)
+
+
+def test_enable_activation_checkpointing_finds_the_backbone_and_refuses_other_models():
+    # A PeftModel, a task model holding the backbone, and a segmenter: each gets the backbone's checkpointing on.
+    for model in (adapted("swin"), adapted("upernet_swin")):
+        assert medtuning_peft.enable_activation_checkpointing(model) is model
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    segmenter = medtuning_peft.build_segmenter("tiny-vit", in_channels=1, num_classes=2)
+    medtuning_peft.enable_activation_checkpointing(segmenter)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in segmenter.backbone.modules())
+    with pytest.raises(ValueError, match="holds no transformers model"):
+        medtuning_peft.enable_activation_checkpointing(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_checkpointed_recomputation_replays_its_own_forward():
@@ -498,9 +538,7 @@ def test_checkpointed_recomputation_replays_its_own_forward():
             if isinstance(m, nn.Dropout) or type(m).__name__ == "SwinDropPath":
                 m.eval()
         if checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(model.base_model.model)
         loss = run(model, x1).square().mean() + run(model, x2).abs().mean()
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -520,7 +558,7 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
     model = adapted(name).train()
     backbone = model.base_model.model
     backbone = getattr(backbone, "backbone", backbone)  # a task model (UperNet): checkpoint its backbone
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(backbone)
     flags = {
         n: m.gradient_checkpointing
         for n, m in backbone.named_modules()

@@ -435,7 +435,9 @@ def test_training_compiled_by_accelerate_gives_the_same_training(data_dir, cache
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model did run compiled
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    torch.testing.assert_close(_losses(compiled), _losses(plain))
+    # float32 tolerance: the traced graph's decompositions may round differently (2e-7 relative at the third
+    # step with transformers 5.25); a wrong graph moves the loss by far more.
+    torch.testing.assert_close(_losses(compiled), _losses(plain), rtol=1e-5, atol=1e-6)
     saved = load_file(tmp_path / "compiled" / "model" / "adapter_model.safetensors")
     assert saved and not any("_orig_mod" in key for key in saved)  # saved under the uncompiled names
 

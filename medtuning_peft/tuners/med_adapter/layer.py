@@ -31,12 +31,14 @@ class ForwardContext:
         pixel_hw: (H, W) of the slices the backbone received (grid of ViT-like backbones).
         prev: per adapter name, the A features (B*D, r, h, w) of the last inter-stage adapter.
         graphs: the adapters' CUDA graphs (:func:`~medtuning_peft.enable_cuda_graphs`), or None: eager.
+        recomputing: True while activation checkpointing recomputes a block in backward (:meth:`restored`).
     """
 
     num_slices: int | None = None
     pixel_hw: tuple[int, int] | None = None
     prev: dict[str, torch.Tensor] = field(default_factory=dict)
     graphs: AdapterGraphs | None = None
+    recomputing: bool = False
 
     def start_backbone(self, pixel_values: Any) -> None:
         self.prev.clear()
@@ -59,10 +61,12 @@ class ForwardContext:
         saved = self.snapshot()
         self.num_slices, self.pixel_hw, prev = snapshot
         self.prev = dict(prev)
+        self.recomputing = True
         try:
             yield
         finally:
             self.num_slices, self.pixel_hw, self.prev = saved[0], saved[1], saved[2]
+            self.recomputing = False
 
 
 class ContextReplayingCheckpoint:
@@ -91,7 +95,7 @@ class ContextReplayingCheckpoint:
             raise ValueError(
                 "Med-Adapter does not support reentrant gradient checkpointing (use_reentrant=True): gradients that "
                 "flow through the inter-stage features would be lost. Enable it with "
-                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`."
+                "`medtuning_peft.enable_activation_checkpointing(model)`."
             )
         if "context_fn" in kwargs:
             raise ValueError("Med-Adapter sets the checkpoint `context_fn` itself; do not pass one.")
@@ -280,10 +284,11 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             # Under autocast the down-projection takes them as they are (a bf16 residual stream, as in Swin
             # after the first stage, is not cast up and back down).
             grid_tokens = grid_tokens.to(adapter.down.weight.dtype)
-        if ctx.graphs is not None:
-            out, a = ctx.graphs(adapter, grid_tokens, (h, w), num_slices, prev)
-        else:
-            out, a = adapter(grid_tokens, (h, w), num_slices, prev)
+        with _running_statistics_kept(adapter) if ctx.recomputing else contextlib.nullcontext():
+            if ctx.graphs is not None:
+                out, a = ctx.graphs(adapter, grid_tokens, (h, w), num_slices, prev)
+            else:
+                out, a = adapter(grid_tokens, (h, w), num_slices, prev)
         if a is not None:
             ctx.prev[name] = a
         out = out.to(hidden.dtype)
@@ -306,6 +311,36 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "med_adapter." + super().__repr__()
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` in training mode normalize with the batch statistics, as always, but leave
+    their running statistics as they were.
+
+    For the recomputation of a checkpointed block in backward: its forward already updated them once, and a
+    second update would leave other statistics (and ``num_batches_tracked``) than training without
+    checkpointing does. The layers run as in the forward (the same operations save the same tensors, which
+    the checkpoint checks) with momentum 0, so the update ``(1 - 0) * running + 0 * batch`` keeps the
+    running statistics exactly; the count they advance is put back afterwards.
+    """
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [
+        (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms
+    ]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def has_med_adapter(module: nn.Module) -> bool:
