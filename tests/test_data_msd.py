@@ -167,6 +167,19 @@ _MALFORMED = {
         {"training": [_PAIR, _PAIR]},
         r"training\[1\] repeats case 'a_001' of training\[0\]",
     ),
+    "training-label-shared": (
+        {"training": [_PAIR, {"image": "imagesTr/a_002.nii.gz", "label": "labelsTr/a_001.nii.gz"}]},
+        r"training\[1\]\.label is 'labelsTr/a_001\.nii\.gz', the label of training\[0\] too",
+    ),
+    "training-labels-swapped": (
+        {
+            "training": [
+                {"image": "imagesTr/a_001.nii.gz", "label": "labelsTr/a_002.nii.gz"},
+                {"image": "imagesTr/a_002.nii.gz", "label": "labelsTr/a_001.nii.gz"},
+            ]
+        },
+        r"training\[0\]\.label is 'labelsTr/a_002\.nii\.gz', the label file of case 'a_002' \(training\[1\]\)",
+    ),
     "test-is-a-string": ({"test": "imagesTs"}, r"field 'test' is a str, expected a list"),
     "test-entry-without-image": ({"test": [{"img": "b.nii.gz"}]}, r"test\[0\] is \{'img'.*without 'image'"),
     "test-entry-int": ({"test": [3]}, r"test\[0\] is 3; expected a \.nii"),
@@ -179,6 +192,17 @@ def test_malformed_dataset_json_is_refused_naming_the_file_and_field(tmp_path, c
     (tmp_path / "dataset.json").write_text(json.dumps({**_VALID, **change}))
     with pytest.raises(CaseLoadError, match=re.escape(str(tmp_path / "dataset.json")) + ".*" + message):
         read_msd_task(tmp_path)
+
+
+def test_label_files_named_otherwise_than_their_images_are_read(tmp_path):
+    # Decathlon names a label after its image, but a label of another name that no other case claims is fine.
+    training = [
+        {"image": "imagesTr/a_001.nii.gz", "label": "labelsTr/a_001_seg.nii.gz"},
+        {"image": "imagesTr/a_002.nii.gz", "label": "labelsTr/a_002_seg.nii.gz"},
+    ]
+    (tmp_path / "dataset.json").write_text(json.dumps({**_VALID, "training": training}))
+    task = read_msd_task(tmp_path)
+    assert [c.label.name for c in task.training] == ["a_001_seg.nii.gz", "a_002_seg.nii.gz"]
 
 
 @pytest.mark.parametrize("top_level", [42, [], "text", None])

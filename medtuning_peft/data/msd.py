@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .case import CaseFiles, CaseLoadError, VolumeCase
@@ -203,6 +203,30 @@ def _entries(data: dict[str, Any], path: Path) -> list[tuple[str, str, str | Non
                 "remove the duplicate entry (or give the two images different file names)",
             )
         seen[case_id] = where
+    # A label map must belong to its own image: one label file listed for two images, or the label of another
+    # listed case, is a slip in dataset.json that would train on wrong labels without any other sign.
+    label_of: dict[str, str] = {}
+    for where, image, label in entries:
+        if label is None:
+            continue
+        key = str(PurePosixPath(label))  # "./labelsTr/a.nii.gz" and "labelsTr/a.nii.gz" are one file
+        if key in label_of:
+            raise _error(
+                path,
+                f"{where}.label",
+                f"is '{label}', the label of {label_of[key]} too; expected each image to have its own label map",
+                "give each training image its own label file",
+            )
+        label_of[key] = where
+        owner = seen.get(_case_id(label))
+        if owner is not None and owner != where:
+            raise _error(
+                path,
+                f"{where}.label",
+                f"is '{label}', the label file of case '{_case_id(label)}' ({owner}), not of this entry's image "
+                f"'{image}'",
+                "pair each image with its own label file",
+            )
     return entries
 
 
@@ -222,7 +246,8 @@ def read_msd_task(data_dir: str | Path) -> MSDTask:
             ``modality`` must map channel indices 0..C-1 to names, ``labels`` must map integer values
             0..255 (background ``"0"`` included) to names, ``training`` must be a non-empty list of
             ``{"image", "label"}`` paths and ``test`` (optional) a list of image paths, with no case
-            listed twice.
+            listed twice, no label file given to two images and no image given another listed case's
+            label file (``labelsTr/a_002.nii.gz`` for ``imagesTr/a_001.nii.gz``).
     """
     data_dir = Path(data_dir)
     path = data_dir / "dataset.json"
