@@ -515,6 +515,30 @@ def test_checkpointing_keeps_batchnorm_statistics_over_steps_and_momentum_none()
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=0, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("name", ["vit", "swin", "upernet_swin"])
+def test_checkpointing_enabled_before_get_peft_model(name):
+    # peft then calls transformers' enable_input_require_grads: fine on ViT (the same gradients as enabling it
+    # after), a failure deep in transformers on Swin's tuple-returning patch embeddings, so refused up front.
+    def grads(before: bool):
+        base = build(name)
+        if before:
+            enable_activation_checkpointing(base)
+        model = get_peft_model(base, MedAdapterConfig(num_slices=D, modules_to_save=HEADS.get(name))).train()
+        if not before:
+            enable_activation_checkpointing(model)
+        run(model, slices(2, D)).square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    if name == "vit":
+        after, before = grads(False), grads(True)
+        assert after.keys() == before.keys()
+        for n in after:
+            torch.testing.assert_close(before[n], after[n], rtol=0, atol=0, msg=n)
+        return
+    with pytest.raises(ValueError, match=r"already on in this \w+\. Enable it after get_peft_model"):
+        grads(True)
+
+
 def test_enable_activation_checkpointing_finds_the_backbone_and_refuses_other_models():
     # A PeftModel, a task model holding the backbone, and a segmenter: each gets the backbone's checkpointing on.
     for model in (adapted("swin"), adapted("upernet_swin")):

@@ -50,12 +50,31 @@ class MedAdapterModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
         if "_context" not in self.__dict__:
+            self._check_checkpointing_comes_after(model)
             self._context = ForwardContext()
             self._plans: dict[str, dict[str, BlockPlan]] = {}
             self._pending_plans: dict[str, BlockPlan] = {}
             self._hook_handles: list = []
             self._suspended_checkpointing: list[nn.Module] = []
             self._checkpointing_layers: list[MedAdapterLayer] = []
+
+    @staticmethod
+    def _check_checkpointing_comes_after(model: nn.Module) -> None:
+        """Refuse a Swin backbone whose activation checkpointing is already on when the PeftModel is built.
+
+        peft then calls transformers' ``enable_input_require_grads``, whose hook on the input embeddings expects a
+        tensor; Swin's patch embeddings return a tuple, and the first forward would fail deep inside transformers.
+        Enabled after ``get_peft_model``, checkpointing needs no such hook (the adapters are trainable).
+        """
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        if checkpointing and find_spec(model).model_type == "swin":
+            raise ValueError(
+                f"Activation checkpointing is already on in this {type(model).__name__}. Enable it after "
+                "get_peft_model / PeftModel.from_pretrained instead: "
+                "`medtuning_peft.enable_activation_checkpointing(peft_model)`. Enabled before, peft registers "
+                "transformers' enable_input_require_grads hook, which fails on Swin's patch embeddings (they "
+                "return a tuple)."
+            )
 
     def _check_new_adapter_config(self, config: MedAdapterConfig) -> None:
         super()._check_new_adapter_config(config)
