@@ -605,7 +605,9 @@ def test_checkpointing_recomputes_each_adapted_block_once(name):
     assert flags == {n: m.gradient_checkpointing for n, m in backbone.named_modules() if n in flags}
     assert all(layer.checkpoint_func is None for layer in layers)  # nothing of the forward is left behind
 
-    backbone.gradient_checkpointing_disable()
+    # transformers >= 5.24 name, or the former one
+    disable = getattr(backbone, "activation_checkpointing_disable", backbone.gradient_checkpointing_disable)
+    disable()
     calls.clear()
     run(model, slices(2, D)).square().mean().backward()
     assert set(calls.values()) == {1}
@@ -653,6 +655,35 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients():
     assert compiled_grads.keys() == eager_grads.keys()
     for n in eager_grads:
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+@needs_dynamo_for_transformers
+@pytest.mark.parametrize("backbone", ["swin", "vit"])
+def test_compiled_model_with_activation_checkpointing_trains_as_eager(backbone):
+    # `accelerate launch --dynamo_backend ... --gradient-checkpointing`: Dynamo takes no context_fn, and the
+    # compiler's recomputation would replay the adapters' BatchNorm updates; the frozen block alone is the unit.
+    x = slices(2, D)
+
+    def train(checkpointing: bool, compiled: bool):
+        torch._dynamo.reset()
+        model = adapted(backbone).train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        for _ in range(2):
+            run(forward, x).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, {n: b.clone() for n, b in model.named_buffers() if "med_adapter" in n}
+
+    (grads, buffers), (eager_grads, eager_buffers) = train(True, True), train(False, False)
+    assert grads.keys() == eager_grads.keys() and buffers.keys() == eager_buffers.keys()
+    for n in eager_grads:
+        torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    for n in eager_buffers:
+        torch.testing.assert_close(buffers[n], eager_buffers[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_reentrant_gradient_checkpointing_is_refused():

@@ -99,6 +99,10 @@ class ContextReplayingCheckpoint:
             )
         if "context_fn" in kwargs:
             raise ValueError("Med-Adapter sets the checkpoint `context_fn` itself; do not pass one.")
+        if torch.compiler.is_compiling():
+            # Traced: the compiler recomputes from the traced graph, in which the context's values are constants
+            # and graph inputs (it runs no context_fn); the unit is then the frozen block alone (`forward`).
+            return original(function, *args, **kwargs)
         context = self.context
         snapshot = context.snapshot()
         return original(
@@ -206,11 +210,20 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.checkpoint_func is not None and self.training and torch.is_grad_enabled():
-            if self._runs_as_graphs():
+            if self._runs_as_graphs() or torch.compiler.is_compiling():
                 # With CUDA graphs the frozen block alone is the checkpointed unit: the adapter's activations live
                 # in the graphs' memory pool whether it is checkpointed or not, and recomputing it would replay
-                # its forward graph inside its own backward.
-                out = self.checkpoint_func(functools.partial(self._unit, self.base_layer, **kwargs), *args)
+                # its forward graph inside its own backward. Under torch.compile too: the compiler's
+                # recomputation would replay the adapter's BatchNorm updates (a second update per step), which
+                # only an eager recomputation can hold back (`_running_statistics_kept`).
+                unit = functools.partial(self._unit, self.base_layer, **kwargs)
+                # A frozen block that nothing before it makes differentiable (the first one) keeps no activations
+                # to recompute; the compiler refuses a checkpoint with random operations (stochastic depth) in a
+                # region without gradients.
+                needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or any(
+                    p.requires_grad for p in self.base_layer.parameters()
+                )
+                out = self.checkpoint_func(unit, *args) if needs_grad else unit(*args)
                 return self._adapt_output(out, args, kwargs)
             # Non-reentrant checkpoint of the block and its adapter together: one recomputation in backward.
             return self.checkpoint_func(functools.partial(self._unit, self._adapted_block, **kwargs), *args)
