@@ -396,6 +396,12 @@ def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp
     plain = train(base)
     checkpointed = _train_again(base, tmp_path / "ckpt", gradient_checkpointing=True)
     torch.testing.assert_close(_losses(checkpointed), _losses(plain))
+    # The saved models match too, the adapters' BatchNorm running statistics included (validation uses them).
+    saved = [load_file(tmp_path / run / "model" / "adapter_model.safetensors") for run in ("plain", "ckpt")]
+    assert any(key.endswith("num_batches_tracked") for key in saved[0])
+    assert saved[0].keys() == saved[1].keys()
+    for key in saved[0]:
+        torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
