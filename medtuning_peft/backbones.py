@@ -211,8 +211,9 @@ def owning_backbone(model: nn.Module, block_name: str) -> tuple[str, nn.Module]:
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Turn on transformers' non-reentrant activation checkpointing of the backbone inside ``model``.
 
-    Call it after the adapters are in place (``get_peft_model``, ``build_segmenter``): enabled before, Swin's
-    checkpointed stages would not see them. Med-Adapter then makes each adapted block (block and adapter) one
+    Call it after the adapters are in place (``get_peft_model``, ``build_segmenter``): given a model with
+    checkpointing already on, peft registers transformers' input-gradient hook, which fails on Swin's patch
+    embeddings (``get_peft_model`` refuses that case). Med-Adapter then makes each adapted block (block and adapter) one
     checkpoint unit; gradients and BatchNorm statistics are those of training without checkpointing. It uses
     ``activation_checkpointing_enable`` (transformers >= 5.24) or, before it, ``gradient_checkpointing_enable``,
     its former name.
