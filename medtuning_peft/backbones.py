@@ -213,8 +213,9 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
 
     Call it after the adapters are in place (``get_peft_model``, ``build_segmenter``): given a model with
     checkpointing already on, peft registers transformers' input-gradient hook, which fails on Swin's patch
-    embeddings (``get_peft_model`` refuses that case). Med-Adapter then makes each adapted block (block and adapter) one
-    checkpoint unit; gradients and BatchNorm statistics are those of training without checkpointing. It uses
+    embeddings (``get_peft_model`` refuses that case). Med-Adapter then makes each adapted block (block and
+    adapter) one checkpoint unit; gradients and BatchNorm statistics are those of training without
+    checkpointing. It uses
     ``activation_checkpointing_enable`` (transformers >= 5.24) or, before it, ``gradient_checkpointing_enable``,
     its former name.
 
