@@ -169,7 +169,8 @@ def _eager_as_captured(
 
 @contextlib.contextmanager
 def _statistics_kept(adapters: list[MedAdapter]) -> Iterator[None]:
-    """Put the adapters' buffers (BatchNorm running statistics) back after capture warm-up ran them."""
+    """Put the adapters' buffers (BatchNorm running statistics) back after capture warm-up ran them, or after
+    activation checkpointing recomputed them in backward (the forward already updated them once)."""
     buffers = [b for adapter in adapters for b in adapter.buffers()]
     with torch.no_grad():
         saved = [b.clone() for b in buffers]

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...backbones import BackboneSpec
-from .cuda_graphs import AdapterGraphs
+from .cuda_graphs import AdapterGraphs, _statistics_kept
 from .modules import MedAdapter, autocast_enabled
 
 try:  # transformers 5 records ViT / DINOv2 hidden states with hooks on the block class.
@@ -215,7 +215,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
                 # in the graphs' memory pool whether it is checkpointed or not, and recomputing it would replay
                 # its forward graph inside its own backward. Under torch.compile too: the compiler's
                 # recomputation would replay the adapter's BatchNorm updates (a second update per step), which
-                # only an eager recomputation can hold back (`_running_statistics_kept`).
+                # only an eager recomputation can put back (`_statistics_kept` in `_adapt`).
                 unit = functools.partial(self._unit, self.base_layer, **kwargs)
                 # A frozen block that nothing before it makes differentiable (the first one) keeps no activations
                 # to recompute; the compiler refuses a checkpoint with random operations (stochastic depth) in a
@@ -297,7 +297,9 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
             # Under autocast the down-projection takes them as they are (a bf16 residual stream, as in Swin
             # after the first stage, is not cast up and back down).
             grid_tokens = grid_tokens.to(adapter.down.weight.dtype)
-        with _running_statistics_kept(adapter) if ctx.recomputing else contextlib.nullcontext():
+        # A recomputation in backward (activation checkpointing) runs the adapter's BatchNorm again in training mode;
+        # its running statistics and batch count are put back, so they are updated once per step.
+        with _statistics_kept([adapter]) if ctx.recomputing else contextlib.nullcontext():
             if ctx.graphs is not None:
                 out, a = ctx.graphs(adapter, grid_tokens, (h, w), num_slices, prev)
             else:
@@ -324,36 +326,6 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "med_adapter." + super().__repr__()
-
-
-@contextlib.contextmanager
-def _running_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers of ``module`` in training mode normalize with the batch statistics, as always, but leave
-    their running statistics as they were.
-
-    For the recomputation of a checkpointed block in backward: its forward already updated them once, and a
-    second update would leave other statistics (and ``num_batches_tracked``) than training without
-    checkpointing does. The layers run as in the forward (the same operations save the same tensors, which
-    the checkpoint checks) with momentum 0, so the update ``(1 - 0) * running + 0 * batch`` keeps the
-    running statistics exactly; the count they advance is put back afterwards.
-    """
-    norms = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    saved = [
-        (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms
-    ]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
 
 
 def has_med_adapter(module: nn.Module) -> bool:
