@@ -354,6 +354,18 @@ def _preview_path(output: Path) -> Path:
     return output.with_name(f"{case_id}.png")
 
 
+def _et_min_voxels(args: argparse.Namespace, config: dict[str, Any], label_values: list[int]) -> int:
+    """BraTS' small-ET rule to apply: ``--et-min-voxels``, else what training validated with (0: none)."""
+    if args.et_min_voxels is None:
+        return int(config.get("brats_et_min_voxels") or 0)
+    if args.et_min_voxels and sorted(label_values) != [0, 1, 2, 4]:
+        raise CommandError(
+            f"--et-min-voxels applies to BraTS models (labels 0, 1, 2, 4); --model '{args.model}' writes labels "
+            f"{label_values}."
+        )
+    return args.et_min_voxels
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     cases, layout = _prediction_cases(Path(args.input), args.split)
@@ -365,7 +377,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .data import load_case
-    from .evaluation import sliding_window_predict
+    from .evaluation import postprocess_brats_et, sliding_window_predict
     from .volumetric import from_pretrained
 
     try:
@@ -408,6 +420,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     preprocessing = _preprocessing(config, args.model, args.modality, cases[0])
     overlap = REFERENCE_OVERLAP if args.overlap is None else args.overlap
     dtype = np.uint8 if max(label_values) <= 255 else np.int16
+    et_min_voxels = _et_min_voxels(args, config, label_values)
     print(
         f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}, window {roi}, overlap {overlap:.3f}"
         f"{', flip TTA' if args.flip_tta else ''}",
@@ -434,9 +447,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 flip_tta=args.flip_tta,
                 num_classes=num_classes,
                 device="cpu",
+                padding_value=case.background_value,  # what training crops were padded with
             )
             classes = probs.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
             labels = np.asarray(label_values, dtype=dtype)[classes]
+            if et_min_voxels:
+                labels = postprocess_brats_et(labels, et_min_voxels)
             image = case.geometry.to_nifti(labels, dtype=dtype)
             try:
                 with atomic_path(target) as tmp:
@@ -1094,6 +1110,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _voxel_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a number of voxels >= 0; pass e.g. 500, or 0 for off."
+        )
+    return value
+
+
 def _non_negative(what: str, example: str) -> Callable[[str], float]:
     """An argparse type: a finite number >= 0 of ``what``, refused with ``example`` in the message."""
 
@@ -1171,6 +1199,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "training", "test"),
         default="auto",
         help="images of an MSD task folder to segment (default: test if listed, else training)",
+    )
+    predict.add_argument(
+        "--et-min-voxels",
+        type=_voxel_count,
+        metavar="N",
+        help="BraTS: relabel a predicted enhancing tumour of fewer than N voxels as necrosis, 0: off (default: "
+        "the value the model was validated with, recorded by training, 500 unless changed)",
     )
     predict.add_argument(
         "--preview", action="store_true", help="also write <case>.png: labels over 3 axial slices"

@@ -587,12 +587,13 @@ def sliding_window_predict(
     num_classes: int | None = None,
     *,
     device: torch.device | str | None = None,
+    padding_value: float = 0.0,
 ) -> torch.Tensor:
     """Class probabilities of a whole volume from a model that sees fixed-size windows.
 
     Each window's logits go through a softmax; overlapping windows are blended by MONAI's
     ``sliding_window_inference`` (Gaussian weights, sigma = roi / 8, favour window centres). A ``roi_size``
-    larger than the volume works: MONAI zero-pads the input and crops the output back.
+    larger than the volume works: MONAI pads the input with ``padding_value`` and crops the output back.
 
     With ``flip_tta`` every window is also predicted flipped along each of the 8 combinations of the D, H, W
     axes, each softmax is flipped back and the 8 are averaged (8x the compute). The model is put in eval
@@ -610,6 +611,9 @@ def sliding_window_predict(
         num_classes: if given, the number K of output channels the model must return.
         device: where the stitched output lives (default: the volume's device); e.g. ``"cpu"`` keeps a
             whole-volume output out of GPU memory. Windows run on the model's device.
+        padding_value: the input value outside the volume, where a side of ``roi_size`` exceeds it. Pass the
+            value training crops were padded with, ``VolumeCase.background_value`` (normalized air for CT,
+            0 for MRI): the model should see at the border what it saw in training.
 
     Returns:
         Probabilities of shape (B, K, D, H, W), float32, summing to 1 over K.
@@ -659,6 +663,7 @@ def sliding_window_predict(
                 ),
                 overlap=overlap,
                 mode=mode,
+                cval=float(padding_value),
                 sw_device=sw_device,
                 device=device if device is not None else volume.device,
             )

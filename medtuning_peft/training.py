@@ -24,7 +24,9 @@ What a run does:
   one-hot targets, Dice on the foreground classes only, cross-entropy on all).
 - Validation: every ``val_every`` steps and at the end, sliding-window inference over whole validation volumes
   (each process takes whole volumes), the challenge's metrics (:func:`~medtuning_peft.evaluation.evaluate_case`),
-  gathered and summarized on the main process. The final predictions are written as NIfTI on the original grids.
+  gathered and summarized on the main process. The final predictions are written as NIfTI on the original grids;
+  with ``target_spacing`` they are also scored there, against the label files, as ``medtuning evaluate`` scores
+  them.
 - Checkpoints: ``accelerator.save_state`` into ``output_dir/checkpoints/.step_N.partial``, then renamed to
   ``step_N`` once complete (with ``trainer_state.json``), keeping the last ``keep_checkpoints``. ``resume``
   continues from the newest complete one with the same step, model, optimizer, scheduler and RNG states.
@@ -172,7 +174,11 @@ class TrainSettings:
     split_seed: int = _opt(0, "Seed of the train/validation split (independent of --seed).")
     max_cases: int | None = _opt(None, "Use only the first N labelled cases (quick trials).")
     target_spacing: list[float] | None = _opt(
-        None, "Resample to this voxel size in mm along (D, H, W), e.g. 3 1.5 1.5.", nargs=3, type=float
+        None,
+        "Resample to this voxel size in mm along (D, H, W), e.g. 3 1.5 1.5 (validation still scores on the "
+        "original grid, against the label files).",
+        nargs=3,
+        type=float,
     )
     synthetic_cases: int = _opt(10, "Number of cases of the built-in synthetic data (without --data-dir).")
 
@@ -692,11 +698,19 @@ def _validate(
     cases: Sequence[Any],
     settings: TrainSettings,
     task: dict[str, Any],
+    label_files: dict[str, Path],
     predictions_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Predict whole volumes (each process takes every P-th case) and score them; gathered on every process."""
+    """Predict whole volumes (each process takes every P-th case) and score them; gathered on every process.
+
+    A case resampled to ``target_spacing`` is scored on its original grid against its label file (``label_files``:
+    case id -> path), as the challenges and ``medtuning evaluate`` score the written prediction: the resampled
+    label the model trained on is not the reference.
+    """
+    import nibabel as nib
     from accelerate.utils import gather_object
 
+    from .data import read_nifti
     from .evaluation import (
         evaluate_case,
         postprocess_brats_et,
@@ -722,17 +736,26 @@ def _validate(
                 flip_tta=settings.flip_tta,
                 num_classes=len(label_values),
                 device="cpu",
+                padding_value=case.background_value,  # what training crops were padded with
             )
         pred = (
             probabilities_to_labels(probs, label_values)[0].numpy().astype(np.uint8)
         )  # (D, H, W) label values
         if spec.postprocess_et and settings.et_min_voxels:
             pred = postprocess_brats_et(pred, settings.et_min_voxels)
+        scored, reference, spacing = pred, np.asarray(case.label), case.spacing
+        if case.geometry.is_resampled:
+            scored = case.geometry.to_original(pred)  # (D, H, W) -> the file's (X, Y, Z)
+            reference, label_image = read_nifti(
+                label_files[case.case_id], case_id=case.case_id, role="label", as_label=True
+            )
+            reference = reference.astype(np.uint8)  # values checked when the case was loaded
+            spacing = tuple(float(s) for s in nib.affines.voxel_sizes(label_image.affine))  # array axis order
         scores = evaluate_case(
             spec.challenge,
-            pred,
-            np.asarray(case.label),
-            case.spacing,
+            scored,
+            reference,
+            spacing,
             labels=labels if spec.labels_for_metrics else None,
             with_hd95=settings.val_hd95,
         )
@@ -871,8 +894,13 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) 
                 path.unlink()
 
 
-def _load_task(settings: TrainSettings, accelerator: Any) -> tuple[dict[str, Any], list[Any], list[Any]]:
-    """Resolve the data, split it and load the cases through the cache (main process first)."""
+def _load_task(
+    settings: TrainSettings, accelerator: Any
+) -> tuple[dict[str, Any], list[Any], list[Any], dict[str, Path]]:
+    """Resolve the data, split it and load the cases through the cache (main process first).
+
+    Returns the task description, the training and validation cases, and the validation cases' label files.
+    """
     from .data import CaseCache, default_preprocessing, split_cases
 
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
@@ -933,7 +961,7 @@ def _load_task(settings: TrainSettings, accelerator: Any) -> tuple[dict[str, Any
         "train_cases": train_ids,
         "val_cases": val_ids,
     }
-    return task, train_cases, val_cases
+    return task, train_cases, val_cases, {i: Path(by_id[i].label) for i in val_ids}
 
 
 def _tracker_config(settings: TrainSettings) -> dict[str, Any]:
@@ -1017,6 +1045,9 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
     # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
     segmenter.segmenter_config["label_values"] = task["label_values"]
     segmenter.segmenter_config["channel_names"] = task["channel_names"]
+    if DATASETS[settings.dataset].postprocess_et and settings.et_min_voxels:
+        # `medtuning predict` applies the rule validation applied, so both write the same labels.
+        segmenter.segmenter_config["brats_et_min_voxels"] = settings.et_min_voxels
     return segmenter
 
 
@@ -1085,7 +1116,9 @@ def _damaged_checkpoint(folder: Path, problem: str, previous: Path | None) -> Co
     )
 
 
-def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> dict[str, Any] | None:
+def _resume(
+    accelerator: Any, settings: TrainSettings, checkpoint_dir: Path, task: dict[str, Any]
+) -> dict[str, Any] | None:
     """Load the newest complete checkpoint into the prepared objects; its trainer state, or None.
 
     A damaged newest checkpoint stops the run rather than falling back to an older one: going back silently
@@ -1093,7 +1126,9 @@ def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> 
 
     Raises:
         CorruptFileError: for a damaged newest checkpoint (naming it and the fix).
-        SettingsError: for a checkpoint written with other settings or another number of processes.
+        SettingsError: for a checkpoint written with other settings or another number of processes, or on
+            other data: the split of the cases listed now differs from the checkpoint's (a case added or
+            removed reshuffles the split, and cases trained on would be validated on).
     """
     checkpoints = complete_checkpoints(checkpoint_dir)
     if not checkpoints:
@@ -1111,6 +1146,7 @@ def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> 
             f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
             f"settings and number of processes, or start a new --output-dir."
         )
+    _check_same_split(folder, state.get("split"), task)
     try:
         accelerator.load_state(
             str(folder)
@@ -1120,6 +1156,29 @@ def _resume(accelerator: Any, settings: TrainSettings, checkpoint_dir: Path) -> 
         raise _damaged_checkpoint(folder, problem, previous) from error
     logger.info("Resumed from %s at step %d of %d.", folder, step, state["total_steps"])
     return state
+
+
+def _check_same_split(folder: Path, saved: Any, task: dict[str, Any]) -> None:
+    """Refuse to resume on data whose train/validation split differs from the checkpoint's."""
+    if saved is None:  # written before checkpoints recorded their split
+        logger.warning(
+            "Checkpoint %s records no train/validation split; resuming without checking that the data are the "
+            "same.",
+            folder,
+        )
+        return
+    before = {*saved["train_cases"], *saved["val_cases"]}
+    now = {*task["train_cases"], *task["val_cases"]}
+    moved = sorted(set(saved["train_cases"]) & set(task["val_cases"]))
+    if saved["val_cases"] == task["val_cases"] and before == now:
+        return
+    raise SettingsError(
+        f"Checkpoint {folder} was trained on other data: the cases listed now split differently (added "
+        f"{sorted(now - before)}, removed {sorted(before - now)}; trained on but now validation: {moved}). "
+        f"Validating on cases the model was trained on would inflate its scores. Resume on the same cases (data_dir "
+        f"{task['data_dir']!r}), or start a new --output-dir.",
+        "data_dir",
+    )
 
 
 def _epoch_loader(
@@ -1205,7 +1264,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     _check_output_dir(output_dir, settings, is_main)
     accelerator.wait_for_everyone()
 
-    task, train_cases, val_cases = _load_task(settings, accelerator)
+    task, train_cases, val_cases, label_files = _load_task(settings, accelerator)
     val_cases = sorted(val_cases, key=lambda c: c.case_id)
     set_seed(settings.seed)
     segmenter = _build_model(settings, task)
@@ -1251,7 +1310,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     checkpoint_every = settings.checkpoint_every or settings.val_every or total_steps
 
-    state = _resume(accelerator, settings, checkpoint_dir) if settings.resume else None
+    state = _resume(accelerator, settings, checkpoint_dir, task) if settings.resume else None
     step = state["step"] if state else 0
     history = state["history"] if state else {"loss": [], "validation": []}
     elapsed_before = state.get("wall_time_s", 0.0) if state else 0.0
@@ -1330,7 +1389,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         else None
                     )
                     per_case, summary = _validate(
-                        accelerator, unwrapped, val_cases, settings, task, predictions
+                        accelerator, unwrapped, val_cases, settings, task, label_files, predictions
                     )
                     model.train()
                     history["validation"].append({"step": step, "summary": summary})
@@ -1351,6 +1410,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         "samples_seen": step * b * P * A,
                         "history": history,
                         "settings": settings.to_dict(),
+                        "split": {"train_cases": task["train_cases"], "val_cases": task["val_cases"]},
                         "wall_time_s": elapsed_before + time.time() - train_started,
                     }
                     checkpoint = _save_checkpoint(
@@ -1369,7 +1429,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             predictions = (
                 _fresh_predictions_dir(accelerator, output_dir) if settings.save_predictions else None
             )
-            final_validation = _validate(accelerator, unwrapped, val_cases, settings, task, predictions)
+            final_validation = _validate(
+                accelerator, unwrapped, val_cases, settings, task, label_files, predictions
+            )
     except KeyboardInterrupt as interrupt:
         progress.close()
         newest = complete_checkpoints(checkpoint_dir) if is_main else []

@@ -186,7 +186,13 @@ def test_predict_keeps_the_exact_grid_of_a_permuted_affine_kits_volume(model_dir
     # The same pipeline by hand: the saved preprocessing, the crop-sized window, mapped back to the file.
     model = from_pretrained(model_dir)
     case = load_case(kits19_case_files(tmp_path / "kits" / "case_00000"), CTPreprocessing())
-    probs = sliding_window_predict(model, torch.from_numpy(case.image)[None], roi_size=CROP, overlap=0.0)
+    probs = sliding_window_predict(
+        model,
+        torch.from_numpy(case.image)[None],
+        roi_size=CROP,
+        overlap=0.0,
+        padding_value=case.background_value,
+    )
     expected = case.geometry.to_original(probs.argmax(1)[0].numpy().astype(np.uint8))
     np.testing.assert_array_equal(labels, expected)
 
@@ -217,6 +223,41 @@ def test_predict_single_file_to_a_file_name(model_dir, tmp_path):
     )
     assert nib.load(str(out)).shape == KITS_SHAPE
     assert leftovers(tmp_path) == []
+
+
+def test_predict_applies_the_brats_et_rule_the_model_was_validated_with(tmp_path, capsys):
+    # A BraTS-labelled model whose classifier favours ET (label 4) everywhere: 5,720 ET voxels per volume.
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin",
+        in_channels=1,
+        num_classes=4,
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        crop_size=CROP,
+        preprocessing=CTPreprocessing().to_dict(),
+    )
+    with torch.no_grad():
+        model.decoder.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+    model.segmenter_config["label_values"] = [0, 1, 2, 4]
+    model.segmenter_config["brats_et_min_voxels"] = 6000  # as training records it
+    model.save_pretrained(tmp_path / "brats")
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume(1))
+
+    def predict(*extra: str) -> np.ndarray:
+        out = tmp_path / "out.nii.gz"
+        command = ["predict", "--model", str(tmp_path / "brats"), "--input", str(image), "--output", str(out)]
+        assert main([*command, "--overlap", "0", "--no-progress", *extra]) == 0
+        return np.asanyarray(nib.load(str(out)).dataobj)
+
+    assert set(np.unique(predict())) == {
+        1
+    }  # 5,720 < 6,000 ET voxels: relabelled as necrosis, as in validation
+    assert set(np.unique(predict("--et-min-voxels", "0"))) == {4}
+    assert set(np.unique(predict("--et-min-voxels", "5000"))) == {4}
+    code = main(["predict", "--model", str(save_model(tmp_path / "kits")), "--input", str(image), "--output",
+                 str(tmp_path / "k.nii.gz"), "--et-min-voxels", "5"])  # fmt: skip
+    assert code == 1 and "--et-min-voxels applies to BraTS models" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

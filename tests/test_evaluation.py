@@ -366,6 +366,20 @@ def test_roi_larger_than_volume_keeps_the_volume_shape():
     torch.testing.assert_close(probs, _whole_volume_softmax(model, volume))
 
 
+def test_roi_larger_than_volume_pads_with_the_given_value():
+    # A CT model is trained on crops padded with normalized air; at inference the missing border must be air
+    # too, not 0 (+101 HU after the KiTS19 normalization).
+    model = _conv_model()
+    volume = torch.randn(1, 2, 5, 6, 3)
+    air = -2.34
+    probs = sliding_window_predict(model, volume, roi_size=(8, 8, 8), padding_value=air)
+    # MONAI centres the volume in the window: (8 - n) // 2 before, the rest after.
+    padded = torch.nn.functional.pad(volume, (2, 3, 1, 1, 1, 2), value=air)  # W, H, D: (before, after)
+    expected = _whole_volume_softmax(model, padded)[:, :, 1:6, 1:7, 2:5]
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, sliding_window_predict(model, volume, roi_size=(8, 8, 8)), atol=1e-3)
+
+
 def test_flip_tta_of_flip_equivariant_model_equals_no_tta():
     model = _conv_model(symmetric=True)
     volume = torch.randn(1, 2, 10, 9, 8)

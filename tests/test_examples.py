@@ -10,11 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from medtuning_peft.cli import main as cli_main
 from medtuning_peft.data import list_brats_cases, load_brats_case
 from medtuning_peft.data.synthetic import write_synthetic_brats
 
@@ -134,7 +136,7 @@ RELOAD = textwrap.dedent(
         case = cache.load(files[case_id], CTPreprocessing(**options))
         probs = sliding_window_predict(
             model, torch.from_numpy(np.array(case.image))[None], roi_size=tuple(config["crop_size"]),
-            overlap=run["settings"]["sw_overlap"],
+            overlap=run["settings"]["sw_overlap"], padding_value=case.background_value,
         )
         pred = probabilities_to_labels(probs, config["label_values"])[0].numpy().astype(np.uint8)
         saved = np.asarray(nib.load(out / "predictions" / f"{case_id}.nii.gz").dataobj)
@@ -274,3 +276,14 @@ def test_brats_example_trains_on_synthetic_data_in_the_year_layout(tmp_path, env
     config = json.loads((out / "model" / "segmenter_config.json").read_text())
     assert config["label_values"] == [0, 1, 2, 4] and config["in_channels"] == 4
     assert config["channel_names"] == ["flair", "t1", "t1ce", "t2"]
+    assert config["brats_et_min_voxels"] == 500
+    # `medtuning predict` writes what validation wrote, the small-ET rule included.
+    predicted = tmp_path / "predict"
+    command = ["predict", "--model", str(out / "model"), "--input", run["data"]["data_dir"], "--output"]
+    command += [str(predicted), "--overlap", str(run["settings"]["sw_overlap"]), "--no-progress"]
+    assert cli_main(command) == 0
+    for case_id in run["per_case"]:
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(predicted / f"{case_id}.nii.gz").dataobj),
+            np.asanyarray(nib.load(out / "predictions" / f"{case_id}.nii.gz").dataobj),
+        )

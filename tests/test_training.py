@@ -10,6 +10,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from medtuning_peft.data import write_synthetic_kits19
+from medtuning_peft.evaluation import evaluate_case
 from medtuning_peft.io_utils import CorruptFileError
 from medtuning_peft.training import (
     SettingsError,
@@ -456,6 +458,48 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache
     GradientState._reset_state()
     with pytest.raises(ValueError, match="crop_size"):
         train(replace(settings, resume=True, crop_size=[16, 32, 48]))
+
+
+def test_resume_refuses_data_whose_split_moved_training_cases_into_validation(cache_dir, tmp_path):
+    data = tmp_path / "kits"
+    write_synthetic_kits19(data, num_cases=4, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    settings = tiny_settings(data, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    with pytest.raises(Stop):
+        train(settings, on_step_end=stop_after(1))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json").read_text())
+    assert sorted(state["split"]["train_cases"] + state["split"]["val_cases"]) == [
+        f"case_0000{i}" for i in range(4)
+    ]
+    # One case more: the split is drawn anew over 5 cases, and the resumed run would validate on other cases.
+    write_synthetic_kits19(data, num_cases=5, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(SettingsError, match=r"trained on other data.*added \['case_00004'\]") as error:
+        train(replace(settings, resume=True))
+    assert error.value.field == "data_dir"
+    assert not (tmp_path / "run" / "checkpoints" / "step_2").exists()
+
+
+def test_resampled_validation_scores_the_written_predictions_against_the_label_files(
+    data_dir, cache_dir, tmp_path
+):
+    # Trained on 6 mm in-plane voxels; scored, as `medtuning evaluate` scores the written predictions, on the
+    # files' 3 mm grid against the label files, not against the nearest-neighbour resampled labels.
+    settings = tiny_settings(
+        data_dir, cache_dir, tmp_path / "run", max_steps=2, target_spacing=[3.0, 6.0, 6.0]
+    )
+    metrics = train(settings)
+    assert metrics["per_case"]
+    for case_id, scores in metrics["per_case"].items():
+        pred = nib.load(tmp_path / "run" / "predictions" / f"{case_id}.nii.gz")
+        label = nib.load(data_dir / case_id / "segmentation.nii.gz")
+        expected = evaluate_case(
+            "kits19",
+            np.asarray(pred.dataobj),
+            np.asarray(label.dataobj),
+            tuple(float(s) for s in nib.affines.voxel_sizes(label.affine)),
+        )
+        assert scores == pytest.approx(expected)
 
 
 def test_resume_without_a_checkpoint_starts_from_step_zero_and_epochs_count_crops(
