@@ -129,6 +129,18 @@ def test_saved_prediction_has_the_original_grid_affine_and_header(tmp_path):
     assert int(saved.header["sform_code"]) == int(nib.load(files.images[0]).header["sform_code"])
 
 
+def test_saved_prediction_keeps_a_trailing_singleton_axis_of_the_image(tmp_path):
+    # Some converters write 3D scans as (X, Y, Z, 1); the prediction must have the scan's exact shape.
+    shape, columns, _, _ = LAYOUTS["RAS"]
+    affine = _affine(columns)
+    files, image, label = _write_case(tmp_path, shape, affine, np.random.default_rng(5))
+    nib.save(nib.Nifti1Image(image[..., None], affine), tmp_path / "image.nii.gz")
+    case = load_case(files, IDENTITY_CT)
+    saved = nib.load(case.geometry.save_nifti(case.label, tmp_path / "prediction.nii.gz"))
+    assert saved.shape == (*shape, 1)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), label[..., None])
+
+
 def test_resampled_case_maps_back_to_the_original_shape(tmp_path):
     shape = (12, 40, 36)  # I, P, L at 3 x 1 x 1 mm
     affine = _affine([(0, 0, -3), (0, -1, 0), (-1, 0, 0)])

@@ -201,9 +201,10 @@ def test_label_values_outside_the_task_set_are_refused(task, bad_value, message)
         evaluate_case(task, np.zeros_like(gt), gt, spacing=(1.0, 1.0, 1.0))
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.float32, bool])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.float32, bool, ">i2", ">u2", ">f4"])
 def test_label_maps_of_any_numeric_dtype_score_as_uint8(dtype):
-    # NIfTI label maps are often stored as uint16; a bool map is a binary label map (0 and label 1).
+    # NIfTI label maps are often stored as uint16; a bool map is a binary label map (0 and label 1); nibabel
+    # returns the data of a big-endian file as big-endian arrays (">i2").
     gt = np.zeros((8, 8, 8), np.uint8)
     gt[2:5, 2:5, 2:5] = 1
     pred = np.zeros_like(gt)

@@ -245,7 +245,8 @@ class VolumeGeometry:
 
         Returns:
             A ``Nifti1Image`` (``Nifti2Image`` if the source was NIfTI-2) whose data has the original
-            shape and whose affine equals the original affine.
+            shape (a 3D array keeps the source's trailing singleton axes, ``(X, Y, Z, 1)``) and whose affine
+            equals the original affine.
         """
         data = self.to_original(array)
         if dtype is None:
@@ -256,6 +257,9 @@ class VolumeGeometry:
         if header is None:
             image = image_class(data, self.original_affine)
         else:
+            source_shape = tuple(int(n) for n in header.get_data_shape())
+            if data.ndim == 3 and len(source_shape) > 3 and set(source_shape[3:]) == {1}:
+                data = data.reshape(source_shape)  # (X, Y, Z) -> (X, Y, Z, 1, ...), as the source file
             header.set_data_shape(data.shape)
             header["cal_min"], header["cal_max"] = 0, 0
             image = image_class(data, self.original_affine, header=header)
