@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from transformers import SwinConfig, SwinModel
 
 import medtuning_peft
 from medtuning_peft import MedAdapterConfig, enable_activation_checkpointing
-from medtuning_peft.tuners.med_adapter import MedAdapterLayer, SpectralFilter
+from medtuning_peft.tuners.med_adapter import MedAdapter, MedAdapterLayer, SpectralFilter, modules
 
 D = 3  # slices per volume
 NAMES = list(BUILDERS)
@@ -97,6 +98,19 @@ def test_only_adapter_and_head_params_train_and_change(name):
                 assert not torch.equal(p, before[n]), f"trainable {n} did not change"
         else:
             assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+def test_training_works_after_an_evaluation_under_inference_mode():
+    # The spectral branch's constant inverse-DFT matrices are cached for the whole process: built first under
+    # torch.inference_mode() (a validation or sanity pass), they must not break a later training backward.
+    modules._inverse_dft_basis.cache_clear()  # earlier tests of this process may have built them with autograd on
+    model = adapted("swin")
+    x = slices(2, D)
+    with torch.inference_mode():
+        run(model.eval(), x)
+    run(model.train(), x).square().mean().backward()
+    spectral = [p for n, p in model.named_parameters() if ".spectral." in n]
+    assert spectral and all(p.grad is not None and p.grad.any() for p in spectral)
 
 
 # --- volumes are independent; the spectral branch spans the volume ------------------------------------
@@ -385,13 +399,48 @@ def test_adapter_names_that_would_drop_weights_on_save_are_refused(name):
         get_peft_model(build("swin"), MedAdapterConfig(num_slices=D), adapter_name=name)
 
 
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("spectral", {"use_fft": False}),
+        ("inplane", {"kernel_sizes": ()}),
+        ("across", {"kernel_sizes": ()}),
+        ("branches", {"kernel_sizes": ()}),
+        ("5", {"kernel_sizes": (3,)}),  # the sixth branch of a config with six kernel sizes
+    ],
+)
+def test_adapter_names_that_another_config_would_use_in_weight_names_are_refused(name, config):
+    # The adapter's own config lacks that part, but another adapter of the model may have it: its weights would be
+    # left out of its file by save_pretrained.
+    with pytest.raises(ValueError, match=f"Adapter name '{name}' is also a part of the weight name"):
+        get_peft_model(build("swin"), MedAdapterConfig(num_slices=D, **config), adapter_name=name)
+    model = adapted("swin")
+    with pytest.raises(ValueError, match=f"Adapter name '{name}' is also a part of the weight name"):
+        model.add_adapter(name, MedAdapterConfig(num_slices=D, **config))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_one_config_object_can_serve_several_adapters():
+    # As with LoRA: `add_adapter(name, config)` with the config that created the first adapter. The name checked
+    # is the one being added.
+    config = MedAdapterConfig(num_slices=D)
+    model = get_peft_model(build("swin"), config)
+    model.add_adapter("second", config)
+    assert all(
+        set(m.med_adapter) == {"default", "second"} for m in model.modules() if isinstance(m, MedAdapterLayer)
+    )
+    with pytest.raises(ValueError, match="Adapter name 'spectral' is also a part of the weight name"):
+        model.add_adapter("spectral", config)
+    assert list(model.peft_config) == ["default", "second"]
+
+
 def test_the_adapter_name_check_draws_no_random_numbers():
     # Seeded runs must initialize the adapters and the decoder as before the check existed.
     from medtuning_peft.tuners.med_adapter.model import MedAdapterModel
 
-    model, config = build("swin"), MedAdapterConfig(num_slices=D)
+    model = build("swin")
     state = torch.random.get_rng_state()
-    MedAdapterModel._check_adapter_name(model, config, "second")
+    MedAdapterModel._check_adapter_name(model, "second")
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -422,6 +471,58 @@ def test_a_slice_batch_that_is_not_whole_volumes_is_refused():
         run(model, slices(1, 4))
     with pytest.raises(ValueError, match="num_slices must be a positive int"):
         run(model, slices(1, 3), num_slices=0)
+
+
+class _VolumeModel(nn.Module):
+    """A user's own root module around a backbone: its forward takes num_slices and reshapes by volume."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = build("swin")
+        self.head = nn.Linear(self.backbone.config.hidden_size, 2)
+
+    def forward(self, pixel_values, num_slices):
+        hidden = self.backbone(pixel_values=pixel_values, num_slices=num_slices).last_hidden_state
+        return self.head(hidden).reshape(
+            -1, num_slices, *hidden.shape[1:-1], 2
+        )  # (B*D, N, K) -> (B, D, N, K)
+
+
+class _VolumeModelWithDefault(_VolumeModel):
+    def forward(self, pixel_values, num_slices=1):
+        return super().forward(pixel_values, num_slices)
+
+
+@pytest.mark.parametrize("root", [_VolumeModel, _VolumeModelWithDefault])
+def test_a_root_module_whose_forward_takes_num_slices_receives_it(root):
+    torch.manual_seed(0)
+    model = get_peft_model(root(), MedAdapterConfig(num_slices=D, modules_to_save=["head"])).eval()
+    x = slices(1, 2 * D)
+    with torch.no_grad():
+        out = model(pixel_values=x, num_slices=2 * D)
+        base = model.base_model.model
+        hidden = base.backbone(pixel_values=x, num_slices=2 * D).last_hidden_state  # one volume of 2D slices
+        expected = base.head(hidden).reshape(1, 2 * D, *hidden.shape[1:-1], 2)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_direct_backbone_call_leaves_no_state_for_later_calls():
+    # The adapted backbone inside a root model, called on its own (feature extraction, probing): its num_slices
+    # must not stick to later calls, and its inter-stage features must not stay referenced.
+    model = get_peft_model(_VolumeModel(), MedAdapterConfig(num_slices=D, modules_to_save=["head"])).eval()
+    backbone = model.base_model.model.backbone
+    kept = []
+    for adapter in (m for m in model.modules() if isinstance(m, MedAdapter) and m.is_inter_stage):
+        adapter.register_forward_hook(lambda module, args, out: kept.append(weakref.ref(out[1])))
+    x = slices(2, D)
+    with torch.no_grad():
+        first = backbone(pixel_values=x).last_hidden_state  # the config's D: two volumes
+        whole = backbone(pixel_values=x, num_slices=2 * D).last_hidden_state  # one volume
+        again = backbone(pixel_values=x).last_hidden_state
+    assert not torch.equal(whole, first)
+    assert torch.equal(again, first)
+    assert kept and all(ref() is None for ref in kept)
 
 
 # --- precision, checkpointing, hidden states -----------------------------------------------------------

@@ -32,6 +32,9 @@ class ForwardContext:
         prev: per adapter name, the A features (B*D, r, h, w) of the last inter-stage adapter.
         graphs: the adapters' CUDA graphs (:func:`~medtuning_peft.enable_cuda_graphs`), or None: eager.
         recomputing: True while activation checkpointing recomputes a block in backward (:meth:`restored`).
+        in_root: True while the base model's forward runs (its hooks reset the context when it ends).
+        backbone_calls: backbone forwards in progress; the outermost one outside the base model's forward resets
+            the context when it ends.
     """
 
     num_slices: int | None = None
@@ -39,6 +42,8 @@ class ForwardContext:
     prev: dict[str, torch.Tensor] = field(default_factory=dict)
     graphs: AdapterGraphs | None = None
     recomputing: bool = False
+    in_root: bool = False
+    backbone_calls: int = 0
 
     def start_backbone(self, pixel_values: Any) -> None:
         self.prev.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 
@@ -31,8 +32,10 @@ class MedAdapterModel(BaseTuner):
     forward call, else ``MedAdapterConfig.num_slices``.
 
     A forward pre-hook on the base model (and on the transformers backbone inside it, when the two
-    differ) pops the ``num_slices`` keyword and resets the per-forward context that carries the
-    inter-stage features from stage to stage.
+    differ) reads the ``num_slices`` keyword and resets the per-forward context that carries the
+    inter-stage features from stage to stage. The keyword is removed, except for a base model whose
+    ``forward`` takes ``num_slices`` itself (your own module, which hands it on). The context is reset
+    again when the base model's forward ends, and when a backbone called on its own returns.
 
     Example:
         >>> import medtuning_peft
@@ -76,25 +79,29 @@ class MedAdapterModel(BaseTuner):
                 "return a tuple)."
             )
 
-    def _check_new_adapter_config(self, config: MedAdapterConfig) -> None:
-        super()._check_new_adapter_config(config)
-        # peft registers the config under its name before injecting the adapter (get_peft_model, add_adapter,
-        # load_adapter, from_pretrained).
-        name = next(name for name, known in self.peft_config.items() if known is config)
-        self._check_adapter_name(self.model, config, name)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Checked here, where the name is known (get_peft_model, add_adapter, load_adapter, from_pretrained):
+        # peft's `_check_new_adapter_config` gets the config alone, and one config object may serve several adapters.
+        self._check_adapter_name(model, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     @staticmethod
-    def _check_adapter_name(model: nn.Module, config: MedAdapterConfig, adapter_name: str) -> None:
-        """Refuse an adapter name that is also a part of a weight's name in the model or in every adapter.
+    def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+        """Refuse an adapter name that is also a part of a weight's name in the model or in any adapter.
 
         peft's ``save_pretrained`` leaves out of one adapter's file every weight whose name contains another
         adapter's name as a part: a second adapter named ``up`` would silently drop the first one's ``up.weight``.
+        Any adapter: the parts a config leaves out (``spectral`` without ``use_fft``) are in another adapter's.
         """
-        # On the meta device and with the random state restored: the check must not draw from the generator that
-        # initializes the adapters and the decoder (seeded runs would change).
+        # Every part an adapter can have: both branch kinds, the spectral filter, Inter-FI. On the meta device and
+        # with the random state restored: the check must not draw from the generator that initializes the adapters
+        # and the decoder (seeded runs would change).
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            probe = MedAdapter(8, 2, tuple(config.kernel_sizes), config.use_fft, 2, prev_channels=4)
-        names = [f"{MedAdapterModel.prefix}.<adapter>.{key}" for key in probe.state_dict()]
+            probe = MedAdapter(8, 2, (3,), True, 2, prev_channels=4)
+        # One branch per kernel size: with enough sizes, any index is a part of a branch's weight names.
+        index = adapter_name if adapter_name.isdecimal() and str(int(adapter_name)) == adapter_name else "0"
+        keys = [key.replace("branches.0.", f"branches.{index}.", 1) for key in probe.state_dict()]
+        names = [f"{MedAdapterModel.prefix}.<adapter>.{key}" for key in keys]
         names += [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
         clash = next((name for name in names if adapter_name in name.split(".")), None)
         if clash is not None:
@@ -267,6 +274,8 @@ class MedAdapterModel(BaseTuner):
                 backbones[owner_name] = owner
         # The hooks are bound methods, not closures: a deep copy of the model (e.g. `AveragedModel` for an EMA)
         # gets hooks bound to the copied tuner and its context, and the model can be pickled.
+        # Your own module may take `num_slices` to hand it on; a transformers model takes no such argument.
+        self._root_takes_num_slices = "num_slices" in inspect.signature(model.forward).parameters
         handles = [model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True)]
         for owner in backbones.values():
             # Appended, so that on a bare backbone (owner is model) it runs after _root_pre_hook.
@@ -277,8 +286,8 @@ class MedAdapterModel(BaseTuner):
         handles.append(model.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True))
         self._hook_handles = handles
 
-    def _pop_num_slices(self, kwargs: dict) -> None:
-        num_slices = kwargs.pop("num_slices", None)
+    def _pop_num_slices(self, kwargs: dict, keep: bool = False) -> None:
+        num_slices = kwargs.get("num_slices") if keep else kwargs.pop("num_slices", None)
         if num_slices is not None:
             if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
                 raise ValueError(f"num_slices must be a positive int (slices per volume), got {num_slices!r}")
@@ -292,20 +301,32 @@ class MedAdapterModel(BaseTuner):
                 "DistributedDataParallel (e.g. `accelerate launch --multi_gpu`), sharding by volume."
             )
         self._context.end()
-        self._pop_num_slices(kwargs)
+        # No backbone call is in progress when the root's forward starts: clear a count left by a call whose
+        # post-hooks did not run (torch skips them on a KeyboardInterrupt).
+        self._context.in_root, self._context.backbone_calls = True, 0
+        self._pop_num_slices(kwargs, keep=self._root_takes_num_slices)
         return args, kwargs
 
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._pop_num_slices(kwargs)
+        self._context.backbone_calls += 1  # first: the post-hook runs even when this one raises
+        if module is not self.model:  # on a bare backbone, _root_pre_hook has read it
+            self._pop_num_slices(kwargs)
         self._context.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
         self._plan_checkpointing(module)
         return args, kwargs
 
     def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         self._restore_suspended_checkpointing()
+        context = self._context
+        context.backbone_calls = max(context.backbone_calls - 1, 0)
+        if not context.backbone_calls and not context.in_root:
+            # A backbone called on its own (feature extraction, probing inside a larger model): no root hook
+            # resets its num_slices and inter-stage features.
+            context.end()
 
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         self._context.end()
+        self._context.in_root = False
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Adapters are created in float32 (float64 on a float64 model) whatever their block's dtype, which is what

@@ -238,8 +238,18 @@ def _build_inverse_dft_basis(
     )
 
 
-_inverse_dft_basis = functools.lru_cache(maxsize=32)(_build_inverse_dft_basis)
-"""Cached :func:`_build_inverse_dft_basis` for eager mode (torch.compile traces the builder instead)."""
+@functools.lru_cache(maxsize=32)
+def _inverse_dft_basis(
+    num_slices: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached :func:`_build_inverse_dft_basis` for eager mode (torch.compile traces the builder instead).
+
+    The cache serves every later call in the process, so its tensors are built as normal tensors whatever the
+    first caller's mode: inference tensors (built under ``torch.inference_mode()``) could not be saved for a
+    later training backward.
+    """
+    with torch.inference_mode(False):
+        return _build_inverse_dft_basis(num_slices, dtype, device)
 
 
 class SpectralFilter(nn.Module):
