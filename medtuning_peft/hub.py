@@ -5,8 +5,8 @@ wrote (adapter + decoder, segmenter settings, and the base backbone when it cann
 id) plus a ``README.md`` from :func:`build_model_card`. Only ``*.safetensors``, ``*.json`` and
 ``README.md`` are uploaded (:data:`UPLOAD_PATTERNS`): no pickles, no hidden or partial files. Every file
 is checked for truncation first. The upload uses ``huggingface_hub``'s public API
-(``HfApi.create_repo``, ``HfApi.upload_folder``); loading by Hub id later goes through the same
-:func:`medtuning_peft.from_pretrained` as a local directory.
+(``HfApi.create_repo``, ``HfApi.create_branch``, ``HfApi.upload_folder``); loading by Hub id later goes
+through the same :func:`medtuning_peft.from_pretrained` as a local directory.
 
 Typical use::
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from .io_utils import (
     PARTIAL_PREFIX,
+    atomic_write_bytes,
     atomic_write_text,
     check_safetensors,
     read_json_file,
@@ -558,8 +559,10 @@ def push_to_hub(
 ) -> Any:
     """Upload a saved segmenter with a generated model card.
 
-    Writes the card to ``model_dir/README.md`` (atomically, replacing peft's generic card), creates the
-    repository if needed, and uploads the files of :func:`files_to_upload` in one commit.
+    Creates the repository and the ``revision`` branch if needed, writes the card to
+    ``model_dir/README.md`` (atomically, replacing peft's generic card) and uploads the files of
+    :func:`files_to_upload` in one commit. If the push fails, ``model_dir`` is left as it was (its
+    previous ``README.md``, or none, is put back).
 
     Args:
         model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
@@ -570,7 +573,8 @@ def push_to_hub(
         dataset: see :func:`build_model_card`.
         metrics: see :func:`build_model_card`.
         license: see :func:`build_model_card`.
-        revision: the branch to push to; default: the main branch.
+        revision: the branch to push to, created from the main branch if it does not exist (or a
+            ``refs/pr/N`` reference of an open pull request); default: the main branch.
 
     Returns:
         The ``huggingface_hub`` ``CommitInfo`` of the upload.
@@ -586,15 +590,27 @@ def push_to_hub(
     model_dir = Path(model_dir)
     check_push(model_dir, repo_id)
     card = build_model_card(model_dir, metrics=metrics, dataset=dataset, license=license, repo_id=repo_id)
-    atomic_write_text(model_dir / "README.md", card)
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(model_dir),
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message,
-        allow_patterns=UPLOAD_PATTERNS,
-        ignore_patterns=IGNORE_PATTERNS,
-    )
+    if revision is not None and not revision.startswith("refs/pr/"):
+        # upload_folder commits to an existing branch only (404 otherwise); a PR ref exists already.
+        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+    readme = model_dir / "README.md"
+    previous = readme.read_bytes() if readme.is_file() else None
+    atomic_write_text(readme, card)
+    try:
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(model_dir),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            allow_patterns=UPLOAD_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    except BaseException:  # a failed push leaves the folder as it was
+        if previous is None:
+            readme.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(readme, previous)
+        raise

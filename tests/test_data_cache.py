@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +16,7 @@ import medtuning_peft.data.cache as cache_module
 from medtuning_peft.data import (
     CaseCache,
     CaseFileMissingError,
+    CaseFiles,
     CTPreprocessing,
     list_kits19_cases,
     load_cases,
@@ -87,6 +89,65 @@ def test_key_changes_with_parameters_and_source_files(kits_dir, tmp_path, count_
     decodes = len(count_decodes)
     cache.load(files)
     assert len(count_decodes) == decodes + 2  # decoded again, not served stale
+
+
+def keep_times(path: Path, before: os.stat_result) -> None:
+    """Sets the file's access and modification times back, as ``cp -p`` and ``rsync -a`` do."""
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    while os.stat(path).st_ctime_ns == before.st_ctime_ns:  # a coarse clock: wait for its next tick
+        time.sleep(0.01)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("replace", ["rewritten_in_place", "renamed_over"])  # cp -p; rsync -a
+def test_label_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path, replace):
+    shape = (8, 8, 8)
+    nib.save(nib.Nifti1Image(np.full(shape, 40.0, np.float32), np.eye(4)), tmp_path / "image.nii")
+    label_path = tmp_path / "label.nii"  # uncompressed: the same shape always has the same size
+    first, corrected = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    first[2:4, 2:4, 2:4] = 1
+    corrected[2:6, 2:6, 2:6] = 1
+    nib.save(nib.Nifti1Image(first, np.eye(4)), label_path)
+    files = CaseFiles("c", (tmp_path / "image.nii",), label_path, ("CT",), (0, 1))
+    cache = CaseCache(tmp_path / "cache")
+    assert int(cache.load(files).label.sum()) == 8
+    before = os.stat(label_path)
+    if replace == "rewritten_in_place":
+        nib.save(nib.Nifti1Image(corrected, np.eye(4)), label_path)
+    else:
+        nib.save(nib.Nifti1Image(corrected, np.eye(4)), tmp_path / "incoming.nii")
+        os.replace(tmp_path / "incoming.nii", label_path)
+    keep_times(label_path, before)
+    after = os.stat(label_path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert int(cache.load(files).label.sum()) == 64  # not the stale 8
+
+
+def test_entries_keyed_by_the_previous_cache_version_are_rebuilt_and_pruned(
+    kits_dir, tmp_path, count_decodes
+):
+    cache = CaseCache(tmp_path / "cache")
+    files = list_kits19_cases(kits_dir)[0]
+
+    def path_size_mtime(path):  # how cache version 1 identified a source file
+        info = os.stat(path)
+        return {"path": str(Path(path).absolute()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+    with pytest.MonkeyPatch.context() as patch:  # an entry written by the release with cache version 1
+        patch.setattr(cache_module, "CACHE_VERSION", 1)
+        patch.setattr(cache_module, "_fingerprint", path_size_mtime)
+        cache.load(files)
+        old_entry = cache.entry_dir(files)
+    decodes = len(count_decodes)
+    cache.load(files)
+    assert len(count_decodes) == decodes + 2 and cache.entry_dir(files) != old_entry
+    result = cache.prune(stale=True)
+    assert [(e.path, e.reason) for e in result.removed] == [
+        (old_entry, f"cache version 1; this code reads version {cache_module.CACHE_VERSION}")
+    ]
+    assert [e.path for e in cache.entries()] == [cache.entry_dir(files)]
+    cache.load(files)
+    assert len(count_decodes) == decodes + 2
 
 
 def test_failed_write_leaves_no_entry_and_no_temporary(kits_dir, tmp_path, monkeypatch):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medtuning_peft.data import CaseFiles, CTPreprocessing, VolumeGeometry, load_case
+from medtuning_peft.data import CaseFiles, CaseLoadError, CTPreprocessing, VolumeGeometry, load_case
 
 IDENTITY_CT = CTPreprocessing(window=None, mean=0.0, std=1.0)
 
@@ -105,6 +106,21 @@ def test_canonical_voxels_map_to_the_same_world_points(tmp_path, layout):
         nib.affines.apply_affine(affine, source),
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("layout", ["kits19_IPL", "LPS"])  # axes permuted and flipped; flipped only
+def test_label_stored_in_another_voxel_order_is_refused_with_the_reorder_fix(tmp_path, layout):
+    shape, columns, _, _ = LAYOUTS[layout]
+    files, _, _ = _write_case(tmp_path, shape, _affine(columns), np.random.default_rng(7))
+    nib.save(nib.as_closest_canonical(nib.load(files.label)), files.label)  # the same voxels, in RAS order
+    with pytest.raises(CaseLoadError) as error:
+        load_case(files, IDENTITY_CT)
+    message = str(error.value)
+    assert re.search(
+        r"label\.nii\.gz'.*the same voxels as '.*image\.nii\.gz' in another voxel order", message
+    )
+    assert "(axes RAS" in message and "re-save it in the voxel order of" in message
+    assert "cropped" not in message and "resample" not in message
 
 
 def test_oblique_affine_uses_the_nearest_axes(tmp_path):

@@ -129,19 +129,23 @@ def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Replaces the two Hub calls (the network boundary) with recorders."""
+    """Replaces the Hub calls (the network boundary) with recorders."""
     calls = {}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = {"repo_id": repo_id, **kwargs}
+
+    def create_branch(self, repo_id, **kwargs):
+        calls["create_branch"] = {"repo_id": repo_id, **kwargs}
 
     def upload_folder(self, **kwargs):
         calls["upload_folder"] = kwargs
         return "commit-info"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
+    return calls  # in call order
 
 
 def model_with_clutter(tmp_path: Path) -> Path:
@@ -171,6 +175,48 @@ def test_push_uploads_only_safetensors_json_and_the_card(tmp_path, recorded):
     assert sorted(sent) == EXPECTED_UPLOAD == files_to_upload(model_dir)
     card = (model_dir / "README.md").read_text()
     assert card == build_model_card(model_dir, dataset="kits19", repo_id="my-org/kits19-swin")
+
+
+def test_push_to_a_new_branch_creates_it_before_uploading(tmp_path, recorded):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    push_to_hub(model_dir, "my-org/new-model", revision="experiment-1")
+    assert list(recorded) == ["create_repo", "create_branch", "upload_folder"]
+    assert recorded["create_branch"] == {
+        "repo_id": "my-org/new-model",
+        "branch": "experiment-1",
+        "repo_type": "model",
+        "exist_ok": True,
+    }
+    assert recorded["upload_folder"]["revision"] == "experiment-1"
+
+
+def test_push_command_revision_creates_the_branch(tmp_path, recorded):
+    model_dir = model_with_clutter(tmp_path)
+    assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "v2"]) == 0
+    assert recorded["create_branch"]["branch"] == "v2" and recorded["upload_folder"]["revision"] == "v2"
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("failing_call", ["create_branch", "upload_folder"])
+def test_failed_push_leaves_the_model_folder_unchanged(tmp_path, recorded, monkeypatch, failing_call):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("# My own notes\n")
+    before = folder_contents(model_dir)
+
+    def fail(self, *args, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(HfApi, failing_call, fail)
+    with pytest.raises(OSError, match="connection reset"):
+        push_to_hub(model_dir, "my-org/x", revision="experiment-1")
+    assert folder_contents(model_dir) == before
+    assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "b"]) == 1
+    assert folder_contents(model_dir) == before
 
 
 def test_push_refuses_a_truncated_weights_file_before_uploading(tmp_path, recorded):

@@ -4,12 +4,15 @@ Layout: ``<cache_dir>/<case_id>-<key>/`` holding ``image.npy`` (``(C, D, H, W)``
 ``label.npy`` (``(D, H, W)`` uint8, absent for prediction-only cases) and ``meta.json`` (geometry,
 spacing, what was hashed, array shapes/dtypes/sizes/SHA-256; JSON, never pickle).
 
-The key is a SHA-256 of the source files' absolute paths, sizes and modification times, the case
-description, the preprocessing parameters and :data:`CACHE_VERSION`; changing any of them makes a
-new entry, so a stale entry is never returned. An entry is written into a temporary folder and
-moved into place with one ``os.replace``, so a crash leaves either the whole entry or none (plus at
-most a ``.tmp-*`` folder that :meth:`CaseCache.remove_temporaries` deletes). An entry whose metadata
-or arrays do not match (truncated, edited, wrong version) is detected on load and rebuilt.
+The key is a SHA-256 of the source files' absolute paths, sizes, modification and inode change times
+and inode numbers, the case description, the preprocessing parameters and :data:`CACHE_VERSION`;
+changing any of them makes a new entry, so a stale entry is never returned. The change time and inode
+catch a file replaced with the old size and modification time (``cp -p``, ``rsync -a``): no tool can
+set them back. ``chmod``, ``chown`` or a new hard link change them too and cost one rebuild. An entry
+is written into a temporary folder and moved into place with one ``os.replace``, so a crash leaves
+either the whole entry or none (plus at most a ``.tmp-*`` folder that
+:meth:`CaseCache.remove_temporaries` deletes). An entry whose metadata or arrays do not match
+(truncated, edited, wrong version) is detected on load and rebuilt.
 
 Every load sets the entry folder's modification time (its "last used" time; no array is rewritten).
 Entries made for older sources, parameters or versions are never deleted by loading:
@@ -41,8 +44,9 @@ from .geometry import VolumeGeometry
 from .nifti import load_case
 from .preprocessing import Preprocessing, default_preprocessing
 
-# Bump when the meaning of cached arrays changes (loader, orientation or normalization code).
-CACHE_VERSION = 1
+# Bump when the meaning of cached arrays (loader, orientation or normalization code) or of the key
+# changes. 2: sources are also keyed on their inode change time and inode number.
+CACHE_VERSION = 2
 TEMPORARY_PREFIX = ".tmp-"
 KEY_PREFIX_LENGTH = 20  # hex digits of the key in an entry's folder name
 ENTRY_NAME_PATTERN = re.compile(rf"^(?P<case_id>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f]{{{KEY_PREFIX_LENGTH}}})$")
@@ -60,7 +64,13 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(path: Path) -> dict[str, Any]:
     info = os.stat(path)  # raises FileNotFoundError for a missing file
-    return {"path": str(Path(path).absolute()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    return {
+        "path": str(Path(path).absolute()),
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,  # moves on at every write or utime; no tool can set it back
+        "inode": info.st_ino,  # another file renamed over the old one (rsync -a)
+    }
 
 
 def _key(case: dict[str, Any], preprocessing: dict[str, Any]) -> str:
@@ -104,9 +114,9 @@ class CacheEntry:
         size_bytes: Total size of its files.
         last_used: When it was last loaded (or written), seconds since the epoch.
         current: ``True`` if :meth:`CaseCache.load` still returns it: its cache version and source files
-            (path, size, modification time) are unchanged and, when cases were given, it is their entry
-            under the given preprocessing. ``False`` if it is stale: it will never be loaded again.
-            ``None`` if unknown (a source file is missing, e.g. on an unmounted drive).
+            (path, size, modification and change time, inode) are unchanged and, when cases were given,
+            it is their entry under the given preprocessing. ``False`` if it is stale: it will never be
+            loaded again. ``None`` if unknown (a source file is missing, e.g. on an unmounted drive).
         reason: Why it is stale or unknown; empty when current.
     """
 

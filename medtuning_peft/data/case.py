@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .geometry import VolumeGeometry
 
 
+_MAX_LABEL = 255  # label maps are decoded to uint8 (VolumeCase.label)
+
+
 class CaseLoadError(ValueError):
     """A case's files cannot be turned into a valid volume; the message names the case and the file."""
 
@@ -43,7 +46,8 @@ class CaseFiles:
         channel_names: Name of each channel after stacking, e.g. ``("CT",)`` or
             ``("flair", "t1", "t1ce", "t2")``.
         label_values: Every value a label voxel may take, sorted, background first
-            (``(0, 1, 2)`` for KiTS19, ``(0, 1, 2, 4)`` for BraTS).
+            (``(0, 1, 2)`` for KiTS19, ``(0, 1, 2, 4)`` for BraTS); at most 255 when ``label`` is given
+            (labels are decoded to uint8).
         label_names: Human-readable name of each label value.
         modality: ``"CT"`` or ``"MRI"``; selects the default preprocessing.
         dataset: Which reader listed the case (``"kits19"``, ``"msd"``, ``"brats"``); informational.
@@ -65,6 +69,12 @@ class CaseFiles:
             raise ValueError(
                 f"CaseFiles(case_id={self.case_id!r}): label_values={self.label_values} must be sorted, "
                 "unique and start with background 0."
+            )
+        if self.label is not None and self.label_values[-1] > _MAX_LABEL:
+            raise ValueError(
+                f"CaseFiles(case_id={self.case_id!r}): label_values={self.label_values} go above "
+                f"{_MAX_LABEL}, but label '{self.label}' is read as uint8 (VolumeCase.label); remap "
+                f"the label files to values 0..{_MAX_LABEL} (e.g. 0, 1, 2, ...) and pass those."
             )
         if self.modality not in ("CT", "MRI"):
             raise ValueError(

@@ -97,9 +97,42 @@ def _check_affine(case_id: str, path: Path, affine: np.ndarray) -> None:
         )
 
 
+def _in_other_voxel_order(shape: tuple, affine: np.ndarray, ref_shape: tuple, ref_affine: np.ndarray) -> bool:
+    """Whether ``(shape, affine)`` is the grid ``(ref_shape, ref_affine)`` with its axes permuted or flipped."""
+    if len(shape) != 3 or len(ref_shape) != 3:
+        return False
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):  # a singular or non-finite affine ...
+            ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.io_orientation(ref_affine))
+        reordered_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)  # as img.as_reoriented(ornt)
+    except (ValueError, np.linalg.LinAlgError):  # ... has no orientation
+        return False
+    reordered_shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):  # file axis -> axis of the reference
+        reordered_shape[int(new_axis)] = shape[axis]
+    return tuple(reordered_shape) == tuple(ref_shape) and np.allclose(
+        reordered_affine, ref_affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM
+    )
+
+
 def _check_same_grid(
     case_id: str, reference: Path, ref_shape: tuple, ref_affine: np.ndarray, path: Path, shape: tuple, affine
 ) -> None:
+    differs = tuple(shape) != tuple(ref_shape) or not np.allclose(
+        affine, ref_affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM
+    )
+    if differs and _in_other_voxel_order(tuple(shape), affine, tuple(ref_shape), ref_affine):
+        axes, ref_axes = "".join(nib.aff2axcodes(affine)), "".join(nib.aff2axcodes(ref_affine))
+        raise CaseLoadError(
+            case_error(
+                case_id,
+                path,
+                f"holds the same voxels as '{reference}' in another voxel order (axes {axes}, shape "
+                f"{tuple(shape)}; '{reference}' has axes {ref_axes}, shape {tuple(ref_shape)})",
+                f"re-save it in the voxel order of '{reference}' (e.g. with nibabel's as_reoriented); "
+                "files are not reoriented onto each other",
+            )
+        )
     if tuple(shape) != tuple(ref_shape):
         raise CaseLoadError(
             case_error(
@@ -217,7 +250,7 @@ def _read_label(files: CaseFiles, ref_path: Path, ref_image: nib.Nifti1Image) ->
                 "check that this is the segmentation of this dataset (or remap its labels)",
             )
         )
-    return data.astype(np.uint8)
+    return data.astype(np.uint8)  # exact: label_values are at most 255 (CaseFiles checks it)
 
 
 def load_case(files: CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:
