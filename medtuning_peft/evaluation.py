@@ -249,7 +249,7 @@ def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach()
     elif isinstance(x, np.ndarray):
-        if not x.dtype.isnative:  # big-endian NIfTI data, as nibabel returns it: torch takes native order only
+        if not x.dtype.isnative:  # big-endian NIfTI data: torch takes native byte order only
             x = x.astype(x.dtype.newbyteorder("="))
         try:
             t = torch.from_numpy(np.ascontiguousarray(x))
