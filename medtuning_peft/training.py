@@ -207,7 +207,11 @@ class TrainSettings:
 
     # Optimization
     epochs: int | None = _opt(None, "Epochs (passes over samples_per_case crops of every training case).")
-    max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs.")
+    max_steps: int | None = _opt(
+        None,
+        "Optimizer steps; overrides --epochs. An example script's default gives way to an --epochs given on the "
+        "command line.",
+    )
     batch_size: int = _opt(2, "Crops (volumes) per process per micro-batch.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
     lr: float = _opt(2e-3, "Peak learning rate (reference recipe: 2e-3 for adapters).")
@@ -718,6 +722,11 @@ def _validate(
         sliding_window_predict,
     )
 
+    if accelerator.num_processes > 1:
+        # Each process's training forward updated its own BatchNorm running statistics (DDP hands process 0's
+        # to the others only at the next forward): validate every case with the model that is saved, process 0's.
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
     spec = DATASETS[settings.dataset]
     label_values = task["label_values"]
     labels = {str(v): task["label_names"][i] for i, v in enumerate(label_values)}
@@ -1554,8 +1563,19 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
                     options[key] = f.metadata[key]
             if "nargs" in options:
                 options["metavar"] = ("D", "H", "W")
+            if f.name in ("epochs", "max_steps"):
+                options["action"] = _StoreGiven
         parser.add_argument(flag, **options)
     return parser
+
+
+class _StoreGiven(argparse.Action):
+    """Stores the value and records that the flag was given (``args._given``): a script's ``max_steps`` default
+    must not override an ``--epochs`` typed on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace._given = {*getattr(namespace, "_given", ()), self.dest}
 
 
 def settings_from_args(args: argparse.Namespace, **fixed: Any) -> TrainSettings:
@@ -1563,6 +1583,9 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> TrainSettings:
     values = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)
     }
+    given = getattr(args, "_given", set())
+    if "epochs" in given and "max_steps" not in given:
+        values["max_steps"] = None  # --epochs typed, the step count only a default: the epochs count
     return TrainSettings(**{**values, **fixed})
 
 

@@ -204,12 +204,25 @@ def test_two_process_ddp_over_gloo_matches_one_process_accumulating_two_micro_ba
 
     getattr(transformers, class_name)(config).save_pretrained(tmp_path / "swin")
     common = [*SMALL, "--backbone", str(tmp_path / "swin"), "--max-steps", "4", "--batch-size", "1"]
-    common += ["--synthetic-cases", "4", "--samples-per-case", "2", "--no-val-hd95", "--no-save-predictions"]
+    common += ["--synthetic-cases", "4", "--samples-per-case", "2", "--no-val-hd95", "--val-fraction", "0.5"]
     script = str(EXAMPLES / "train_kits.py")
     env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # both runs on the CPU: DDP over gloo
     launch(
         ["--multi_gpu", "--num_processes", "2", script, "--output-dir", str(tmp_path / "ddp"), *common], env
     )
+    # Each process validated one of the two cases: both with the saved model (process 0's BatchNorm statistics).
+    reload = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path / "ddp"), env["MEDTUNING_CACHE"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    val_cases = metrics(tmp_path / "ddp")["data"]["val_cases"]
+    assert len(val_cases) == 2
+    assert json.loads(reload.stdout.strip().splitlines()[-1]) == dict.fromkeys(val_cases, True)
     launch(
         [
             "--num_processes",
@@ -220,7 +233,7 @@ def test_two_process_ddp_over_gloo_matches_one_process_accumulating_two_micro_ba
             "--output-dir",
             str(tmp_path / "one"),
         ]
-        + [*common, "--gradient-accumulation-steps", "2"],
+        + [*common, "--gradient-accumulation-steps", "2", "--no-save-predictions"],
         env,
         OMP_NUM_THREADS="1",
     )

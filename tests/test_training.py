@@ -175,6 +175,22 @@ def test_parser_has_an_option_per_setting_and_script_defaults(tmp_path):
         build_parser("demo", crop=[1, 2, 3])
 
 
+def test_epochs_on_the_command_line_override_a_scripts_default_step_count(tmp_path):
+    # The example scripts default to max_steps=300 for a quick run; the reference recipe's `--epochs 250` must
+    # train 250 epochs, not those 300 steps. A --max-steps typed too still wins, in either order.
+    parser = build_parser("demo", max_steps=300)
+
+    def steps_and_epochs(*flags: str) -> tuple:
+        args = parser.parse_args(["--output-dir", str(tmp_path), *flags])
+        settings = settings_from_args(args, dataset="msd", data_dir=str(tmp_path))
+        return settings.max_steps, settings.epochs
+
+    assert steps_and_epochs() == (300, None)
+    assert steps_and_epochs("--epochs", "250") == (None, 250)
+    assert steps_and_epochs("--epochs", "250", "--max-steps", "20") == (20, 250)
+    assert steps_and_epochs("--max-steps", "20", "--epochs", "250") == (20, 250)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
