@@ -101,6 +101,7 @@ METRICS_NAME = "metrics.json"
 MODEL_DIR_NAME = "model"
 PREDICTIONS_DIR_NAME = "predictions"
 CHECKPOINTS_DIR_NAME = "checkpoints"
+LOGS_DIR_NAME = "logs"  # the trackers' (--report-to) files
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -896,7 +897,7 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) 
             "output_dir",
         )
     if is_main:
-        for path in earlier + [output_dir / PREDICTIONS_DIR_NAME]:
+        for path in earlier + [output_dir / n for n in (PREDICTIONS_DIR_NAME, LOGS_DIR_NAME)]:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -1014,7 +1015,7 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         log_with=settings.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR_NAME)
         ),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         # With method "full" some trainable parameters never get a gradient (final norms the decoder does not
@@ -1027,6 +1028,21 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
     if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     return accelerator, mixed_precision
+
+
+def _check_crop_holds_patches(settings: TrainSettings, segmenter: torch.nn.Module) -> None:
+    """Refuse crops whose slices are smaller than one backbone patch (``medtuning predict`` refuses such windows)."""
+    from .volumetric import patch_size
+
+    ph, pw = patch_size(segmenter.backbone)
+    _, h, w = settings.crop_size
+    if h < ph or w < pw:
+        raise SettingsError(
+            f"crop_size={settings.crop_size}: slices of {h} x {w} pixels hold no whole {ph} x {pw} patch of backbone "
+            f"'{settings.backbone}'; pass H >= {ph} and W >= {pw}, e.g. --crop-size {settings.crop_size[0]} "
+            f"{max(h, 4 * ph)} {max(w, 4 * pw)}.",
+            "crop_size",
+        )
 
 
 def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Module:
@@ -1277,6 +1293,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     val_cases = sorted(val_cases, key=lambda c: c.case_id)
     set_seed(settings.seed)
     segmenter = _build_model(settings, task)
+    _check_crop_holds_patches(settings, segmenter)
     # Initialization above is identical on every process; stochastic layers (drop path) and anything else drawn
     # from here on get a per-process stream, so processes do not repeat each other's masks.
     set_seed(settings.seed, device_specific=True)

@@ -541,10 +541,21 @@ def test_overwrite_starts_over(data_dir, cache_dir, tmp_path):
     settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, val_hd95=False)
     train(settings)
     (tmp_path / "run" / "checkpoints" / "step_7").mkdir()
+    (tmp_path / "run" / "logs" / "medtuning").mkdir(parents=True)  # an earlier run's tracker files
+    (tmp_path / "run" / "logs" / "medtuning" / "events.out.tfevents.1.old").write_bytes(b"")
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     train(replace(settings, overwrite=True))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_1"]
+    assert not (tmp_path / "run" / "logs").exists()  # TensorBoard would draw both runs as one
+
+
+def test_a_crop_smaller_than_a_backbone_patch_is_refused_before_training(data_dir, cache_dir, tmp_path):
+    # tiny-swin embeds 4 x 4 patches: 2 x 2 slices hold none, and predict refuses such a model's window.
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", crop_size=[16, 2, 2])
+    with pytest.raises(SettingsError, match=r"crop_size=\[16, 2, 2\].*4 x 4 patch") as error:
+        train(settings)
+    assert error.value.field == "crop_size" and not (tmp_path / "run").exists()
 
 
 def test_missing_data_dir_is_named(tmp_path, cache_dir):
