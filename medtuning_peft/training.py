@@ -1183,6 +1183,11 @@ def _resume(
     return state
 
 
+def _split(task: dict[str, Any]) -> dict[str, list[str]]:
+    """The train/validation split a checkpoint records (sorted case ids, as ``split_cases`` returns them)."""
+    return {"train_cases": task["train_cases"], "val_cases": task["val_cases"]}
+
+
 def _check_same_split(folder: Path, saved: Any, task: dict[str, Any]) -> None:
     """Refuse to resume on data whose train/validation split differs from the checkpoint's."""
     if saved is None:  # written before checkpoints recorded their split
@@ -1192,11 +1197,11 @@ def _check_same_split(folder: Path, saved: Any, task: dict[str, Any]) -> None:
             folder,
         )
         return
+    if saved == _split(task):
+        return
     before = {*saved["train_cases"], *saved["val_cases"]}
     now = {*task["train_cases"], *task["val_cases"]}
     moved = sorted(set(saved["train_cases"]) & set(task["val_cases"]))
-    if saved["val_cases"] == task["val_cases"] and before == now:
-        return
     raise SettingsError(
         f"Checkpoint {folder} was trained on other data: the cases listed now split differently (added "
         f"{sorted(now - before)}, removed {sorted(before - now)}; trained on but now validation: {moved}). "
@@ -1436,7 +1441,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         "samples_seen": step * b * P * A,
                         "history": history,
                         "settings": settings.to_dict(),
-                        "split": {"train_cases": task["train_cases"], "val_cases": task["val_cases"]},
+                        "split": _split(task),
                         "wall_time_s": elapsed_before + time.time() - train_started,
                     }
                     checkpoint = _save_checkpoint(

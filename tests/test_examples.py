@@ -146,6 +146,20 @@ RELOAD = textwrap.dedent(
 )
 
 
+def reloaded_predictions_identical(output_dir: Path, env: dict[str, str]) -> dict[str, bool]:
+    """Per validation case: whether a fresh process's prediction with the saved model equals the run's file."""
+    reload = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(output_dir), env["MEDTUNING_CACHE"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    return json.loads(reload.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_kits_example_trains_and_a_fresh_process_reloads_it_to_identical_predictions(tmp_path, env):
     out = tmp_path / "kits"
@@ -161,17 +175,7 @@ def test_kits_example_trains_and_a_fresh_process_reloads_it_to_identical_predict
     assert run["steps"] == 20 and run["data"]["num_val_cases"] == 1 and "dice_tumor" in run["summary"]
     losses = [h["loss"] for h in run["history"]["loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    reload = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(out), env["MEDTUNING_CACHE"]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert reload.returncode == 0, reload.stderr[-3000:]
-    same = json.loads(reload.stdout.strip().splitlines()[-1])
-    assert same == dict.fromkeys(run["data"]["val_cases"], True)
+    assert reloaded_predictions_identical(out, env) == dict.fromkeys(run["data"]["val_cases"], True)
 
 
 def trained_parameters(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -211,18 +215,9 @@ def test_two_process_ddp_over_gloo_matches_one_process_accumulating_two_micro_ba
         ["--multi_gpu", "--num_processes", "2", script, "--output-dir", str(tmp_path / "ddp"), *common], env
     )
     # Each process validated one of the two cases: both with the saved model (process 0's BatchNorm statistics).
-    reload = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(tmp_path / "ddp"), env["MEDTUNING_CACHE"]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert reload.returncode == 0, reload.stderr[-3000:]
     val_cases = metrics(tmp_path / "ddp")["data"]["val_cases"]
     assert len(val_cases) == 2
-    assert json.loads(reload.stdout.strip().splitlines()[-1]) == dict.fromkeys(val_cases, True)
+    assert reloaded_predictions_identical(tmp_path / "ddp", env) == dict.fromkeys(val_cases, True)
     launch(
         [
             "--num_processes",

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .geometry import VolumeGeometry
 
 
-_MAX_LABEL = 255  # label maps are decoded to uint8 (VolumeCase.label)
+MAX_LABEL_VALUE = 255  # label maps are decoded to uint8 (VolumeCase.label)
 
 
 class CaseLoadError(ValueError):
@@ -70,11 +70,11 @@ class CaseFiles:
                 f"CaseFiles(case_id={self.case_id!r}): label_values={self.label_values} must be sorted, "
                 "unique and start with background 0."
             )
-        if self.label is not None and self.label_values[-1] > _MAX_LABEL:
+        if self.label is not None and self.label_values[-1] > MAX_LABEL_VALUE:
             raise ValueError(
                 f"CaseFiles(case_id={self.case_id!r}): label_values={self.label_values} go above "
-                f"{_MAX_LABEL}, but label '{self.label}' is read as uint8 (VolumeCase.label); remap "
-                f"the label files to values 0..{_MAX_LABEL} (e.g. 0, 1, 2, ...) and pass those."
+                f"{MAX_LABEL_VALUE}, but label '{self.label}' is read as uint8 (VolumeCase.label); remap "
+                f"the label files to values 0..{MAX_LABEL_VALUE} (e.g. 0, 1, 2, ...) and pass those."
             )
         if self.modality not in ("CT", "MRI"):
             raise ValueError(

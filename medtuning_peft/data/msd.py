@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .case import CaseFiles, CaseLoadError, VolumeCase
+from .case import MAX_LABEL_VALUE, CaseFiles, CaseLoadError, VolumeCase
 from .nifti import load_case
 from .preprocessing import Preprocessing, default_preprocessing
 
@@ -61,7 +61,6 @@ class MSDTask:
 _FORMAT_FIX = "repair dataset.json to the Decathlon format"
 _KEY_PATTERN = re.compile(r"[0-9]+")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_MAX_LABEL = 255  # label maps are stored as uint8
 
 
 def _error(path: Path, where: str, problem: str, fix: str = _FORMAT_FIX) -> CaseLoadError:
@@ -134,11 +133,11 @@ def _label_names(labels: dict[str, Any], path: Path) -> dict[int, str]:
             f'has keys {sorted(names)} but no "0"; expected the background label "0" and one key per class',
             'add "0": "background" to \'labels\'',
         )
-    if max(names) > _MAX_LABEL:
+    if max(names) > MAX_LABEL_VALUE:
         raise _error(
             path,
             "field 'labels'",
-            f"has value {max(names)}; expected label values 0..{_MAX_LABEL} (label maps are read as uint8)",
+            f"has value {max(names)}; expected label values 0..{MAX_LABEL_VALUE} (label maps are read as uint8)",
             "renumber the classes below 256",
         )
     return dict(sorted(names.items()))
