@@ -37,6 +37,7 @@ __all__ = [
     "SimpleFeaturePyramid",
     "UperNetDecoder",
     "build_decoder",
+    "decoder_key",
 ]
 
 
@@ -328,11 +329,25 @@ DECODERS: dict[str, type[SegmentationDecoder]] = {
 }
 
 
+def decoder_key(name: str) -> str:
+    """The :data:`DECODERS` key ``name`` spells, in any case and with ``-`` for ``_`` (``"UperNet"`` -> ``"upernet"``).
+
+    Raises:
+        ValueError: for an unknown ``name``, with the closest known names.
+    """
+    key = str(name).lower().replace("-", "_")
+    if key not in DECODERS:
+        close = difflib.get_close_matches(key, DECODERS, n=2)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"Unknown decoder {name!r}; known decoders: {sorted(DECODERS)}.{hint}")
+    return key
+
+
 def build_decoder(name: str, in_channels: Sequence[int], num_classes: int, **kwargs) -> SegmentationDecoder:
     """Build a decoder from the registry :data:`DECODERS`.
 
     Args:
-        name: ``"upernet"`` (paper), ``"fpn"`` or ``"segformer"``.
+        name: ``"upernet"`` (paper), ``"fpn"`` or ``"segformer"``, in any case (:func:`decoder_key`).
         in_channels: channels of each input map, finest first.
         num_classes: classes K.
         **kwargs: decoder options, e.g. ``channels=256``, ``simple_pyramid=True``.
@@ -343,11 +358,7 @@ def build_decoder(name: str, in_channels: Sequence[int], num_classes: int, **kwa
     Raises:
         ValueError: for an unknown ``name`` (with the closest known names) or invalid options.
     """
-    key = str(name).lower().replace("-", "_")
-    if key not in DECODERS:
-        close = difflib.get_close_matches(key, DECODERS, n=2)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"Unknown decoder {name!r}; known decoders: {sorted(DECODERS)}.{hint}")
+    key = decoder_key(name)
     cls = DECODERS[key]
     options = [p for p in inspect.signature(cls).parameters if p not in ("in_channels", "num_classes")]
     unknown = sorted(set(kwargs) - set(options))

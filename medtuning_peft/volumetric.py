@@ -37,12 +37,13 @@ import transformers
 from huggingface_hub import is_offline_mode, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbones import BACKBONE_SPECS
-from .decoders import DECODERS, build_decoder
+from .decoders import DECODERS, build_decoder, decoder_key
 from .io_utils import (
     CorruptFileError,
     atomic_directory,
@@ -68,6 +69,7 @@ __all__ = [
     "feature_spec",
     "from_pretrained",
     "load_backbone",
+    "min_slice_size",
     "patch_size",
     "plain_taps",
     "slices_to_volume",
@@ -235,6 +237,8 @@ class FeatureSpec:
         attention_projections: names of the attention input projections (LoRA targets). Both spellings
             transformers 5 uses are listed: some models (DINOv2 with registers before 5.24) still call them
             ``query`` / ``key`` / ``value``.
+        min_side: ``config -> pixels``, the shortest slice side the backbone embeds when it is longer than
+            one patch (SegFormer's reduction convolutions); None: one patch.
     """
 
     model_class: str
@@ -243,6 +247,7 @@ class FeatureSpec:
     patch_embedding: str
     simple_pyramid: bool
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "query", "key", "value")
+    min_side: Callable[[PretrainedConfig], int] | None = None
 
 
 def _plain_feature_spec(model_type: str, model_class: str, **forward_kwargs: Any) -> FeatureSpec:
@@ -259,6 +264,26 @@ def _plain_feature_spec(model_type: str, model_class: str, **forward_kwargs: Any
     )
 
 
+def _segformer_min_side(config: PretrainedConfig) -> int:
+    """Shortest slice side SegFormer embeds: every stage's grid must hold its sequence-reduction kernel.
+
+    Stage i embeds the previous grid g with a convolution of kernel k_i, stride s_i and padding k_i // 2
+    (g -> (g + 2 * (k_i // 2) - k_i) // s_i + 1), then attends over keys reduced by an sr_i x sr_i convolution
+    without padding, which needs a grid of at least sr_i (mit-b0 .. b5: 29 pixels).
+    """
+    stages = list(zip(config.patch_sizes, config.strides, config.sr_ratios))
+    side = 1
+    while True:
+        grid = side
+        for kernel, stride, ratio in stages:
+            grid = (grid + 2 * (kernel // 2) - kernel) // stride + 1
+            if grid < ratio:
+                break
+        else:
+            return side
+        side += 1
+
+
 FEATURE_SPECS: dict[str, FeatureSpec] = {
     "swin": FeatureSpec("SwinModel", _swin_features, _swin_channels, "embeddings.patch_embeddings", False),
     "segformer": FeatureSpec(
@@ -267,6 +292,7 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
         lambda model: list(model.config.hidden_sizes),
         "stages.0.patch_embeddings",
         False,
+        min_side=_segformer_min_side,
     ),
     "vit": _plain_feature_spec("vit", "ViTModel", interpolate_pos_encoding=True),
     "dinov2": _plain_feature_spec("dinov2", "Dinov2Model"),
@@ -325,6 +351,18 @@ def patch_size(backbone: nn.Module) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def min_slice_size(backbone: nn.Module) -> tuple[int, int]:
+    """``(H, W)``: the smallest slice the backbone embeds, at least :func:`patch_size`.
+
+    One patch for ViT, DINOv2 and Swin; more for SegFormer, whose sequence-reduction convolutions need
+    stage grids at least as large as their kernels (29 x 29 pixels for mit-b0 .. b5).
+    """
+    ph, pw = patch_size(backbone)
+    min_side = feature_spec(backbone).min_side
+    side = min_side(backbone.config) if min_side is not None else 0
+    return max(ph, side), max(pw, side)
+
+
 def feature_channels(backbone: nn.Module) -> list[int]:
     """Widths ``[C_i]`` of the maps :func:`extract_features` returns for ``backbone``."""
     return feature_spec(backbone).channels(backbone)
@@ -345,6 +383,12 @@ def adapt_input_channels(model: PreTrainedModel, in_channels: int) -> PreTrained
     Each filter is averaged over RGB, repeated ``in_channels`` times and scaled by ``3 / in_channels``, so a
     constant image gives the same embedding as with the original 3-channel filters. ``num_channels`` is
     updated on the patch embedding module(s) that have it and on ``model.config``. Done in place.
+
+    Every channel gets the same filters, so while the patch embedding stays frozen (``med_adapter``, ``lora``,
+    ``decoder_only``) the backbone sees only the sum of the channels. For channels that carry different
+    information (BraTS' four MRI sequences), train the patch embedding with the adapters:
+    ``build_segmenter(..., method="med_adapter", modules_to_save=[FEATURE_SPECS[model_type].patch_embedding])``
+    (or ``method="full"``).
 
     Args:
         model: a supported transformers backbone (Swin, ViT, DINOv2, SegFormer: first stage).
@@ -552,6 +596,10 @@ def load_backbone(
             :data:`FEATURE_SPECS` class of the checkpoint's ``model_type``.
         config_overrides: config attributes to set when loading, e.g. ``{"out_features": [...]}``.
 
+    The weights are loaded in torch's default dtype (float32), that of the decoder and adapters built around
+    them, whatever dtype the checkpoint stores (transformers would keep a float16 / bfloat16 checkpoint's);
+    use ``torch.autocast`` for mixed precision.
+
     Returns:
         ``(model, info)``; ``info`` holds ``backbone``, ``backbone_class``, ``backbone_revision``,
         ``backbone_config_overrides`` and ``backbone_reloadable`` (True only for a Hub id: the weights need
@@ -586,7 +634,9 @@ def load_backbone(
             f"{config.model_type!r} checkpoint; leave backbone_class unset or pick a {config.model_type} class."
         )
     if with_weights:
-        model = cls.from_pretrained(source, config=config, revision=revision, use_safetensors=True)
+        model = cls.from_pretrained(
+            source, config=config, revision=revision, use_safetensors=True, dtype=torch.get_default_dtype()
+        )
     else:
         model = cls(config)
     local = Path(source).is_dir()
@@ -686,7 +736,10 @@ def _type_check(name: str, model_type: str | None, file: Path) -> None:
 
 # field -> (check, what is expected); fields absent from a config are not checked, except _REQUIRED_FIELDS.
 _CONFIG_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "decoder": (lambda v: isinstance(v, str) and v in DECODERS, f"one of {sorted(DECODERS)}"),
+    "decoder": (  # any spelling build_decoder takes: models saved before names were normalized say "UperNet"
+        lambda v: isinstance(v, str) and v.lower().replace("-", "_") in DECODERS,
+        f"one of {sorted(DECODERS)}",
+    ),
     "num_classes": (lambda v: _is_int(v, 1), "a positive int (classes K, background included)"),
     "in_channels": (lambda v: _is_int(v, 1), "a positive int (input channels C)"),
     "decoder_kwargs": (lambda v: v is None or isinstance(v, dict), "an object of decoder options or null"),
@@ -733,7 +786,8 @@ def check_segmenter_config(config: Any, file: str | os.PathLike = SEGMENTER_CONF
 
     Raises:
         ValueError: naming the file and the field, for a missing required field, a value of the wrong type
-            or range, ``label_names`` / ``label_values`` not giving one entry per class, or a
+            or range, ``label_names`` / ``label_values`` not giving one entry per class, ``in_channels`` other
+            than the input channels recorded in ``backbone_signature``, or a
             ``backbone_class`` that is no transformers model or one of another architecture than the
             saved backbone.
     """
@@ -766,6 +820,12 @@ def check_segmenter_config(config: Any, file: str | os.PathLike = SEGMENTER_CONF
                 f"{file}: {name} is {values!r} but num_classes is {num_classes}; expected {num_classes} distinct "
                 f"entries, one per class. {fix}"
             )
+    signature_channels = (config.get("backbone_signature") or {}).get("num_channels", config["in_channels"])
+    if signature_channels != config["in_channels"]:
+        raise ValueError(
+            f"{file}: in_channels is {config['in_channels']!r} but backbone_signature.num_channels is "
+            f"{signature_channels!r}: the model was built for {signature_channels} input channels. {fix}"
+        )
     if config.get("backbone_weights") == "hub" and not config.get("backbone"):
         raise ValueError(
             f"{file}: backbone is {config.get('backbone')!r}; expected the backbone's Hub id. {fix}"
@@ -970,7 +1030,13 @@ def _check_model_files(path: Path, config: dict[str, Any], check_files: bool = T
 
 
 def _base_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """State dict of ``module`` as it was before tuner layers were injected (adapters dropped)."""
+    """State dict of ``module`` as it was before tuner layers were injected (adapters dropped).
+
+    A module trained in full (``modules_to_save``) contributes its original weights under its own names, not
+    peft's wrapper names: its trained copy is saved with the adapter.
+    """
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
     state = {prefix + n: p for n, p in module._parameters.items() if p is not None}
@@ -1039,7 +1105,8 @@ class VolumetricSegmenter(nn.Module):
             Logits ``(B, K, D, H, W)``.
 
         Raises:
-            ValueError: when ``pixel_values`` is not 5-D or has the wrong number of channels.
+            ValueError: when ``pixel_values`` is not 5-D, has the wrong number of channels, or slices smaller
+                than the backbone embeds (:func:`min_slice_size`).
         """
         slices = volume_to_slices(pixel_values)  # (B, C, D, H, W) -> (B*D, C, H, W)
         B, C, D, H, W = pixel_values.shape
@@ -1049,6 +1116,13 @@ class VolumetricSegmenter(nn.Module):
                 f"pixel_values has C={C} channels (shape (B, C, D, H, W) = {tuple(pixel_values.shape)}) but "
                 f"the backbone takes {expected}; build the segmenter with in_channels={C} or fix the channel "
                 f"axis."
+            )
+        min_h, min_w = min_slice_size(self.backbone)
+        if min_h > H or min_w > W:
+            raise ValueError(
+                f"pixel_values has slices of H x W = {H} x {W} (shape (B, C, D, H, W) = "
+                f"{tuple(pixel_values.shape)}) but the {self.backbone.config.model_type} backbone embeds slices "
+                f"of at least {min_h} x {min_w} pixels; pad the volume or use windows of at least that size."
             )
         kwargs = {"num_slices": D} if self.method == "med_adapter" else {}
         features = extract_features(self.backbone, slices, **kwargs)  # [(B*D, C_i, h_i, w_i)]
@@ -1198,7 +1272,8 @@ def build_segmenter(
     Args:
         backbone: a Hub id, a local directory, a key of :data:`TINY_BACKBONES` (random init), or a
             transformers backbone object.
-        in_channels: input channels C (the 3-channel patch embedding is adapted).
+        in_channels: input channels C (the 3-channel patch embedding is adapted; see
+            :func:`adapt_input_channels` for C > 1 with a frozen patch embedding).
         num_classes: classes K, background included.
         decoder: ``"upernet"`` (paper), ``"fpn"`` or ``"segformer"``.
         method: ``"med_adapter"`` (adapters + decoder trained), ``"lora"`` (LoRA on the attention
@@ -1227,6 +1302,8 @@ def build_segmenter(
     """
     if method not in METHODS:
         raise ValueError(_unknown("method", method, METHODS))
+    # The registry's spelling, the one segmenter_config.json is checked against.
+    decoder = decoder_key(decoder)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int (background included), got {num_classes!r}.")
     label_names = list(label_names) if label_names is not None else [f"class_{k}" for k in range(num_classes)]
@@ -1334,7 +1411,7 @@ def from_pretrained(
             freezing everything.
 
     Returns:
-        The segmenter in eval mode.
+        The segmenter in eval mode, in torch's default dtype (float32) whatever dtype it was saved in.
 
     Raises:
         FileNotFoundError: when the directory holds no ``segmenter_config.json`` or misses a weights file, or
@@ -1359,7 +1436,9 @@ def from_pretrained(
         _type_check(class_name, backbone_config.model_type, config_file)
         cls = _model_class(class_name)
         backbone = (
-            cls.from_pretrained(folder, config=backbone_config, use_safetensors=True)
+            cls.from_pretrained(
+                folder, config=backbone_config, use_safetensors=True, dtype=torch.get_default_dtype()
+            )
             if with_weights
             else cls(backbone_config)
         )

@@ -26,6 +26,7 @@ from medtuning_peft.volumetric import (
     feature_spec,
     from_pretrained,
     load_backbone,
+    min_slice_size,
     plain_taps,
     slices_to_volume,
     volume_to_slices,
@@ -141,6 +142,21 @@ def test_constant_image_gives_the_same_embedding_after_channel_adaptation(backbo
         for a, b in zip(extract_features(adapted, grey), extract_features(original, rgb)):
             torch.testing.assert_close(a, b)
         assert extract_features(adapted, torch.randn(1, in_channels, 64, 64))[0].shape[0] == 1
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_channels_are_told_apart_only_when_the_adapted_patch_embedding_is_trained(backbone):
+    # The adapted filters are equal across channels: frozen, they see the channel sum (adapt_input_channels).
+    x = torch.randn(1, 4, 2, 32, 32)
+    swapped = x[:, [3, 2, 1, 0]]
+    frozen = make(backbone, in_channels=4, method="med_adapter", num_slices=2)
+    stem = feature_spec(frozen.backbone).patch_embedding
+    trained = make(backbone, in_channels=4, method="med_adapter", num_slices=2, modules_to_save=[stem])
+    for model in (frozen, trained):
+        perturb_trained_parameters(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(swapped), frozen(x))
+        assert not torch.allclose(trained(swapped), trained(x))
 
 
 def _path(model: torch.nn.Module, suffix: str) -> str:
@@ -273,6 +289,27 @@ def test_unknown_method_and_wrong_label_names_are_refused():
         build_segmenter("tiny-vit", 1, 2, decoder="upernett")
     with pytest.raises(ValueError, match="takes no options"):
         make("vit", method="full", r=8)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_slices_smaller_than_the_backbone_embeds_are_refused_naming_the_minimum(backbone):
+    model = make(backbone).eval()
+    h, w = min_slice_size(model.backbone)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 2, h, w + 3)).shape == (1, 3, 2, h, w + 3)
+        with pytest.raises(ValueError, match=rf"H x W = {h - 1} x {w + 3} .* at least {h} x {w} pixels"):
+            model(torch.randn(1, 1, 2, h - 1, w + 3))
+
+
+def test_segformer_slices_must_hold_its_sequence_reduction_kernels():
+    # mit-b0 .. b5 (sr_ratios 8, 4, 2, 1): a 28-pixel side gives a 7 x 7 first grid, less than the 8 x 8
+    # reduction kernel; the 4-pixel patch stride alone would allow it.
+    model, _ = load_backbone("tiny-segformer")
+    assert min_slice_size(model) == (29, 29)
+    with torch.no_grad():
+        extract_features(model.eval(), torch.randn(1, 3, 29, 29))
+        with pytest.raises(RuntimeError, match="Kernel size"):
+            extract_features(model, torch.randn(1, 3, 28, 29))
 
 
 def test_wrong_input_layout_is_refused():
@@ -437,6 +474,59 @@ def test_local_backbone_directory_is_loaded_and_saved_with_the_model(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("method", ["lora", "decoder_only"])
+def test_half_precision_weights_load_in_the_default_dtype(tmp_path, method):
+    # transformers keeps a checkpoint's stored dtype; a float16 backbone next to a float32 decoder and adapters
+    # failed on float32 volumes, and so did a segmenter saved after .to(torch.bfloat16) once reloaded.
+    base, _ = load_backbone("tiny-segformer")
+    base.to(torch.float16).save_pretrained(tmp_path / "pretrained")
+    model = build_segmenter(
+        str(tmp_path / "pretrained"), 1, 3, method=method, num_slices=2, decoder_kwargs=SMALL_DECODER
+    ).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    x = torch.randn(1, 1, 2, 32, 32)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "out")
+    loaded = from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.float()(x))
+
+
+def test_a_backbone_module_trained_in_full_is_saved_with_its_pretrained_weights_under_its_own_names(tmp_path):
+    # The saved base backbone held peft's wrapper names (original_module / modules_to_save), so the reloaded
+    # backbone had a freshly initialized patch embedding under its trained copy.
+    model = make(
+        "vit", in_channels=4, method="med_adapter", num_slices=2, modules_to_save=["patch_embeddings"]
+    )
+    x = torch.randn(1, 4, 2, 32, 32)
+    perturb_trained_parameters(model, x)
+    model.save_pretrained(tmp_path / "out")
+    saved = load_file(str(tmp_path / "out" / "backbone" / "model.safetensors"))
+    assert not [k for k in saved if "original_module" in k or "modules_to_save" in k]
+    loaded = from_pretrained(tmp_path / "out")
+    original = "embeddings.patch_embeddings.original_module.projection.weight"
+    torch.testing.assert_close(
+        loaded.backbone.get_parameter(original), model.backbone.get_parameter(original)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_decoder_named_in_another_case_is_saved_under_its_registry_name_and_reloads(tmp_path):
+    model = build_segmenter(
+        "tiny-vit", 1, 3, decoder="UperNet", method="decoder_only", decoder_kwargs=SMALL_DECODER
+    )
+    assert model.segmenter_config["decoder"] == "upernet"
+    model.save_pretrained(tmp_path / "out")
+    x = torch.randn(1, 1, 2, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path / "out")(x), model.eval()(x))
+    config = json.loads((tmp_path / "out" / "segmenter_config.json").read_text())
+    config["decoder"] = "UperNet"  # as saved before the name was normalized
+    (tmp_path / "out" / "segmenter_config.json").write_text(json.dumps(config))
+    assert from_pretrained(tmp_path / "out") is not None
+
+
 def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
     model = make("vit")
     model.save_pretrained(tmp_path / "snapshot")
@@ -484,6 +574,19 @@ def test_from_pretrained_explains_a_missing_config(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         from_pretrained(tmp_path / "missing")
+
+
+def test_an_in_channels_other_than_the_saved_backbone_takes_is_refused_naming_the_field(
+    saved_models, tmp_path
+):
+    # The saved backbone already takes 1 channel; the message used to blame a non-RGB patch embedding.
+    root, _, _ = saved_models
+    edited = Path(shutil.copytree(root / "vit-decoder_only", tmp_path / "edited"))
+    config = json.loads((edited / "segmenter_config.json").read_text())
+    config["in_channels"] = 4
+    (edited / "segmenter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"segmenter_config.json: in_channels is 4 but backbone_signature"):
+        from_pretrained(edited)
 
 
 def test_adapter_weights_saved_under_other_module_names_are_refused(saved_models, tmp_path):
