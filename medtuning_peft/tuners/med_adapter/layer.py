@@ -186,7 +186,9 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         self, adapter_name: str, device: torch.device | None = None
     ) -> None:
         # Blocks have no `weight`: take the device from the block's first parameter that is not on meta.
-        # Adapters stay in float32 (float64 for a float64 model); a bf16/fp16 block's output is cast to them.
+        # Adapters of a float32 / float64 block take its dtype, also when `low_cpu_mem_usage=True` loading assigned
+        # the file's tensors (saved in bf16, say), as peft does for LoRA. On a bf16 / fp16 block they keep theirs:
+        # float32 when created, and MedAdapterModel._cast_adapter_dtype decides after loading.
         if adapter_name not in self.med_adapter:
             return
         adapter = self.med_adapter[adapter_name]
@@ -196,7 +198,7 @@ class MedAdapterLayer(nn.Module, BaseTunerLayer):
         if ref is None and device is None:
             return
         target = device if device is not None else ref.device
-        dtype = torch.float64 if ref is not None and ref.dtype == torch.float64 else None
+        dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else None
         adapter.to(device=target, dtype=dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -153,6 +153,15 @@ class MedAdapterModel(BaseTuner):
             spec = spec_for_block(module)
             indices = spec.parse(name) if spec is not None else None
             if indices is None:
+                if peft_config.backbone_signature is not None:
+                    # A saved adapter whose block names match other modules here: another backbone (a ViT's
+                    # `layers.N` are a Swin's stages).
+                    raise ValueError(
+                        MedAdapterModel._other_backbone_message(
+                            peft_config.backbone_signature,
+                            f"{type(model).__name__}'s {name!r} is a {type(module).__name__}, not one of its blocks",
+                        )
+                    )
                 known = sorted(s.block_class for s in BACKBONE_SPECS.values())
                 raise ValueError(
                     f"MedAdapterConfig.target_modules matched {name!r}, a {type(module).__name__}, which is not a "
@@ -164,16 +173,25 @@ class MedAdapterModel(BaseTuner):
             saved = peft_config.backbone_signature
             if saved is not None:
                 raise ValueError(
-                    f"This Med-Adapter was trained on a different backbone than the one it is being loaded into "
-                    f"(model_type: adapter {saved.get('model_type')!r}, {len(saved.get('block_widths', {}))} "
-                    f"adapted blocks; {type(model).__name__} has none of them). Load it into the backbone it was "
-                    "trained on."
+                    MedAdapterModel._other_backbone_message(saved, f"{type(model).__name__} has none of them")
                 )
+            excluded = ""
+            if peft_config.exclude_modules:
+                excluded = f" once exclude_modules={peft_config.exclude_modules!r} is taken out"
             raise ValueError(
                 f"MedAdapterConfig.target_modules={peft_config.target_modules!r} matched no transformer block of "
-                f"{type(model).__name__}. Supported backbones: {supported_model_types()}."
+                f"{type(model).__name__}{excluded}. Supported backbones: {supported_model_types()}."
             )
         return blocks
+
+    @staticmethod
+    def _other_backbone_message(saved: dict, model_side: str) -> str:
+        return (
+            f"This Med-Adapter was trained on a different backbone than the one it is being loaded into "
+            f"(model_type: adapter {saved.get('model_type')!r}, {len(saved.get('block_widths', {}))} adapted "
+            f"blocks; {model_side}). Load it into the backbone it was trained on. A MedAdapterConfig records the "
+            "backbone it is first used with: to adapt another backbone, pass a new MedAdapterConfig."
+        )
 
     @staticmethod
     def _check_signature(peft_config: MedAdapterConfig, model: nn.Module, blocks: dict) -> None:
@@ -330,16 +348,23 @@ class MedAdapterModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Adapters are created in float32 (float64 on a float64 model) whatever their block's dtype, which is what
-        # peft's default, autocast_adapter_dtype=True, asks for. With False, peft's methods keep the dtype of the
-        # layer they adapt: a bf16 / fp16 block gets an adapter in its dtype.
-        if autocast_adapter_dtype:
-            return
+        # peft's default, autocast_adapter_dtype=True, asks for; an adapter loaded with `low_cpu_mem_usage=True` has
+        # the dtype of the file's tensors, and a bf16 / fp16 one is upcast here, as peft does for LoRA. With False,
+        # peft's methods keep the dtype of the layer they adapt: a bf16 / fp16 block gets an adapter in its dtype.
         for module in self.model.modules():
             if not isinstance(module, MedAdapterLayer) or adapter_name not in module.med_adapter:
                 continue
+            adapter = module.med_adapter[adapter_name]
+            if autocast_adapter_dtype:
+                if any(
+                    t.dtype in (torch.float16, torch.bfloat16)
+                    for t in (*adapter.parameters(), *adapter.buffers())
+                ):
+                    adapter.to(torch.float32)
+                continue
             ref = next((p for p in module.base_layer.parameters() if p.is_floating_point()), None)
             if ref is not None and ref.dtype in (torch.float16, torch.bfloat16):
-                module.med_adapter[adapter_name].to(ref.dtype)
+                adapter.to(ref.dtype)
 
     def _plan_checkpointing(self, backbone: nn.Module) -> None:
         """Make each adapted block (frozen block + its adapter) the unit of activation checkpointing.
