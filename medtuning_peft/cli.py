@@ -20,6 +20,7 @@ Heavy libraries (torch, MONAI) load inside the commands, so ``--help`` is quick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -133,6 +134,11 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
             use = ("test" if task.test else "training") if split == "auto" else split
             cases = list(task.test if use == "test" else task.training)
             layout = f"MSD task '{task.name}', {use} images"
+            if not cases:  # --split test on a task without test images (training is never empty)
+                raise CommandError(
+                    f"--input '{input_path}' (MSD task '{task.name}'): dataset.json lists no {use} images; "
+                    "pass --split training (or auto) to segment its training images."
+                )
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
             cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
         elif files := _nifti_files(input_path):
@@ -270,7 +276,8 @@ def _check_output_file(flag: str, path: Path) -> None:
         raise CommandError(f"{flag} '{path}': {error}") from error
 
 
-def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
+def _output_paths(cases: list[Any], output: Path, created: list[Path]) -> dict[str, Path]:
+    """The label map file of every case; creates the folders they need, appending them to ``created``."""
     ids = [c.case_id for c in cases]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
@@ -292,8 +299,14 @@ def _output_paths(cases: list[Any], output: Path) -> dict[str, Path]:
     if clobbered:
         raise CommandError(f"--output would overwrite input image(s) {clobbered}; write to another folder.")
     for folder in sorted({t.parent for t in targets.values()}):
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            for new_folder in reversed(missing):  # outermost first
+                try:
+                    new_folder.mkdir()
+                except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                    continue
+                created.append(new_folder)
         except OSError as error:
             raise CommandError(
                 f"--output '{output}': cannot create the folder '{folder}' ({error.strerror or error}); create "
@@ -366,11 +379,30 @@ def _et_min_voxels(args: argparse.Namespace, config: dict[str, Any], label_value
     return args.et_min_voxels
 
 
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Removes those of ``folders`` (created by this command, outermost first) that are still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty (something was written there) or already gone
+            folder.rmdir()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
+    if args.cuda_graphs and not device.startswith("cuda"):  # before the (possibly downloaded) model loads
+        raise CommandError(f"--cuda-graphs needs a CUDA device; --device is {device}.")
     cases, layout = _prediction_cases(Path(args.input), args.split)
-    outputs = _output_paths(cases, Path(args.output))
+    created: list[Path] = []  # output folders this run made: removed again if nothing lands in them
+    try:
+        outputs = _output_paths(cases, Path(args.output), created)
+        return _predict(args, device, cases, layout, outputs)
+    finally:
+        _remove_empty_folders(created)
 
+
+def _predict(
+    args: argparse.Namespace, device: str, cases: list[Any], layout: str, outputs: dict[str, Path]
+) -> int:
+    """Loads the model and writes the label map of every case to ``outputs``; returns the exit status."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -387,8 +419,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.cuda_graphs:
         from .tuners.med_adapter import enable_cuda_graphs, has_med_adapter
 
-        if not device.startswith("cuda"):
-            raise CommandError(f"--cuda-graphs needs a CUDA device; --device is {device}.")
         if not has_med_adapter(model):
             raise CommandError(f"--cuda-graphs: --model '{args.model}' has no Med-Adapter to graph.")
         enable_cuda_graphs(model)
@@ -578,11 +608,16 @@ def _score_case(
 
     from .data import CaseLoadError
     from .data.case import case_error
-    from .data.nifti import AFFINE_TOLERANCE_MM
+    from .data.nifti import AFFINE_TOLERANCE_MM, _check_same_grid, _in_other_voxel_order
     from .evaluation import evaluate_case
 
     pred, pred_image = _read_label_map(pred_path, case_id, "prediction", spec.label_values)
     gt, gt_image = _read_label_map(gt_path, case_id, "label", spec.label_values)
+    if _in_other_voxel_order(pred.shape, pred_image.affine, gt.shape, gt_image.affine):
+        # e.g. re-saved in RAS order by another tool: the data layer's message names the reorder fix
+        _check_same_grid(
+            case_id, gt_path, gt.shape, gt_image.affine, pred_path, pred.shape, pred_image.affine
+        )
     if pred.shape != gt.shape:
         raise CaseLoadError(
             case_error(
@@ -647,6 +682,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         preds = {_case_id(pred_dir): pred_dir}
     elif pred_dir.is_dir():
         preds = _unique(_nifti_files(pred_dir), f"--pred '{pred_dir}'")
+    elif pred_dir.exists():
+        raise CommandError(
+            f"--pred '{pred_dir}' is not a NIfTI file; pass a .nii/.nii.gz label map or the folder written by "
+            "medtuning predict."
+        )
     else:
         raise CommandError(
             f"--pred '{pred_dir}' does not exist; pass the folder written by medtuning predict."
@@ -746,33 +786,17 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
 
     from .data import CaseLoadError, read_nifti
     from .data.case import case_error
-    from .data.nifti import AFFINE_TOLERANCE_MM
+    from .data.nifti import _check_affine, _check_same_grid
 
     problems: list[str] = []
     reference: tuple[Path, tuple[int, ...], Any] | None = None
 
-    def same_grid(path: Path, role: str, shape: tuple[int, ...], affine: Any) -> None:
-        assert reference is not None
-        ref_path, ref_shape, ref_affine = reference
-        if shape != ref_shape:
-            problems.append(
-                case_error(
-                    files.case_id,
-                    path,
-                    f"{role} shape {shape} differs from {ref_shape} of '{ref_path}'",
-                    "make sure both files belong to this case and were not cropped or resampled separately",
-                )
-            )
-        elif not np.allclose(affine, ref_affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
-            problems.append(
-                case_error(
-                    files.case_id,
-                    path,
-                    f"{role} affine\n{np.round(affine, 4)}\ndiffers from that of '{ref_path}'\n"
-                    f"{np.round(ref_affine, 4)}",
-                    "resample or re-header the file onto the image grid",
-                )
-            )
+    def check(test: Callable[..., None], *args: Any) -> None:
+        """Runs one of the data layer's checks (what training's loader refuses), recording its message."""
+        try:
+            test(files.case_id, *args)
+        except CaseLoadError as error:
+            problems.append(str(error))
 
     single = len(files.images) == 1
     channels, readable = 0, True
@@ -804,16 +828,11 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
                 )
             )
         affine = image.affine
-        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-            problems.append(
-                case_error(
-                    files.case_id, path, "affine is singular or not finite", "repair the header's sform/qform"
-                )
-            )
+        check(_check_affine, Path(path), affine)
         if reference is None:
             reference = (Path(path), tuple(data.shape[:3]), affine)
         else:
-            same_grid(Path(path), role, tuple(data.shape[:3]), affine)
+            check(_check_same_grid, *reference, Path(path), tuple(data.shape[:3]), affine)
         channels += data.shape[3] if data.ndim == 4 else 1
         del data
     if readable and files.channel_names and channels != len(files.channel_names):
@@ -846,7 +865,7 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
         )
         return problems
     if reference is not None:
-        same_grid(path, "label", tuple(label.shape), image.affine)
+        check(_check_same_grid, *reference, path, tuple(label.shape), image.affine)
     if np.issubdtype(label.dtype, np.floating) and not (
         np.all(np.isfinite(label)) and np.array_equal(label, np.rint(label))
     ):
@@ -877,8 +896,16 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
     from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
     from .data.kits19 import skipped_kits19_folders
 
+    if args.output:  # before any case: a bad destination would otherwise show only at the end
+        _check_output_file("--output", Path(args.output))
     data_dir = Path(args.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CommandError(
+            f"--data-dir '{data_dir}' is a file; pass the data set's folder (KiTS19 data/, BraTS release "
+            "folder or MSD task folder)."
+        )
     skipped: list[Path] = []
+    unlabeled_by_design: set[str] = set()  # MSD test images: the Decathlon gives them no label
     try:
         if args.task == "kits19":
             with warnings.catch_warnings():
@@ -890,12 +917,13 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
         else:
             task = read_msd_task(data_dir)
             cases = [*task.training, *task.test]
+            unlabeled_by_design = {c.case_id for c in task.test}
     except (CaseLoadError, FileNotFoundError) as error:
         raise CommandError(f"--data-dir '{data_dir}' ({args.task}): {error}") from error
 
     problems: dict[str, list[str]] = {}
     for files in tqdm(cases, desc="verify-data", unit="case", disable=args.no_progress or None):
-        found = _verify_case(files, args.require_labels)
+        found = _verify_case(files, args.require_labels and files.case_id not in unlabeled_by_design)
         if found:
             problems[files.case_id] = found
     for folder in skipped:
@@ -903,9 +931,11 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
             f"folder '{folder}' is not named case_XXXXX (5 digits), so it is skipped. Fix: rename it to "
             "case_XXXXX if it is a case, or move it out of --data-dir"
         ]
-    unlabeled = sum(1 for c in cases if c.label is None)
+    unlabeled = sum(
+        1 for c in cases if c.label is None and (not args.require_labels or c.case_id in unlabeled_by_design)
+    )
     count = sum(len(v) for v in problems.values())
-    note = f", {unlabeled} without label (prediction-only)" if unlabeled and not args.require_labels else ""
+    note = f", {unlabeled} without label (prediction-only)" if unlabeled else ""
     print(f"medtuning verify-data: checked {len(cases)} {args.task} case(s) in '{data_dir}'{note}.")
     if args.output:
         atomic_write_json(
@@ -1220,7 +1250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and empty-mask rules. Predictions and labels are matched by case name; shape or affine mismatches "
         "and unexpected label values are reported per case (exit status 1).",
     )
-    evaluate.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.nii.gz)")
+    evaluate.add_argument(
+        "--pred", required=True, help="folder of predicted label maps (<case>.nii.gz), or one such file"
+    )
     evaluate.add_argument(
         "--labels",
         required=True,
@@ -1252,7 +1284,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--data-dir", required=True, help="KiTS19 data/, BraTS release folder, or MSD task folder"
     )
-    verify.add_argument("--require-labels", action="store_true", help="a case without label is a problem")
+    verify.add_argument(
+        "--require-labels",
+        action="store_true",
+        help="a case without label is a problem (MSD: a training case; its test images have none)",
+    )
     verify.add_argument("--output", help="also write the problems to this JSON file")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=_cmd_verify_data)

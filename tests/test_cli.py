@@ -25,8 +25,10 @@ from medtuning_peft import cli, volumetric
 from medtuning_peft.cli import main, png_bytes
 from medtuning_peft.data import (
     CaseCache,
+    CaseLoadError,
     CTPreprocessing,
     MRIPreprocessing,
+    list_brats_cases,
     list_kits19_cases,
     load_case,
     write_synthetic_kits19,
@@ -439,6 +441,14 @@ def test_predict_refuses_cuda_graphs_off_cuda(model_dir, tmp_path, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_predict_refuses_cuda_graphs_off_cuda_before_loading_the_model(tmp_path, capsys, model_not_loaded):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = ["--input", str(image), "--output", str(tmp_path / "out"), "--device", "cpu", "--cuda-graphs"]
+    assert main(["predict", "--model", "org/not-downloaded", *args]) == 1
+    assert "--cuda-graphs needs a CUDA device; --device is cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_overlap_default_is_the_reference_stride():
     assert cli.REFERENCE_OVERLAP == REFERENCE_OVERLAP
 
@@ -528,6 +538,18 @@ def test_evaluate_scores_matched_cases_and_names_every_mismatch(tmp_path, capsys
         "median",
     ]
     assert leftovers(tmp_path) == []
+
+
+def test_evaluate_names_a_prediction_stored_in_another_voxel_order_with_the_reorder_fix(tmp_path, capsys):
+    gt = write_nifti(tmp_path / "gt" / "case_1.nii.gz", label_map(0, KITS_SHAPE))  # KiTS19's IPL order
+    pred = tmp_path / "pred" / "case_1.nii.gz"
+    pred.parent.mkdir()
+    nib.save(nib.as_closest_canonical(nib.load(gt)), pred)  # the same voxels, re-saved in RAS order
+    args = ["evaluate", "--pred", str(pred.parent), "--labels", str(gt.parent), "--task", "kits19"]
+    assert main([*args, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"'{pred}': holds the same voxels as '{gt}' in another voxel order (axes RAS" in err
+    assert "re-save it in the voxel order of" in err and "differs from shape" not in err
 
 
 def test_evaluate_pairs_a_label_file_by_its_case_and_refuses_two_files_of_one_case(tmp_path, capsys):
@@ -667,6 +689,30 @@ def test_verify_data_reports_an_incomplete_brats_case(tmp_path, capsys):
     assert main(["verify-data", "--task", "brats", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "BraTS20_Training_001_t2.nii.gz" in err and "t2 file is missing" in err
+
+
+@pytest.mark.parametrize("stored", ["label", "modality"])
+def test_verify_data_names_a_file_stored_in_another_voxel_order_as_training_does(tmp_path, capsys, stored):
+    if stored == "label":  # KiTS19: the label re-saved in RAS order, the image in KiTS19's IPL order
+        write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0))
+        moved = write_nifti(tmp_path / "case_00000" / "segmentation.nii.gz", label_map(0, KITS_SHAPE))
+        task = "kits19"
+    else:  # BraTS: one modality re-saved in RAS order
+        case = tmp_path / "BraTS20_Training_001"
+        for modality in ("flair", "t1", "t1ce", "t2"):
+            write_nifti(case / f"BraTS20_Training_001_{modality}.nii.gz", ct_volume(0))
+        write_nifti(case / "BraTS20_Training_001_seg.nii.gz", label_map(0, KITS_SHAPE))
+        moved, task = case / "BraTS20_Training_001_t2.nii.gz", "brats"
+    nib.save(nib.as_closest_canonical(nib.load(moved)), moved)  # the same voxels, in RAS order
+    code = main(["verify-data", "--task", task, "--data-dir", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"'{moved}': holds the same voxels as" in err and "in another voxel order (axes RAS" in err
+    assert "re-save it in the voxel order of" in err and "cropped" not in err
+    cases = list_kits19_cases(tmp_path) if task == "kits19" else list_brats_cases(tmp_path)
+    with pytest.raises(CaseLoadError) as loading:  # the message training's loader gives
+        load_case(cases[0])
+    assert str(loading.value) in err
 
 
 def test_verify_data_passes_a_clean_kits_folder(tmp_path, capsys):
@@ -943,3 +989,67 @@ def test_evaluate_checks_its_output_files_before_scoring(tmp_path, capsys, read_
         err = capsys.readouterr().err
         assert words in err, err
     assert os.listdir(read_only) == []
+
+
+@pytest.mark.parametrize("failure", ["model", "roi"])
+def test_predict_refused_after_creating_its_output_folders_leaves_none_behind(
+    model_dir, tmp_path, capsys, failure
+):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    (tmp_path / "runs").mkdir()  # exists before: kept
+    out = tmp_path / "runs" / "new" / "deeper"
+    model = str(tmp_path / "no_model") if failure == "model" else str(model_dir)
+    extra = ["--roi-size", "1", "1", "1"] if failure == "roi" else []
+    assert main(["predict", "--model", model, "--input", str(image), "--output", str(out), *extra]) == 1
+    assert "FAILED" not in capsys.readouterr().err
+    assert os.listdir(tmp_path / "runs") == []
+
+
+def test_verify_data_checks_its_output_file_before_any_case(tmp_path, capsys, monkeypatch):
+    write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0, (10, 12, 14)))
+    monkeypatch.setattr(cli, "_verify_case", lambda *a, **k: pytest.fail("checked a case before the output"))
+    base = ["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--no-progress"]
+    for output, words in (
+        (str(tmp_path), f"--output '{tmp_path}': '{tmp_path}' is a directory"),
+        ("/nonexistent_dir/r.json", "--output '/nonexistent_dir/r.json': The folder of"),
+    ):
+        assert main([*base, "--output", output]) == 1
+        assert words in capsys.readouterr().err
+
+
+def test_a_file_where_a_folder_is_expected_is_named_as_a_file_not_as_missing(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a data set")
+    for task in cli.TASKS:
+        assert main(["verify-data", "--task", task, "--data-dir", str(notes)]) == 1
+        err = capsys.readouterr().err
+        assert f"--data-dir '{notes}' is a file; pass the data set's folder" in err and "not exist" not in err
+    write_nifti(tmp_path / "gt" / "case_1.nii.gz", label_map(0))
+    assert main(["evaluate", "--pred", str(notes), "--labels", str(tmp_path / "gt"), "--task", "kits19"]) == 1
+    err = capsys.readouterr().err
+    assert f"--pred '{notes}' is not a NIfTI file" in err and "not exist" not in err
+
+
+def test_predict_on_an_msd_task_without_test_images_points_to_the_training_split(
+    tmp_path, capsys, model_not_loaded
+):
+    root = msd_task(tmp_path / "Task", {"a": (ct_volume(0, (10, 12, 14)), label_map(0), np.eye(4))})
+    args = ["predict", "--model", "m", "--input", str(root), "--output", str(tmp_path / "out")]
+    assert main([*args, "--split", "test"]) == 1
+    err = capsys.readouterr().err
+    assert "(MSD task 'Toy'): dataset.json lists no test images; pass --split training" in err
+    assert "no dataset.json" not in err and not (tmp_path / "out").exists()
+
+
+def test_verify_data_require_labels_asks_no_label_of_msd_test_images(tmp_path, capsys):
+    image = ct_volume(0, (10, 12, 14))
+    root = msd_task(tmp_path / "Task", {"a": (image, label_map(0), np.eye(4))})
+    write_nifti(root / "imagesTs" / "b.nii.gz", image, np.eye(4))
+    dataset = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**dataset, "test": ["./imagesTs/b.nii.gz"]}))
+    args = ["verify-data", "--task", "msd", "--data-dir", str(root), "--no-progress", "--require-labels"]
+    assert main(args) == 0
+    assert "checked 2 msd case(s)" in capsys.readouterr().out
+    (root / "labelsTr" / "a.nii.gz").unlink()  # a training case without its label is still a problem
+    assert main(args) == 1
+    assert "label file is missing" in capsys.readouterr().err
