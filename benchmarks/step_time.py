@@ -335,6 +335,11 @@ def build_method(
     torch.manual_seed(seed)
     base = "decoder_only" if method == "frozen_backward" else method.split("+")[0].removesuffix("_reference")
     options = {"r": 8} if base == "lora" else {}
+    if base in ("med_adapter", "lora"):
+        # The paper's methods: the patch embedding frozen (build_segmenter trains it for in_channels > 1, so
+        # that multi-channel inputs are told apart; it then adds its weight gradient and the first block's
+        # backward).
+        options["train_patch_embedding"] = False
     segmenter = build_segmenter(
         setting.backbones[backbone](),
         in_channels=setting.in_channels,

@@ -425,17 +425,23 @@ def build_model_card(
         ("preprocessing", json.dumps(config.get("preprocessing"))),
     ]
     adapter_keys = ("peft_type", "reduction_ratio", "kernel_sizes", "use_fft", "inter_stage", "init_identity")
-    adapter_keys += ("r", "lora_alpha", "lora_dropout")
+    adapter_keys += ("r", "lora_alpha", "lora_dropout", "modules_to_save")
     settings += [(k, json.dumps(adapter[k])) for k in adapter_keys if adapter.get(k) is not None]
     settings += [(k, json.dumps(v)) for k, v in _settings(metrics).items()]
     out += ["## Training settings", "", _table(("setting", "value"), settings), ""]
 
     share = f" ({100.0 * tuned / total:.2f} %)" if total else ""
+    trained_in_full = [m for m in adapter.get("modules_to_save") or [] if m != "decoder"]
+    tuned_what = "adapters and decoder" if adapter else "decoder"
+    if method == "full":
+        tuned_what = "backbone and decoder"
+    elif trained_in_full:
+        tuned_what = f"adapters, decoder and {', '.join(f'`{m}`' for m in trained_in_full)}"
     total_text = f"{total:,}" if total else "not counted (the backbone is loaded from the Hub)"
     out += [
         "## Parameters",
         "",
-        f"Tuned (adapters and decoder): {tuned:,}{share}. Total: {total_text}.",
+        f"Tuned ({tuned_what}): {tuned:,}{share}. Total: {total_text}.",
         "",
         "## Usage",
         "",

@@ -193,6 +193,13 @@ class TrainSettings:
         "med_adapter", "Tuning method.", choices=["med_adapter", "lora", "full", "decoder_only"]
     )
     decoder: str = _opt("upernet", "2D decoder.", choices=["upernet", "fpn", "segformer"])
+    train_patch_embedding: bool | None = _opt(
+        None,
+        "Train the backbone's patch embedding with the adapters (med_adapter, lora). Default: when the data has "
+        "more than one channel: its filters, adapted from RGB, start equal for every channel, and frozen they "
+        "would pass on only the channels' sum (BraTS' four sequences could not be told apart). "
+        "--no-train-patch-embedding keeps it frozen, as the paper's code does.",
+    )
     decoder_channels: int | None = _opt(
         None,
         "Decoder width, a positive integer (UperNet hidden size). Left unset in TrainSettings: the decoder's own, "
@@ -370,6 +377,13 @@ class TrainSettings:
         if self.resume and self.overwrite:
             raise SettingsError(
                 "resume and overwrite are both set; pass one: continue the run or start over.", "overwrite"
+            )
+        if self.train_patch_embedding is not None and self.method not in ("med_adapter", "lora"):
+            raise SettingsError(
+                f"train_patch_embedding={self.train_patch_embedding} chooses for the adapter methods, but "
+                f"method={self.method!r} {'trains' if self.method == 'full' else 'freezes'} the whole backbone; "
+                "leave it unset, or use method 'med_adapter' or 'lora'.",
+                "train_patch_embedding",
             )
         if self.cuda_graphs and self.method != "med_adapter":
             raise SettingsError(
@@ -823,6 +837,7 @@ _RESUME_KEYS = (
     "method",
     "decoder",
     "decoder_channels",
+    "train_patch_embedding",
     "crop_size",
     "batch_size",
     "gradient_accumulation_steps",
@@ -1059,6 +1074,7 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
         decoder_kwargs=None if settings.decoder_channels is None else {"channels": settings.decoder_channels},
         crop_size=settings.crop_size,
         preprocessing=task["preprocessing"],
+        train_patch_embedding=settings.train_patch_embedding,
     )
     if settings.gradient_checkpointing:
         # After the adapters are in place (enabling it first breaks Swin); non-reentrant only.
@@ -1070,6 +1086,7 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
     # Read by `medtuning predict` to write label values (BraTS 0/1/2/4) and name the channels.
     segmenter.segmenter_config["label_values"] = task["label_values"]
     segmenter.segmenter_config["channel_names"] = task["channel_names"]
+    segmenter.segmenter_config["sw_overlap"] = settings.sw_overlap  # predict's default window overlap
     if DATASETS[settings.dataset].postprocess_et and settings.et_min_voxels:
         # `medtuning predict` applies the rule validation applied, so both write the same labels.
         segmenter.segmenter_config["brats_et_min_voxels"] = settings.et_min_voxels
@@ -1576,7 +1593,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
         )
         annotation = str(hints[f.name])
         options: dict[str, Any] = {"help": f.metadata["help"], "default": default, "dest": f.name}
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):  # None: the flag was not given
             options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = f.metadata.get("type") or _argparse_type(annotation)

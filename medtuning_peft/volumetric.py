@@ -384,11 +384,11 @@ def adapt_input_channels(model: PreTrainedModel, in_channels: int) -> PreTrained
     constant image gives the same embedding as with the original 3-channel filters. ``num_channels`` is
     updated on the patch embedding module(s) that have it and on ``model.config``. Done in place.
 
-    Every channel gets the same filters, so while the patch embedding stays frozen (``med_adapter``, ``lora``,
-    ``decoder_only``) the backbone sees only the sum of the channels. For channels that carry different
-    information (BraTS' four MRI sequences), train the patch embedding with the adapters:
-    ``build_segmenter(..., method="med_adapter", modules_to_save=[FEATURE_SPECS[model_type].patch_embedding])``
-    (or ``method="full"``).
+    Every channel gets the same filters, so while the patch embedding stays frozen the backbone sees only the
+    sum of the channels. For channels that carry different information (BraTS' four MRI sequences), train
+    the patch embedding with the adapters: :func:`build_segmenter` does for ``in_channels > 1``
+    (``train_patch_embedding``); with ``get_peft_model`` add ``FEATURE_SPECS[model_type].patch_embedding`` to
+    ``modules_to_save``.
 
     Args:
         model: a supported transformers backbone (Swin, ViT, DINOv2, SegFormer: first stage).
@@ -1233,6 +1233,8 @@ def _apply_decoder_only(segmenter: VolumetricSegmenter, **kwargs: Any) -> None:
     segmenter.decoder.requires_grad_(True)
 
 
+_ADAPTER_METHODS = ("med_adapter", "lora")  # the methods that train a frozen backbone's added weights
+
 METHODS: dict[str, Callable[..., peft.PeftModel | None]] = {
     "med_adapter": _apply_med_adapter,
     "lora": _apply_lora,
@@ -1265,6 +1267,7 @@ def build_segmenter(
     preprocessing: dict[str, Any] | None = None,
     revision: str | None = None,
     save_backbone: bool | None = None,
+    train_patch_embedding: bool | None = None,
     **method_kwargs: Any,
 ) -> VolumetricSegmenter:
     """Build a volumetric segmenter: backbone, input-channel adaptation, decoder, training method.
@@ -1272,8 +1275,7 @@ def build_segmenter(
     Args:
         backbone: a Hub id, a local directory, a key of :data:`TINY_BACKBONES` (random init), or a
             transformers backbone object.
-        in_channels: input channels C (the 3-channel patch embedding is adapted; see
-            :func:`adapt_input_channels` for C > 1 with a frozen patch embedding).
+        in_channels: input channels C (the 3-channel patch embedding is adapted, :func:`adapt_input_channels`).
         num_classes: classes K, background included.
         decoder: ``"upernet"`` (paper), ``"fpn"`` or ``"segformer"``.
         method: ``"med_adapter"`` (adapters + decoder trained), ``"lora"`` (LoRA on the attention
@@ -1290,6 +1292,13 @@ def build_segmenter(
         save_backbone: whether :meth:`VolumetricSegmenter.save_pretrained` stores the base backbone weights.
             None (default) stores them unless the backbone re-loads by Hub id (a Hub id, or a model object
             whose ``name_or_path`` is one: pass True when such an object's weights were changed).
+        train_patch_embedding: for ``med_adapter`` and ``lora``, train the backbone's patch embedding in full
+            with the adapters (peft's ``modules_to_save``; saved with them). None (default): when
+            ``in_channels > 1``. The adapted embedding starts with the same filters for every channel, so
+            frozen it passes on only the sum of the channels and the model cannot tell BraTS' four MRI
+            sequences apart; trained, it learns to (Swin-T: 6,240 parameters, ViT-B/16: 787,200). False keeps
+            it frozen, as the paper's released code does (with a random, frozen embedding). ``full`` trains it
+            anyway and ``decoder_only`` never does; True or False contrary to that is refused.
         **method_kwargs: options of the method's peft config (``MedAdapterConfig`` / ``LoraConfig``).
 
     Returns:
@@ -1297,11 +1306,22 @@ def build_segmenter(
 
     Raises:
         ValueError: for an unknown decoder, method or backbone type, ``label_names`` of the wrong length,
-            or non-JSON ``preprocessing``.
+            non-JSON ``preprocessing``, or a ``train_patch_embedding`` the method cannot honour.
         TypeError: when ``backbone`` is neither a string nor a transformers model.
     """
     if method not in METHODS:
         raise ValueError(_unknown("method", method, METHODS))
+    if train_patch_embedding is None:
+        train_patch_embedding = method == "full" or (in_channels > 1 and method in _ADAPTER_METHODS)
+    honoured = {"full": (True,), "decoder_only": (False,)}.get(method, (True, False))
+    if not isinstance(train_patch_embedding, bool) or train_patch_embedding not in honoured:
+        what = {"full": "trains every backbone weight", "decoder_only": "keeps the backbone frozen"}
+        fix = (
+            f", which {what[method]}; leave it unset, or use method='med_adapter' or 'lora' to choose"
+            if method in what
+            else "; pass True, False or None"
+        )
+        raise ValueError(f"train_patch_embedding={train_patch_embedding!r} with method={method!r}{fix}.")
     # The registry's spelling, the one segmenter_config.json is checked against.
     decoder = decoder_key(decoder)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -1365,6 +1385,10 @@ def build_segmenter(
     options = dict(method_kwargs)
     if num_slices is not None:
         options["num_slices"] = num_slices
+    if train_patch_embedding and method in _ADAPTER_METHODS:
+        trained = list(options.get("modules_to_save") or [])
+        if spec.patch_embedding not in trained:
+            options["modules_to_save"] = [*trained, spec.patch_embedding]
     segmenter._attach_peft_model(METHODS[method](segmenter, **options))
     return segmenter
 

@@ -17,6 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from medtuning_peft import training
 from medtuning_peft.data import write_synthetic_kits19
 from medtuning_peft.evaluation import evaluate_case
 from medtuning_peft.io_utils import CorruptFileError
@@ -233,12 +234,33 @@ def test_invalid_settings_name_the_field_and_the_fix(tmp_path, overrides, messag
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"seed": -1}, "seed"),
         ({"et_min_voxels": -1}, "et_min_voxels"),
+        ({"method": "full", "train_patch_embedding": False}, "train_patch_embedding"),
+        ({"method": "decoder_only", "train_patch_embedding": True}, "train_patch_embedding"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, overrides, field):
     with pytest.raises(SettingsError, match=f"{field}=") as error:
         tiny_settings(tmp_path, tmp_path, tmp_path / "out", **overrides)
     assert error.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("channels", "flag", "trained"),
+    [(["flair", "t1", "t1ce", "t2"], None, True), (["flair", "t1", "t1ce", "t2"], False, False),
+     (["CT"], None, False), (["CT"], True, True)],
+)  # fmt: skip
+def test_multichannel_data_train_the_patch_embedding_unless_told_not_to(tmp_path, channels, flag, trained):
+    # Frozen, the embedding adapted from RGB passes on only the sum of BraTS' four sequences.
+    settings = tiny_settings(tmp_path, tmp_path, tmp_path / "out", train_patch_embedding=flag)
+    task = {
+        "channel_names": channels,
+        "label_values": [0, 1, 2],
+        "label_names": ["background", "a", "b"],
+        "preprocessing": None,
+    }
+    model = training._build_model(settings, task)
+    stem = [p.requires_grad for n, p in model.named_parameters() if "patch_embeddings" in n]
+    assert stem and any(stem) == trained  # trained: peft's copy of it (modules_to_save)
 
 
 def test_settings_errors_are_usage_errors_naming_the_flag(tmp_path, capsys):

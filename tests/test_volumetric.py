@@ -144,19 +144,42 @@ def test_constant_image_gives_the_same_embedding_after_channel_adaptation(backbo
         assert extract_features(adapted, torch.randn(1, in_channels, 64, 64))[0].shape[0] == 1
 
 
-@pytest.mark.parametrize("backbone", ["swin", "segformer"])
-def test_channels_are_told_apart_only_when_the_adapted_patch_embedding_is_trained(backbone):
-    # The adapted filters are equal across channels: frozen, they see the channel sum (adapt_input_channels).
+@pytest.mark.parametrize("method", ["med_adapter", "lora"])
+@pytest.mark.parametrize("backbone", ["swin", "segformer", "vit"])
+def test_multichannel_volumes_train_the_patch_embedding_so_channels_are_told_apart(backbone, method):
+    # The adapted filters are equal across channels: frozen (train_patch_embedding=False), the backbone sees
+    # only the channel sum and swapping BraTS' sequences changes nothing; by default for C > 1 it is trained.
     x = torch.randn(1, 4, 2, 32, 32)
     swapped = x[:, [3, 2, 1, 0]]
-    frozen = make(backbone, in_channels=4, method="med_adapter", num_slices=2)
-    stem = feature_spec(frozen.backbone).patch_embedding
-    trained = make(backbone, in_channels=4, method="med_adapter", num_slices=2, modules_to_save=[stem])
+    trained = make(backbone, in_channels=4, method=method, num_slices=2)
+    frozen = make(backbone, in_channels=4, method=method, num_slices=2, train_patch_embedding=False)
+    stem = feature_spec(trained.backbone).patch_embedding
+    assert any(p.requires_grad for n, p in trained.named_parameters() if stem in n)
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if stem in n)
     for model in (frozen, trained):
         perturb_trained_parameters(model, x)
     with torch.no_grad():
         torch.testing.assert_close(frozen(swapped), frozen(x))
         assert not torch.allclose(trained(swapped), trained(x))
+
+
+def test_the_trained_patch_embedding_is_saved_with_the_adapters_and_reloads(tmp_path):
+    model = make("swin", in_channels=4, method="med_adapter", num_slices=2)
+    x = torch.randn(1, 4, 2, 32, 32)
+    perturb_trained_parameters(model, x)
+    model.save_pretrained(tmp_path / "out")
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert "embeddings.patch_embeddings" in adapter_config["modules_to_save"]
+    loaded = from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+        torch.testing.assert_close(loaded(x[:, [3, 2, 1, 0]]), model(x[:, [3, 2, 1, 0]]))
+
+
+@pytest.mark.parametrize("method, value", [("full", False), ("decoder_only", True), ("med_adapter", "yes")])
+def test_a_train_patch_embedding_the_method_cannot_honour_is_refused(method, value):
+    with pytest.raises(ValueError, match=rf"train_patch_embedding={value!r} with method='{method}'"):
+        make("vit", in_channels=4, method=method, train_patch_embedding=value)
 
 
 def _path(model: torch.nn.Module, suffix: str) -> str:
