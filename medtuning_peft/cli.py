@@ -367,16 +367,87 @@ def _preview_path(output: Path) -> Path:
     return output.with_name(f"{case_id}.png")
 
 
-def _et_min_voxels(args: argparse.Namespace, config: dict[str, Any], label_values: list[int]) -> int:
-    """BraTS' small-ET rule to apply: ``--et-min-voxels``, else what training validated with (0: none)."""
+def _et_min_voxels(
+    args: argparse.Namespace, configs: dict[str, dict[str, Any]], label_values: list[int]
+) -> int:
+    """BraTS' small-ET rule to apply: ``--et-min-voxels``, else what training validated the models with (0: none)."""
     if args.et_min_voxels is None:
-        return int(config.get("brats_et_min_voxels") or 0)
+        recorded = {source: int(config.get("brats_et_min_voxels") or 0) for source, config in configs.items()}
+        if len(set(recorded.values())) > 1:
+            raise CommandError(
+                f"the --model models were validated with different BraTS small-ET rules ({recorded}: enhancing "
+                "tumour voxels below which it is relabelled as necrosis); pass --et-min-voxels N to choose one."
+            )
+        return next(iter(recorded.values()))
     if args.et_min_voxels and sorted(label_values) != [0, 1, 2, 4]:
         raise CommandError(
-            f"--et-min-voxels applies to BraTS models (labels 0, 1, 2, 4); --model '{args.model}' writes labels "
-            f"{label_values}."
+            f"--et-min-voxels applies to BraTS models (labels 0, 1, 2, 4); --model '{args.model[0]}' writes "
+            f"labels {label_values}."
         )
     return args.et_min_voxels
+
+
+def _overlap_of(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) -> float:
+    """``--overlap``, else the window overlap training validated the models with, else the reference's."""
+    if args.overlap is not None:
+        return args.overlap
+    recorded = {}
+    for source, config in configs.items():
+        value = config.get("sw_overlap")  # recorded by training.py
+        if value is not None and not (isinstance(value, float | int) and 0.0 <= value < 1.0):
+            raise CommandError(
+                f"segmenter_config.json of --model '{source}' has sw_overlap {value!r}; expected a fraction in "
+                "[0, 1). Restore it, or pass --overlap."
+            )
+        recorded[source] = value
+    values = set(recorded.values())
+    return float(values.pop()) if len(values) == 1 and None not in values else REFERENCE_OVERLAP
+
+
+# What the models of an ensemble must share: the same input and the same classes, in the same order.
+_ENSEMBLE_FIELDS = ("in_channels", "num_classes", "label_values", "channel_names", "preprocessing")
+
+
+def _check_ensemble(configs: dict[str, dict[str, Any]]) -> None:
+    """Refuse to average models that see different inputs or predict different classes."""
+    (first, reference), *others = configs.items()
+
+    def field(config: dict[str, Any], name: str) -> Any:
+        if name == "label_values":
+            return [int(v) for v in config.get("label_values") or range(int(config["num_classes"]))]
+        return config.get(name) or None
+
+    for source, config in others:
+        for name in _ENSEMBLE_FIELDS:
+            if name == "channel_names" and not (field(config, name) and field(reference, name)):
+                continue  # recorded by the training engine only; the channel count is compared anyway
+            if field(config, name) != field(reference, name):
+                raise CommandError(
+                    f"--model '{source}' cannot be averaged with --model '{first}': segmenter_config.json "
+                    f"field '{name}' is {field(config, name)!r} there and {field(reference, name)!r} here. "
+                    "Ensemble models trained on the same data with the same preprocessing and labels (e.g. the "
+                    "folds of one cross-validation)."
+                )
+
+
+def _load_models(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """``--model`` source -> loaded segmenter, with CUDA graphs enabled when asked."""
+    from .volumetric import from_pretrained
+
+    models = {}
+    for source in args.model:
+        try:
+            model = from_pretrained(source, device=device, revision=args.revision)
+        except Exception as error:
+            raise CommandError(f"cannot load --model '{source}': {type(error).__name__}: {error}") from error
+        if args.cuda_graphs:
+            from .tuners.med_adapter import enable_cuda_graphs, has_med_adapter
+
+            if not has_med_adapter(model):
+                raise CommandError(f"--cuda-graphs: --model '{source}' has no Med-Adapter to graph.")
+            enable_cuda_graphs(model)
+        models[source] = model
+    return models
 
 
 def _remove_empty_folders(folders: list[Path]) -> None:
@@ -387,6 +458,8 @@ def _remove_empty_folders(folders: list[Path]) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if len(set(args.model)) != len(args.model):
+        raise CommandError(f"--model names a model twice ({args.model}); name each model once.")
     device = _device(args.device)
     if args.cuda_graphs and not device.startswith("cuda"):  # before the (possibly downloaded) model loads
         raise CommandError(f"--cuda-graphs needs a CUDA device; --device is {device}.")
@@ -410,29 +483,24 @@ def _predict(
 
     from .data import load_case
     from .evaluation import postprocess_brats_et, sliding_window_predict
-    from .volumetric import from_pretrained
 
-    try:
-        model = from_pretrained(args.model, device=device, revision=args.revision)
-    except Exception as error:
-        raise CommandError(f"cannot load --model '{args.model}': {type(error).__name__}: {error}") from error
-    if args.cuda_graphs:
-        from .tuners.med_adapter import enable_cuda_graphs, has_med_adapter
-
-        if not has_med_adapter(model):
-            raise CommandError(f"--cuda-graphs: --model '{args.model}' has no Med-Adapter to graph.")
-        enable_cuda_graphs(model)
-    config = model.segmenter_config
+    models = _load_models(args, device)
+    configs = {source: model.segmenter_config for source, model in models.items()}
+    _check_ensemble(configs)
+    source, config = next(iter(configs.items()))  # the fields the models share
     in_channels = int(config["in_channels"])
     num_classes = int(config["num_classes"])
     label_values = [int(v) for v in config.get("label_values") or range(num_classes)]
-    roi = tuple(args.roi_size or config.get("crop_size") or ())
-    if len(roi) != 3:
-        raise CommandError(
-            f"segmenter_config.json of --model '{args.model}' records no crop_size; pass --roi-size D H W "
-            "(the training crop size)."
-        )
-    _check_roi(roi, model, "--roi-size" if args.roi_size else f"crop_size of --model '{args.model}'")
+    windows = {}  # --model source -> window (D, H, W): each model's training crop unless --roi-size
+    for name, model in models.items():
+        roi = tuple(args.roi_size or configs[name].get("crop_size") or ())
+        if len(roi) != 3:
+            raise CommandError(
+                f"segmenter_config.json of --model '{name}' records no crop_size; pass --roi-size D H W "
+                "(the training crop size)."
+            )
+        _check_roi(roi, model, "--roi-size" if args.roi_size else f"crop_size of --model '{name}'")
+        windows[name] = roi
     declared = {len(c.channel_names) for c in cases if c.channel_names}
     if declared and declared != {in_channels}:
         raise CommandError(
@@ -447,12 +515,15 @@ def _predict(
     cases = [
         dataclasses.replace(c, channel_names=c.channel_names or names, label_values=values) for c in cases
     ]
-    preprocessing = _preprocessing(config, args.model, args.modality, cases[0])
-    overlap = REFERENCE_OVERLAP if args.overlap is None else args.overlap
+    preprocessing = _preprocessing(config, source, args.modality, cases[0])
+    overlap = _overlap_of(args, configs)
     dtype = np.uint8 if max(label_values) <= 255 else np.int16
-    et_min_voxels = _et_min_voxels(args, config, label_values)
+    et_min_voxels = _et_min_voxels(args, configs, label_values)
+    shown = sorted(set(windows.values()))
     print(
-        f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}, window {roi}, overlap {overlap:.3f}"
+        f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}"
+        f"{f', {len(models)} models averaged' if len(models) > 1 else ''}, "
+        f"window {shown[0] if len(shown) == 1 else shown}, overlap {overlap:.3f}"
         f"{', flip TTA' if args.flip_tta else ''}",
         file=sys.stderr,
     )
@@ -468,18 +539,21 @@ def _predict(
             volume = torch.from_numpy(np.ascontiguousarray(case.image))[
                 None
             ]  # (C, D, H, W) -> (1, C, D, H, W)
-            probs = sliding_window_predict(
-                model,
-                volume,
-                roi_size=roi,
-                overlap=overlap,
-                sw_batch_size=args.sw_batch_size,
-                flip_tta=args.flip_tta,
-                num_classes=num_classes,
-                device="cpu",
-                padding_value=case.background_value,  # what training crops were padded with
-            )
-            classes = probs.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
+            total = None  # (1, K, D, H, W): the models' summed probabilities, whose argmax is their mean's
+            for name, model in models.items():
+                probs = sliding_window_predict(
+                    model,
+                    volume,
+                    roi_size=windows[name],
+                    overlap=overlap,
+                    sw_batch_size=args.sw_batch_size,
+                    flip_tta=args.flip_tta,
+                    num_classes=num_classes,
+                    device="cpu",
+                    padding_value=case.background_value,  # what training crops were padded with
+                )
+                total = probs if total is None else total.add_(probs)
+            classes = total.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
             labels = np.asarray(label_values, dtype=dtype)[classes]
             if et_min_voxels:
                 labels = postprocess_brats_et(labels, et_min_voxels)
@@ -1183,9 +1257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(shape, affine, header). Bad cases are reported and skipped; exit status 1 if any failed.",
     )
     predict.add_argument(
-        "--model", required=True, help="model directory (save_pretrained) or Hub id 'org/name'"
+        "--model",
+        required=True,
+        nargs="+",
+        help="model directory (save_pretrained) or Hub id 'org/name'. Several models (e.g. the folds of one "
+        "cross-validation, trained with the same preprocessing and labels) are ensembled: their class "
+        "probabilities are averaged, each model predicting with its own training crop as window",
     )
-    predict.add_argument("--revision", help="Hub revision of --model (branch, tag or commit)")
+    predict.add_argument("--revision", help="Hub revision of the --model Hub ids (branch, tag or commit)")
     predict.add_argument(
         "--input",
         required=True,
@@ -1207,7 +1286,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overlap",
         type=_overlap,
-        help=f"window overlap in [0, 1) (default {REFERENCE_OVERLAP:.4f}: stride 42 for 128-voxel windows)",
+        help="window overlap in [0, 1) (default: the --sw-overlap training validated the model with, recorded "
+        f"with it; else {REFERENCE_OVERLAP:.4f}, the reference stride 42 for 128-voxel windows)",
     )
     predict.add_argument(
         "--sw-batch-size", type=_positive, default=1, help="windows per forward pass (default 1)"

@@ -1053,3 +1053,141 @@ def test_verify_data_require_labels_asks_no_label_of_msd_test_images(tmp_path, c
     (root / "labelsTr" / "a.nii.gz").unlink()  # a training case without its label is still a problem
     assert main(args) == 1
     assert "label file is missing" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------
+# predict with several models (an ensemble, e.g. cross-validation folds)
+# -----------------------------------------------------------------------------------------------------
+
+
+def save_fold(directory: Path, seed: int, crop: list[int], **config) -> Path:
+    """A tiny segmenter standing in for one fold; ``config`` overrides fields of its segmenter_config."""
+    torch.manual_seed(seed)
+    model = build_segmenter(
+        "tiny-swin",
+        in_channels=1,
+        num_classes=3,
+        decoder="fpn",
+        decoder_kwargs={"channels": 16},
+        crop_size=crop,
+        preprocessing=CTPreprocessing().to_dict(),
+    )
+    model.segmenter_config.update(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_predict_with_several_models_writes_the_argmax_of_their_mean_probabilities(tmp_path, capsys):
+    folds = [save_fold(tmp_path / "fold0", 0, CROP), save_fold(tmp_path / "fold1", 1, [4, 32, 32])]
+    write_nifti(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", ct_volume(2))
+    out = tmp_path / "pred"
+    command = [
+        "predict",
+        "--model",
+        *map(str, folds),
+        "--input",
+        str(tmp_path / "kits"),
+        "--output",
+        str(out),
+    ]
+    assert main([*command, "--overlap", "0", "--no-progress"]) == 0
+    assert "2 models averaged" in capsys.readouterr().err
+    labels = np.asanyarray(nib.load(str(out / "case_00000.nii.gz")).dataobj)
+
+    # By hand: each fold with its own training crop as window, probabilities averaged, argmax.
+    case = load_case(kits19_case_files(tmp_path / "kits" / "case_00000"), CTPreprocessing())
+    volume = torch.from_numpy(case.image)[None]  # (C, D, H, W) -> (1, C, D, H, W)
+    probs = [
+        sliding_window_predict(
+            from_pretrained(fold), volume, roi_size=crop, overlap=0.0, padding_value=case.background_value
+        )
+        for fold, crop in zip(folds, [CROP, [4, 32, 32]], strict=True)
+    ]
+    alone = [case.geometry.to_original(p.argmax(1)[0].numpy().astype(np.uint8)) for p in probs]
+    mean = case.geometry.to_original(((probs[0] + probs[1]) / 2).argmax(1)[0].numpy().astype(np.uint8))
+    np.testing.assert_array_equal(labels, mean)
+    assert not np.array_equal(mean, alone[0]) and not np.array_equal(mean, alone[1])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("label_values", [0, 1, 4]),
+        ("preprocessing", CTPreprocessing(window=(-100.0, 300.0)).to_dict()),
+        ("channel_names", ["MRI"]),
+    ],
+)
+def test_predict_refuses_to_average_models_that_disagree_naming_the_field(tmp_path, capsys, field, value):
+    first = {"channel_names": ["CT"]}  # as the training engine records it
+    folds = [
+        save_fold(tmp_path / "fold0", 0, CROP, **first),
+        save_fold(tmp_path / "fold1", 1, CROP, **{field: value}),
+    ]
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", *map(str, folds), "--input", str(image), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--model '{folds[1]}' cannot be averaged with --model '{folds[0]}'" in err
+    assert f"field '{field}'" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_predict_asks_which_brats_et_rule_when_the_models_recorded_different_ones(tmp_path, capsys):
+    brats = {"label_values": [0, 1, 2, 4], "num_classes": 4}
+    folds = []
+    for seed, rule in enumerate([500, 200]):
+        torch.manual_seed(seed)
+        model = build_segmenter(
+            "tiny-swin", in_channels=1, num_classes=4, decoder="fpn", decoder_kwargs={"channels": 16},
+            crop_size=CROP, preprocessing=CTPreprocessing().to_dict(),
+        )  # fmt: skip
+        model.segmenter_config.update(brats, brats_et_min_voxels=rule)
+        model.save_pretrained(tmp_path / f"fold{seed}")
+        folds.append(str(tmp_path / f"fold{seed}"))
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    command = ["predict", "--model", *folds, "--input", str(image), "--output", str(tmp_path / "seg.nii.gz")]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "different BraTS small-ET rules" in err and "pass --et-min-voxels N" in err
+    assert main([*command, "--et-min-voxels", "300", "--overlap", "0", "--no-progress"]) == 0
+
+
+def test_predict_refuses_a_model_named_twice_before_loading_it(tmp_path, capsys, model_not_loaded):
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    command = [
+        "predict",
+        "--model",
+        "m",
+        "m",
+        "--input",
+        str(image),
+        "--output",
+        str(tmp_path / "seg.nii.gz"),
+    ]
+    assert main(command) == 1
+    assert "--model names a model twice" in capsys.readouterr().err
+
+
+def test_predict_uses_the_window_overlap_training_validated_with(tmp_path, capsys):
+    fold = save_fold(tmp_path / "model", 0, CROP, sw_overlap=0.5)  # as training records it
+    # Larger than a window in every direction, so that the overlap moves the windows.
+    write_nifti(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", ct_volume(3, shape=(30, 70, 70)))
+    command = ["predict", "--model", str(fold), "--input", str(tmp_path / "kits"), "--no-progress"]
+    assert main([*command, "--output", str(tmp_path / "recorded")]) == 0
+    assert "overlap 0.500" in capsys.readouterr().err
+    assert main([*command, "--output", str(tmp_path / "given"), "--overlap", "0.5"]) == 0
+    assert main([*command, "--output", str(tmp_path / "reference"), "--overlap", str(REFERENCE_OVERLAP)]) == 0
+    read = {k: np.asanyarray(nib.load(str(tmp_path / k / "case_00000.nii.gz")).dataobj) for k in
+            ("recorded", "given", "reference")}  # fmt: skip
+    np.testing.assert_array_equal(read["recorded"], read["given"])
+    assert not np.array_equal(read["recorded"], read["reference"])
+
+
+def test_predict_refuses_a_recorded_overlap_outside_0_1_naming_the_field(tmp_path, capsys):
+    fold = save_fold(tmp_path / "model", 0, CROP, sw_overlap=1.5)
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    assert (
+        main(["predict", "--model", str(fold), "--input", str(image), "--output", str(tmp_path / "o.nii.gz")])
+        == 1
+    )
+    assert "has sw_overlap 1.5; expected a fraction in [0, 1)" in capsys.readouterr().err

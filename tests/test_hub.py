@@ -114,6 +114,24 @@ def test_card_counts_tuned_and_total_parameters(run):
     )
 
 
+@pytest.mark.parametrize(
+    ("method", "in_channels", "tuned"),
+    [
+        ("med_adapter", 4, "Tuned (adapters, decoder and `embeddings.patch_embeddings`)"),
+        ("lora", 1, "Tuned (adapters and decoder)"),
+        ("decoder_only", 4, "Tuned (decoder)"),
+        ("full", 1, "Tuned (backbone and decoder)"),
+    ],
+)
+def test_card_says_what_was_tuned(tmp_path, method, in_channels, tuned):
+    model = build_segmenter(
+        "tiny-swin", in_channels=in_channels, num_classes=3, decoder="fpn", decoder_kwargs={"channels": 16},
+        method=method, crop_size=[8, 32, 32],
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    assert tuned + ":" in build_model_card(tmp_path / "model")
+
+
 def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
     base, _ = load_backbone("tiny-swin")
     base.config._name_or_path = "example-org/swin-tiny"  # as if loaded from the Hub
