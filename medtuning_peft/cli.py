@@ -349,16 +349,17 @@ def _device(text: str | None) -> str:
 
 
 def _check_roi(roi: tuple[int, ...], model: Any, source: str) -> None:
-    """Refuse windows the backbone cannot embed: every side positive, H and W at least its patch size."""
-    from .volumetric import patch_size
+    """Refuse windows the backbone cannot embed: every side positive, H and W at least the smallest slice it takes
+    (one patch; SegFormer more, :func:`~medtuning_peft.volumetric.min_slice_size`)."""
+    from .volumetric import min_slice_size
 
-    ph, pw = patch_size(model.backbone)
-    if len(roi) == 3 and min(roi) >= 1 and roi[1] >= ph and roi[2] >= pw:
+    mh, mw = min_slice_size(model.backbone)
+    if len(roi) == 3 and min(roi) >= 1 and roi[1] >= mh and roi[2] >= mw:
         return
     raise CommandError(
-        f"{source} is {list(roi)}; expected D H W with D >= 1, H >= {ph} and W >= {pw} (the backbone's patch "
-        f"size: smaller slices hold no whole patch). Pass e.g. --roi-size {max(roi[0], 1) if roi else 1} "
-        f"{max(32, ph)} {max(32, pw)}, or the training crop size."
+        f"{source} is {list(roi)}; expected D H W with D >= 1, H >= {mh} and W >= {mw} (the smallest slice the "
+        f"backbone embeds). Pass e.g. --roi-size {max(roi[0], 1) if roi else 1} {max(32, mh)} {max(32, mw)}, or "
+        "the training crop size."
     )
 
 

@@ -1046,16 +1046,17 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
 
 
 def _check_crop_holds_patches(settings: TrainSettings, segmenter: torch.nn.Module) -> None:
-    """Refuse crops whose slices are smaller than one backbone patch (``medtuning predict`` refuses such windows)."""
-    from .volumetric import patch_size
+    """Refuse crops whose slices are smaller than the backbone embeds (``medtuning predict`` refuses such windows):
+    one patch, more for SegFormer (:func:`~medtuning_peft.volumetric.min_slice_size`)."""
+    from .volumetric import min_slice_size
 
-    ph, pw = patch_size(segmenter.backbone)
+    mh, mw = min_slice_size(segmenter.backbone)
     _, h, w = settings.crop_size
-    if h < ph or w < pw:
+    if h < mh or w < mw:
         raise SettingsError(
-            f"crop_size={settings.crop_size}: slices of {h} x {w} pixels hold no whole {ph} x {pw} patch of backbone "
-            f"'{settings.backbone}'; pass H >= {ph} and W >= {pw}, e.g. --crop-size {settings.crop_size[0]} "
-            f"{max(h, 4 * ph)} {max(w, 4 * pw)}.",
+            f"crop_size={settings.crop_size}: slices of {h} x {w} pixels are smaller than the {mh} x {mw} pixels "
+            f"backbone '{settings.backbone}' embeds; pass H >= {mh} and W >= {mw}, e.g. --crop-size "
+            f"{settings.crop_size[0]} {max(h, 4 * mh)} {max(w, 4 * mw)}.",
             "crop_size",
         )
 
@@ -1576,9 +1577,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     Returns:
         An ``ArgumentParser``; pass its result to :func:`settings_from_args`.
     """
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(TrainSettings)
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     unknown = sorted(set(defaults) - names)
@@ -1606,6 +1605,10 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
                 options["action"] = _StoreGiven
         parser.add_argument(flag, **options)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option help with defaults; the description (an example script's docstring, with its commands) as written."""
 
 
 class _StoreGiven(argparse.Action):

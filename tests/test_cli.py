@@ -941,6 +941,19 @@ def test_predict_refuses_a_window_smaller_than_the_backbone_patch(model_dir, tmp
     assert "FAILED" not in err and not (tmp_path / "o.nii.gz").exists()
 
 
+def test_predict_refuses_a_window_smaller_than_segformer_embeds(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-segformer", in_channels=1, num_classes=3, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=[8, 32, 32], preprocessing=CTPreprocessing().to_dict(),
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "segformer")
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    args = ["predict", "--model", str(tmp_path / "segformer"), "--input", str(image), "--output"]
+    assert main([*args, str(tmp_path / "o.nii.gz"), "--roi-size", "8", "16", "32"]) == 1
+    assert "expected D H W with D >= 1, H >= 29 and W >= 29" in capsys.readouterr().err
+
+
 def test_predict_into_a_read_only_folder_fails_before_any_case_naming_output(
     tmp_path, capsys, read_only, model_not_loaded
 ):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medtuning_peft.data import CaseFiles
+from medtuning_peft.data import CaseFiles, list_brats_cases, list_kits19_cases, read_msd_task
 
 
 def test_label_values_above_255_are_refused_for_a_labelled_case():
@@ -20,3 +20,20 @@ def test_label_values_above_255_are_refused_for_a_labelled_case():
             label_values=(0, 256, 300),
             modality="MRI",
         )
+
+
+@pytest.mark.parametrize(
+    ("reader", "what"),
+    [
+        (list_kits19_cases, "KiTS19 data_dir"),
+        (list_brats_cases, "BraTS data_dir"),
+        (read_msd_task, "MSD task folder"),
+    ],
+)
+def test_readers_given_a_file_or_a_missing_folder_say_which(tmp_path, reader, what):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a data set")
+    with pytest.raises(FileNotFoundError, match=rf"{what} '.*notes.txt' is a file, not a folder; pass"):
+        reader(notes)
+    with pytest.raises(FileNotFoundError, match=rf"{what} '.*nowhere' does not exist; pass"):
+        reader(tmp_path / "nowhere")

@@ -263,6 +263,12 @@ def test_multichannel_data_train_the_patch_embedding_unless_told_not_to(tmp_path
     assert stem and any(stem) == trained  # trained: peft's copy of it (modules_to_save)
 
 
+def test_help_shows_a_scripts_docstring_with_its_commands_as_written():
+    doc = "Train.\n\n    accelerate launch train.py --data-dir d \\\n        --crop-size 128 128 128\n"
+    text = build_parser(doc).format_help()
+    assert "    accelerate launch train.py --data-dir d \\\n        --crop-size 128 128 128\n" in text
+
+
 def test_settings_errors_are_usage_errors_naming_the_flag(tmp_path, capsys):
     parser = build_parser("demo")
     args = parser.parse_args(["--output-dir", str(tmp_path / "out"), "--max-steps", "5", "--lr", "inf"])
@@ -572,10 +578,18 @@ def test_overwrite_starts_over(data_dir, cache_dir, tmp_path):
     assert not (tmp_path / "run" / "logs").exists()  # TensorBoard would draw both runs as one
 
 
-def test_a_crop_smaller_than_a_backbone_patch_is_refused_before_training(data_dir, cache_dir, tmp_path):
-    # tiny-swin embeds 4 x 4 patches: 2 x 2 slices hold none, and predict refuses such a model's window.
-    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", crop_size=[16, 2, 2])
-    with pytest.raises(SettingsError, match=r"crop_size=\[16, 2, 2\].*4 x 4 patch") as error:
+@pytest.mark.parametrize(
+    ("backbone", "crop", "minimum"),
+    [("tiny-swin", [16, 2, 2], "4 x 4"), ("tiny-segformer", [16, 16, 32], "29 x 29")],
+)
+def test_a_crop_smaller_than_the_backbone_embeds_is_refused_before_training(
+    data_dir, cache_dir, tmp_path, backbone, crop, minimum
+):
+    # tiny-swin embeds 4 x 4 patches; SegFormer's sequence-reduction convolutions need 29 x 29 pixels. Predict
+    # refuses such a model's window.
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", crop_size=crop, backbone=backbone)
+    pattern = rf"crop_size=\[{crop[0]}, {crop[1]}, {crop[2]}\].*smaller than the {minimum} pixels"
+    with pytest.raises(SettingsError, match=pattern) as error:
         train(settings)
     assert error.value.field == "crop_size" and not (tmp_path / "run").exists()
 

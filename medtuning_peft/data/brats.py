@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error
+from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error, check_folder
 from .nifti import load_case
 from .preprocessing import Preprocessing
 
@@ -138,8 +138,7 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
         CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"BraTS data_dir '{data_dir}' does not exist; pass the release folder.")
+    check_folder(data_dir, "BraTS data_dir", "pass the release folder.")
     case_dirs: list[Path] = []
     base_depth = len(data_dir.parts)
     for root, dirs, _ in os.walk(data_dir):

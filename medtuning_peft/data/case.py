@@ -28,6 +28,14 @@ class CaseFileMissingError(CaseLoadError, FileNotFoundError):
     """A file a case needs does not exist (also a ``FileNotFoundError``)."""
 
 
+def check_folder(path: Path, what: str, fix: str) -> None:
+    """Raise ``FileNotFoundError`` naming ``what`` and ``path``, and whether it is missing or a file, unless it is a
+    folder; ``fix`` says what to pass instead."""
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} '{path}' {state}; {fix}")
+
+
 def case_error(case_id: str, path: Path | str | None, problem: str, fix: str) -> str:
     """Formats an error message that names the case, the file, the problem and the fix."""
     where = f"case '{case_id}'" + (f", file '{path}'" if path is not None else "")

@@ -15,7 +15,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error
+from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error, check_folder
 from .nifti import load_case
 from .preprocessing import Preprocessing
 
@@ -124,10 +124,7 @@ def list_kits19_cases(data_dir: str | Path, *, require_label: bool = False) -> l
         CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"KiTS19 data_dir '{data_dir}' does not exist; pass the folder of case_XXXXX."
-        )
+    check_folder(data_dir, "KiTS19 data_dir", "pass the folder of case_XXXXX.")
     case_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and KITS19_CASE_PATTERN.match(p.name))
     skipped = [p.name for p in skipped_kits19_folders(data_dir)]
     if not case_dirs:

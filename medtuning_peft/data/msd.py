@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .case import MAX_LABEL_VALUE, CaseFiles, CaseLoadError, VolumeCase
+from .case import MAX_LABEL_VALUE, CaseFiles, CaseLoadError, VolumeCase, check_folder
 from .nifti import load_case
 from .preprocessing import Preprocessing, default_preprocessing
 
@@ -250,6 +250,7 @@ def read_msd_task(data_dir: str | Path) -> MSDTask:
     """
     data_dir = Path(data_dir)
     path = data_dir / "dataset.json"
+    check_folder(data_dir, "MSD task folder", "pass a Decathlon task folder (with dataset.json).")
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; pass a Decathlon task folder (with dataset.json).")
     try:
