@@ -132,3 +132,36 @@ def test_duplicate_modality_files_are_refused(tmp_path):
     _write_case(case_dir, suffix=".nii", skip=("seg",))
     with pytest.raises(CaseLoadError, match=r"BraTS20_Training_007.*2 files claim the flair role"):
         brats_case_files(case_dir)
+
+
+def test_case_folders_reached_through_symbolic_links_are_listed_once(tmp_path):
+    release = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    _write_case(release / "BraTS20_Training_001")
+    _write_case(release / "BraTS20_Training_002")
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    _write_case(subset / "BraTS20_Training_003")
+    for name in ("BraTS20_Training_001", "BraTS20_Training_002"):
+        (subset / name).symlink_to(release / name, target_is_directory=True)
+    (subset / "loop").symlink_to(subset, target_is_directory=True)  # a link back up ends the walk
+    cases = list_brats_cases(subset)
+    assert [c.case_id for c in cases] == [
+        "BraTS20_Training_001",
+        "BraTS20_Training_002",
+        "BraTS20_Training_003",
+    ]
+    assert all(c.has_label for c in cases)
+    volume = load_brats_case(cases[0])
+    assert volume.image.shape[0] == len(BRATS_MODALITIES)
+
+
+def test_macos_metadata_copies_of_a_release_are_not_taken_for_cases(tmp_path):
+    _write_case(tmp_path / "MICCAI_BraTS2020_TrainingData" / "BraTS20_Training_001")
+    # A zip made on macOS holds a __MACOSX/ mirror of the release with one ._<name> file per file.
+    mirror = tmp_path / "__MACOSX" / "MICCAI_BraTS2020_TrainingData" / "BraTS20_Training_001"
+    mirror.mkdir(parents=True)
+    for role in (*BRATS_MODALITIES, "seg"):
+        (mirror / f"._BraTS20_Training_001_{role}.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    cases = list_brats_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS20_Training_001"]
+    assert "__MACOSX" not in str(cases[0].images[0])

@@ -39,6 +39,11 @@ _NIFTI_PATTERN = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _SEARCH_DEPTH = 3  # data_dir/<release>/<HGG|LGG>/<case>
 
 
+def _is_nifti_file(path: Path) -> bool:
+    """A NIfTI file of the case, not a macOS metadata file (``._<name>``, also found under ``__MACOSX/``)."""
+    return path.is_file() and _NIFTI_PATTERN.search(path.name) is not None and not path.name.startswith("._")
+
+
 def _role(name: str) -> str | None:
     match = _ROLE_PATTERN.search(name)
     if match is None:
@@ -68,7 +73,7 @@ def brats_case_files(case_dir: str | Path, *, require_label: bool = False) -> Ca
     found: dict[str, list[Path]] = {}
     unmatched: list[Path] = []
     for path in sorted(case_dir.iterdir()):
-        if not path.is_file() or not _NIFTI_PATTERN.search(path.name) or path.name.startswith("._"):
+        if not _is_nifti_file(path):
             continue
         role = _role(path.name)
         if role is None:
@@ -114,7 +119,7 @@ def brats_case_files(case_dir: str | Path, *, require_label: bool = False) -> Ca
 
 def _is_case_dir(path: Path) -> bool:
     try:
-        return any(_role(p.name) in BRATS_MODALITIES for p in path.iterdir() if p.is_file())
+        return any(_role(p.name) in BRATS_MODALITIES for p in path.iterdir() if _is_nifti_file(p))
     except OSError:
         return False
 
@@ -123,7 +128,7 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
     """Finds BraTS 2019 (``HGG/``, ``LGG/``) or 2020 case folders under ``data_dir``.
 
     A case folder is any folder up to three levels below ``data_dir`` holding a file named
-    ``*_{flair,t1,t1ce,t2}.nii(.gz)``.
+    ``*_{flair,t1,t1ce,t2}.nii(.gz)``; symbolic links to folders are followed (each folder is listed once).
 
     Args:
         data_dir: Release folder (e.g. ``MICCAI_BraTS2020_TrainingData``) or a folder above it.
@@ -141,8 +146,16 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
     check_folder(data_dir, "BraTS data_dir", "pass the release folder.")
     case_dirs: list[Path] = []
     base_depth = len(data_dir.parts)
-    for root, dirs, _ in os.walk(data_dir):
+    visited: set[str] = set()
+    # Symlinked folders are followed (a subset or fold folder made of links to the release's cases); the search
+    # depth bounds the walk and each real folder is visited once, so a link back to an ancestor ends it.
+    for root, dirs, _ in os.walk(data_dir, followlinks=True):
         root_path = Path(root)
+        real = os.path.realpath(root_path)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
         dirs.sort()
         if _is_case_dir(root_path):
             case_dirs.append(root_path)

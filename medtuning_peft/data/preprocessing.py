@@ -93,12 +93,14 @@ class CTPreprocessing:
 
 @dataclass(frozen=True)
 class MRIPreprocessing:
-    """MRI: z-score each channel over its non-zero voxels; zero voxels stay 0.
+    """MRI: z-score each channel inside a foreground mask; voxels outside it are 0.
 
     MRI has no absolute intensity scale, so each channel of each volume is standardized with the mean
-    and standard deviation of the voxels inside a mask; voxels outside the mask are set to 0 (the
+    and standard deviation of its own voxels inside a mask; voxels outside the mask are set to 0 (the
     background value). ``mask="channel"`` uses each channel's own non-zero voxels (MSD);
-    ``mask="any"`` uses the voxels non-zero in any channel, i.e. the skull-stripped brain (BraTS).
+    ``mask="any"`` uses the voxels non-zero in any channel, i.e. the skull-stripped brain (BraTS), so a
+    zero voxel of one channel inside that mask is standardized like the others. A channel that is zero
+    everywhere inside its mask stays 0.
 
     Attributes:
         mask: ``"channel"`` or ``"any"``.
