@@ -113,7 +113,16 @@ def _failure_report(command: str, failures: dict[str, str], total: int) -> None:
 
 def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
     """The cases under ``--input``, with labels dropped, and a description of the layout."""
-    from .data import CaseFiles, CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+    from .data import (
+        CaseFiles,
+        CaseLoadError,
+        NoCasesError,
+        brats_case_files,
+        is_brats_case_dir,
+        list_brats_cases,
+        list_kits19_cases,
+        read_msd_task,
+    )
     from .data.kits19 import KITS19_CASE_PATTERN
 
     def plain(case_id: str, path: Path) -> CaseFiles:
@@ -141,13 +150,15 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
                 )
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
             cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
+        elif is_brats_case_dir(input_path):  # its modality files are one case, not one case each
+            cases, layout = [brats_case_files(input_path)], "a BraTS case folder"
         elif files := _nifti_files(input_path):
             cases = [plain(k, p) for k, p in _unique(files, f"--input '{input_path}'").items()]
             layout = "NIfTI files"
         else:
             try:
                 cases, layout = list_brats_cases(input_path), "BraTS case folders"
-            except CaseLoadError:
+            except NoCasesError:  # no layout fits: said below
                 cases, layout = [], ""
     except CaseLoadError as error:
         raise CommandError(f"--input '{input_path}': {error}") from error
@@ -413,9 +424,13 @@ def _check_ensemble(configs: dict[str, dict[str, Any]]) -> None:
     """Refuse to average models that see different inputs or predict different classes."""
     (first, reference), *others = configs.items()
 
+    from .data import channel_key
+
     def field(config: dict[str, Any], name: str) -> Any:
         if name == "label_values":
             return [int(v) for v in config.get("label_values") or range(int(config["num_classes"]))]
+        if name == "channel_names":  # one spelling per sequence: BraTS' "t1ce" is the Decathlon's "t1gd"
+            return [channel_key(n) for n in config.get(name) or ()] or None
         return config.get(name) or None
 
     for source, config in others:
@@ -449,6 +464,35 @@ def _load_models(args: argparse.Namespace, device: str) -> dict[str, Any]:
             enable_cuda_graphs(model)
         models[source] = model
     return models
+
+
+def _channel_orders(cases: list[Any], model_names: tuple[str, ...]) -> dict[str, list[int]]:
+    """Case id -> the channel indices that put the case's named channels in the model's order, where that order
+    differs (an MSD task listing (ADC, T2) for a model trained on (T2, ADC)); warns where the names differ."""
+    from .data import channel_order
+
+    orders: dict[str, list[int]] = {}
+    said: set[tuple[str, ...]] = set()
+    for case in cases:
+        names = tuple(case.channel_names)
+        if not names or len(names) != len(model_names):  # unnamed (plain files), or refused for their count
+            continue
+        order = channel_order(names, model_names)
+        same = order == list(range(len(names)))
+        if order is not None and not same:
+            orders[case.case_id] = order
+        if same or names in said:
+            continue
+        said.add(names)
+        if order is None:
+            _log(
+                f"warning: --input channels {list(names)} are not the model's {list(model_names)} (as recorded in "
+                "its segmenter_config.json); predicting with them in their order. Check that they are the same "
+                "sequences."
+            )
+        else:
+            _log(f"--input channels {list(names)} are given to the model in its order {list(model_names)}.")
+    return orders
 
 
 def _remove_empty_folders(folders: list[Path]) -> None:
@@ -510,6 +554,7 @@ def _predict(
             f"{in_channels}; use a model trained on this data set's modalities."
         )
     names = tuple(config.get("channel_names") or ())  # recorded by training.py
+    orders = _channel_orders(cases, names)
     if len(names) != in_channels:
         names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
     values = tuple(sorted(set(label_values) | {0}))
@@ -537,9 +582,8 @@ def _predict(
             if problem is not None:
                 raise ValueError(problem)
             case = load_case(files, preprocessing)
-            volume = torch.from_numpy(np.ascontiguousarray(case.image))[
-                None
-            ]  # (C, D, H, W) -> (1, C, D, H, W)
+            image = case.image if files.case_id not in orders else case.image[orders[files.case_id]]
+            volume = torch.from_numpy(np.ascontiguousarray(image))[None]  # (C, D, H, W) -> (1, C, D, H, W)
             total = None  # (1, K, D, H, W): the models' summed probabilities, whose argmax is their mean's
             for name, model in models.items():
                 probs = sliding_window_predict(
@@ -597,7 +641,15 @@ def _strip_label_suffix(case_id: str) -> str:
 
 def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
     """Label files by case name, and the ``dataset.json`` found with them (MSD)."""
-    from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
+    from .data import (
+        CaseLoadError,
+        NoCasesError,
+        brats_case_files,
+        is_brats_case_dir,
+        list_brats_cases,
+        list_kits19_cases,
+        read_msd_task,
+    )
     from .data.kits19 import KITS19_CASE_PATTERN
 
     dataset_json = next(
@@ -615,6 +667,9 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
             found = {c.case_id: c.label for c in read_msd_task(labels).training}
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
             found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
+        elif is_brats_case_dir(labels):
+            case = brats_case_files(labels)
+            found = {case.case_id: case.label} if case.label is not None else {}
         elif files := _nifti_files(labels):
             by_case: dict[str, list[Path]] = {}
             for case_id, path in _unique(files, f"--labels '{labels}'").items():
@@ -630,7 +685,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         else:
             try:
                 found = {c.case_id: c.label for c in list_brats_cases(labels) if c.label is not None}
-            except CaseLoadError:
+            except NoCasesError:  # no layout fits: said below
                 found = {}
     except CaseLoadError as error:
         raise CommandError(f"--labels '{labels}': {error}") from error
@@ -1270,7 +1325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="a .nii/.nii.gz file; a folder of them; an MSD task folder (dataset.json); KiTS19 case_XXXXX "
-        "folders; or BraTS case folders. Multi-channel models take one 4D file per case, channels last (MSD)",
+        "folders; or BraTS case folders (or one). Multi-channel models take one 4D file per case, channels last (MSD)",
     )
     predict.add_argument(
         "--output",

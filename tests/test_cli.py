@@ -1145,6 +1145,24 @@ def test_predict_refuses_to_average_models_that_disagree_naming_the_field(tmp_pa
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_predict_averages_folds_that_spell_the_same_channels_differently(tmp_path):
+    folds = [
+        save_fold(tmp_path / "fold0", 0, CROP, channel_names=["t1ce"]),  # BraTS' spelling
+        save_fold(tmp_path / "fold1", 1, CROP, channel_names=["T1gd"]),  # the Decathlon's
+    ]
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    command = [
+        "predict",
+        "--model",
+        *map(str, folds),
+        "--input",
+        str(image),
+        "--output",
+        str(tmp_path / "o.nii.gz"),
+    ]
+    assert main([*command, "--overlap", "0", "--no-progress"]) == 0
+
+
 def test_predict_asks_which_brats_et_rule_when_the_models_recorded_different_ones(tmp_path, capsys):
     brats = {"label_values": [0, 1, 2, 4], "num_classes": 4}
     folds = []
@@ -1204,3 +1222,101 @@ def test_predict_refuses_a_recorded_overlap_outside_0_1_naming_the_field(tmp_pat
         == 1
     )
     assert "has sw_overlap 1.5; expected a fraction in [0, 1)" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------
+# predict: named channels, BraTS case folders
+# -----------------------------------------------------------------------------------------------------
+
+
+def save_two_channel_model(directory: Path) -> Path:
+    """An MRI model recorded as trained on (T2, ADC), whose patch embedding tells the channels apart."""
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin", in_channels=2, num_classes=3, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=CROP, preprocessing=MRIPreprocessing().to_dict(),
+    )  # fmt: skip
+    with torch.no_grad():  # as after training: the two channels' filters differ
+        for name, p in model.named_parameters():
+            if "patch_embeddings" in name and p.requires_grad and p.ndim == 4:
+                p[:, 1] += 0.5 * torch.randn_like(p[:, 1])
+    model.segmenter_config["channel_names"] = ["T2", "ADC"]  # as training records it
+    model.save_pretrained(directory)
+    return directory
+
+
+def two_channel_task(root: Path, modality: dict[str, str], channels: list[np.ndarray]) -> Path:
+    write_nifti(root / "imagesTs" / "p_001.nii.gz", np.stack(channels, axis=-1), np.eye(4))
+    write_nifti(root / "imagesTr" / "p_000.nii.gz", np.stack(channels, axis=-1), np.eye(4))
+    write_nifti(root / "labelsTr" / "p_000.nii.gz", label_map(0, channels[0].shape), np.eye(4))
+    dataset = {
+        "name": "Prostate",
+        "modality": modality,
+        "labels": {"0": "background", "1": "a", "2": "b"},
+        "training": [{"image": "./imagesTr/p_000.nii.gz", "label": "./labelsTr/p_000.nii.gz"}],
+        "test": ["./imagesTs/p_001.nii.gz"],
+    }
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root
+
+
+def test_predict_gives_named_channels_to_the_model_in_its_order(tmp_path, capsys):
+    model = save_two_channel_model(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    t2, adc = (rng.normal(100.0, 30.0, KITS_SHAPE).astype(np.float32) for _ in range(2))
+    same = two_channel_task(tmp_path / "same", {"0": "T2", "1": "ADC"}, [t2, adc])
+    swapped = two_channel_task(tmp_path / "swapped", {"0": "ADC", "1": "t2w"}, [adc, t2])
+    for task in (same, swapped):
+        args = ["predict", "--model", str(model), "--input", str(task), "--output", str(tmp_path / task.name)]
+        assert main([*args, "--overlap", "0", "--no-progress"]) == 0
+    assert (
+        "channels ['ADC', 't2w'] are given to the model in its order ['T2', 'ADC']" in capsys.readouterr().err
+    )
+    read = [np.asanyarray(nib.load(str(tmp_path / n / "p_001.nii.gz")).dataobj) for n in ("same", "swapped")]
+    np.testing.assert_array_equal(read[1], read[0])
+    # The model does tell the channels apart: fed in the file's order, the labels differ.
+    fed_as_is = two_channel_task(tmp_path / "as_is", {"0": "T2", "1": "ADC"}, [adc, t2])
+    assert main(["predict", "--model", str(model), "--input", str(fed_as_is), "--output", str(tmp_path / "o"),
+                 "--overlap", "0", "--no-progress"]) == 0  # fmt: skip
+    assert not np.array_equal(np.asanyarray(nib.load(str(tmp_path / "o" / "p_001.nii.gz")).dataobj), read[0])
+
+
+def test_predict_warns_when_the_channels_are_named_otherwise(tmp_path, capsys):
+    model = save_two_channel_model(tmp_path / "model")
+    volume = ct_volume(0)
+    task = two_channel_task(tmp_path / "task", {"0": "T2", "1": "DWI"}, [volume, volume])
+    args = ["predict", "--model", str(model), "--input", str(task), "--output", str(tmp_path / "out")]
+    assert main([*args, "--overlap", "0", "--no-progress"]) == 0
+    assert (
+        "warning: --input channels ['T2', 'DWI'] are not the model's ['T2', 'ADC']" in capsys.readouterr().err
+    )
+
+
+def test_predict_and_evaluate_take_one_brats_case_folder(tmp_path, capsys):
+    from medtuning_peft.data.synthetic import write_synthetic_brats
+
+    case = write_synthetic_brats(tmp_path / "brats", num_cases=1, shape=(16, 32, 32), seed=0)[0]
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin", in_channels=4, num_classes=4, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=CROP, preprocessing=MRIPreprocessing(mask="any").to_dict(), label_values=[0, 1, 2, 4],
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(tmp_path / "model"), "--input", str(case), "--output", str(out)]
+    assert main([*args, "--overlap", "0", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{case.name}.nii.gz"]
+    assert main(["evaluate", "--pred", str(out), "--labels", str(case), "--task", "brats"]) == 0
+    assert case.name in capsys.readouterr().out
+
+
+def test_predict_on_a_brats_release_reports_the_readers_error(tmp_path, capsys):
+    from medtuning_peft.data.synthetic import write_synthetic_brats
+
+    case = write_synthetic_brats(tmp_path / "brats", num_cases=1, shape=(16, 32, 32), seed=0)[0]
+    t1 = next(case.glob("*_t1.nii"))  # BraTS 2020 stores .nii
+    shutil.copy(t1, t1.with_name(t1.name + ".gz"))  # the same modality twice, as .nii and .nii.gz
+    args = ["predict", "--model", "m", "--input", str(tmp_path / "brats"), "--output", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "holds no case" not in err and case.name in err and "t1" in err

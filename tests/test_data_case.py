@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from medtuning_peft.data import CaseFiles, list_brats_cases, list_kits19_cases, read_msd_task
+from medtuning_peft.data import (
+    CaseFiles,
+    channel_order,
+    list_brats_cases,
+    list_kits19_cases,
+    read_msd_task,
+)
 
 
 def test_label_values_above_255_are_refused_for_a_labelled_case():
@@ -37,3 +43,19 @@ def test_readers_given_a_file_or_a_missing_folder_say_which(tmp_path, reader, wh
         reader(notes)
     with pytest.raises(FileNotFoundError, match=rf"{what} '.*nowhere' does not exist; pass"):
         reader(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("names", "expected", "order"),
+    [
+        (("ADC", "T2"), ("T2", "ADC"), [1, 0]),
+        (("T2", "ADC"), ("T2", "ADC"), [0, 1]),
+        (("FLAIR", "T1w", "t1gd", "T2w"), ("flair", "t1", "t1ce", "t2"), [0, 1, 2, 3]),  # Decathlon, BraTS
+        (("t1n", "t1c", "t2w", "t2f"), ("flair", "t1", "t1ce", "t2"), [3, 0, 1, 2]),  # BraTS 2023
+        (("T2", "DWI"), ("T2", "ADC"), None),
+        (("T2", "T2w"), ("T2", "ADC"), None),  # one sequence twice
+        (("CT",), ("CT", "PET"), None),
+    ],
+)
+def test_channel_order_matches_the_spellings_of_one_sequence(names, expected, order):
+    assert channel_order(names, expected) == order

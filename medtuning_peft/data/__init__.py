@@ -7,9 +7,24 @@ H anterior->posterior, W right->left; see ``geometry.py``). ``case.geometry.to_o
 prediction back onto the original file.
 """
 
-from .brats import BRATS_LABELS, BRATS_MODALITIES, brats_case_files, list_brats_cases, load_brats_case
+from .brats import (
+    BRATS_LABELS,
+    BRATS_MODALITIES,
+    brats_case_files,
+    is_brats_case_dir,
+    list_brats_cases,
+    load_brats_case,
+)
 from .cache import CACHE_VERSION, CacheEntry, CaseCache, PruneResult, load_cases
-from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase
+from .case import (
+    CaseFileMissingError,
+    CaseFiles,
+    CaseLoadError,
+    NoCasesError,
+    VolumeCase,
+    channel_key,
+    channel_order,
+)
 from .geometry import CANONICAL_AXCODES, VolumeGeometry, canonical_transform, resample_to_shape
 from .kits19 import KITS19_LABELS, kits19_case_files, list_kits19_cases, load_kits19_case
 from .msd import MSDTask, list_msd_cases, load_msd_case, read_msd_task
@@ -40,6 +55,7 @@ __all__ = [
     "KITS19_LABELS",
     "MRIPreprocessing",
     "MSDTask",
+    "NoCasesError",
     "Preprocessing",
     "PruneResult",
     "VolumeCase",
@@ -48,8 +64,11 @@ __all__ = [
     "brats_case_files",
     "build_train_transforms",
     "canonical_transform",
+    "channel_key",
+    "channel_order",
     "classes_to_labels",
     "default_preprocessing",
+    "is_brats_case_dir",
     "kits19_case_files",
     "labels_to_classes",
     "list_brats_cases",

@@ -23,7 +23,15 @@ import os
 import re
 from pathlib import Path
 
-from .case import CaseFileMissingError, CaseFiles, CaseLoadError, VolumeCase, case_error, check_folder
+from .case import (
+    CaseFileMissingError,
+    CaseFiles,
+    CaseLoadError,
+    NoCasesError,
+    VolumeCase,
+    case_error,
+    check_folder,
+)
 from .nifti import load_case
 from .preprocessing import Preprocessing
 
@@ -117,7 +125,9 @@ def brats_case_files(case_dir: str | Path, *, require_label: bool = False) -> Ca
     )
 
 
-def _is_case_dir(path: Path) -> bool:
+def is_brats_case_dir(path: str | Path) -> bool:
+    """Whether ``path`` is one BraTS case folder (it holds a ``*_{flair,t1,t1ce,t2}.nii(.gz)`` file)."""
+    path = Path(path)
     try:
         return any(_role(p.name) in BRATS_MODALITIES for p in path.iterdir() if _is_nifti_file(p))
     except OSError:
@@ -139,7 +149,8 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
 
     Raises:
         FileNotFoundError: If ``data_dir`` does not exist.
-        CaseLoadError: If no case folder is found or two case folders share a name.
+        NoCasesError: If no case folder is found (a CaseLoadError).
+        CaseLoadError: If two case folders share a name.
         CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
     data_dir = Path(data_dir)
@@ -157,13 +168,13 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
             continue
         visited.add(real)
         dirs.sort()
-        if _is_case_dir(root_path):
+        if is_brats_case_dir(root_path):
             case_dirs.append(root_path)
             dirs.clear()  # a case folder holds no cases
         elif len(root_path.parts) - base_depth >= _SEARCH_DEPTH:
             dirs.clear()
     if not case_dirs:
-        raise CaseLoadError(
+        raise NoCasesError(
             f"BraTS data_dir '{data_dir}' holds no case folder (a folder with *_flair.nii(.gz), "
             "*_t1.nii(.gz), ...). Fix: pass the release folder, e.g. MICCAI_BraTS2020_TrainingData."
         )

@@ -7,6 +7,8 @@ and the cache (``cache.py``) keys on the same :class:`CaseFiles`.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +26,37 @@ class CaseLoadError(ValueError):
     """A case's files cannot be turned into a valid volume; the message names the case and the file."""
 
 
+class NoCasesError(CaseLoadError):
+    """A data folder that holds no case of the layout it was read as (another layout may fit it)."""
+
+
 class CaseFileMissingError(CaseLoadError, FileNotFoundError):
     """A file a case needs does not exist (also a ``FileNotFoundError``)."""
+
+
+# Spellings of one MRI sequence across the BraTS releases (2021+: t2f, t1n, t1c), the Decathlon (FLAIR, T1w, t1gd,
+# T2w) and other releases, after lower-casing and dropping everything but letters and digits.
+_SAME_CHANNEL = {"t2f": "flair", "t2flair": "flair", "t1w": "t1", "t1n": "t1", "t1gd": "t1ce", "t1c": "t1ce"}
+_SAME_CHANNEL |= {"t1post": "t1ce", "t1contrast": "t1ce", "t2w": "t2"}
+
+
+def channel_key(name: str) -> str:
+    """One spelling per channel: ``"T1w"``, ``"t1n"`` and ``"T1"`` -> ``"t1"``; ``"FLAIR"``, ``"t2f"`` -> ``"flair"``."""
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return _SAME_CHANNEL.get(key, key)
+
+
+def channel_order(names: Sequence[str], expected: Sequence[str]) -> list[int] | None:
+    """Indices into ``names`` that put them in the order of ``expected``, comparing :func:`channel_key` spellings.
+
+    Returns:
+        e.g. ``[1, 0]`` for ``names=("ADC", "T2")`` and ``expected=("T2", "ADC")``; None when ``names`` are not
+        the channels of ``expected`` (other names, or as many of them).
+    """
+    keys, wanted = [channel_key(n) for n in names], [channel_key(n) for n in expected]
+    if len(set(keys)) != len(keys) or sorted(keys) != sorted(wanted):
+        return None
+    return [keys.index(k) for k in wanted]
 
 
 def check_folder(path: Path, what: str, fix: str) -> None:
