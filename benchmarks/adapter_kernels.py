@@ -151,32 +151,54 @@ def measure(
         results[form] = {"max_abs_diff": diff, **compiled}
         runnable.append(form)
     times: dict[str, dict[str, list[float]]] = {f: {"enqueue": [], "gpu": [], "wall": []} for f in runnable}
+
+    def failed(form: str, error: Exception) -> None:
+        # A form that fails later (a CUDA graph is captured at its second call) leaves the comparison; the others
+        # are still measured.
+        results[form] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        runnable.remove(form)
+        print(f"{name}: {form} failed: {results[form]['error']}", flush=True)
+
+    def timed(form: str) -> None:
+        _sync(device)
+        events = _events(device)
+        start = time.perf_counter()
+        if events:
+            events[0].record()
+        step(form)
+        enqueued = time.perf_counter()
+        if events:
+            events[1].record()
+        _sync(device)
+        end = time.perf_counter()
+        times[form]["enqueue"].append(1000 * (enqueued - start))
+        times[form]["wall"].append(1000 * (end - start))
+        if events:
+            times[form]["gpu"].append(events[0].elapsed_time(events[1]))
+
     for _ in range(args.warmup):
-        for form in runnable:
-            step(form)
+        for form in list(runnable):
+            try:
+                step(form)
+            except Exception as error:  # noqa: BLE001 - recorded, not fatal
+                failed(form, error)
     for i in range(args.rounds):
-        for form in runnable[i % len(runnable) :] + runnable[: i % len(runnable)]:
-            _sync(device)
-            events = _events(device)
-            start = time.perf_counter()
-            if events:
-                events[0].record()
-            step(form)
-            enqueued = time.perf_counter()
-            if events:
-                events[1].record()
-            _sync(device)
-            end = time.perf_counter()
-            times[form]["enqueue"].append(1000 * (enqueued - start))
-            times[form]["wall"].append(1000 * (end - start))
-            if events:
-                times[form]["gpu"].append(events[0].elapsed_time(events[1]))
-    for form in runnable:
+        order = runnable[i % len(runnable) :] + runnable[: i % len(runnable)] if runnable else []
+        for form in order:
+            try:
+                timed(form)
+            except Exception as error:  # noqa: BLE001 - recorded, not fatal
+                failed(form, error)
+    for form in list(runnable):
         entry = results[form]
         for key, values in times[form].items():
             if values:
                 entry[f"{key}_ms"] = statistics.median(values)
-        activity = profiled_activity(lambda form=form: step(form), device)
+        try:
+            activity = profiled_activity(lambda form=form: step(form), device)
+        except Exception as error:  # noqa: BLE001 - recorded, not fatal
+            failed(form, error)
+            continue
         # One profiled call: its kernels are a whole count.
         entry.update(
             kernels=int(activity["kernels_per_step"]),
@@ -249,9 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
     for block in args.blocks:
         report["results"][block] = measure(block, args.slices, args, device)
         print(block, json.dumps(report["results"][block]), flush=True)
-    report["markdown"] = markdown(report)
+        report["markdown"] = markdown(report)
+        write_json(
+            args.json, report
+        )  # after each block: a run stopped by its time limit keeps the finished ones
     print(report["markdown"])
-    write_json(args.json, report)
     return report
 
 

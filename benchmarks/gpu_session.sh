@@ -30,9 +30,14 @@
 # Usage: bash benchmarks/gpu_session.sh OUT [STEP ...]
 #   With no STEP: graph-tests, cost and kernels (at most 570 s; 356 s on an H200 when the graph tests failed
 #   and the cost step ran without graphs). Where the standard figures are already committed, the fusion check is
-#   bash benchmarks/gpu_session.sh OUT graph-tests compile (at most 590 s; compile times untested on a GPU, so
-#   ViT-B/16 is measured first and written on its own).
+#   bash benchmarks/gpu_session.sh OUT graph-tests compile (own limits 590 s, kept to the 570 s budget; compile
+#   times untested on a GPU, so ViT-B/16 is measured first and written on its own).
 #   The light-decoder comparison: bash benchmarks/gpu_session.sh OUT graph-tests fpn (at most 450 s).
+# The limits above are each step's own; the command as a whole keeps to SESSION_BUDGET_S (default 570 s): a step's
+# limit is cut to what is left of it, and a step with under 15 s left is not started (exit 124). So
+# `graph-tests fusion compile` and `graph-tests cost fpn`, whose own limits add up to more, end by themselves
+# inside the device's 600 s per command, with what the last step finished in time written (the cost steps write
+# their JSON after each backbone).
 # A failing step does not stop the others; the exit status is that of the last failing step (0 if none).
 # The steps that measure CUDA graphs leave them out (cost, kernels) or skip (compile) when the graph tests did not
 # pass in the same OUT (a failed capture can leave the CUDA context unusable, and must not cost the other
@@ -55,12 +60,34 @@ for step in "${STEPS[@]}"; do
             exit 2 ;;
     esac
 done
+# The whole command's time (SESSION_BUDGET_S, default 570 s): every step's limit is cut to what is left of it, so
+# that the command ends by itself, log, exit files and results written, inside the device's 600 s per command.
+BUDGET="${SESSION_BUDGET_S:-570}"
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+    echo "gpu_session.sh: SESSION_BUDGET_S must be a number of seconds, got '$BUDGET'" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 # Everything below, to the terminal and to one log.
 exec > >(tee -a "$OUT/session.log") 2>&1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
+# run_limited LIMIT COMMAND...: COMMAND under timeout for LIMIT seconds, or what is left of the budget if less
+# (killed 10 s after the TERM signal if still running); not started (exit 124) with under 15 s left.
+run_limited() {
+    local limit=$1 left=$((BUDGET - SECONDS))
+    shift
+    if [ "$left" -lt 15 ]; then
+        echo "not started: $left s left of the session's $BUDGET s (SESSION_BUDGET_S)"
+        return 124
+    fi
+    if [ "$left" -lt "$limit" ]; then
+        limit=$left
+        echo "time limit cut to $limit s: what is left of the session's $BUDGET s (SESSION_BUDGET_S)"
+    fi
+    timeout -k 10 "$limit" "$@"
+}
 # Whether CUDA graphs may be measured: their tests passed in this OUT, and SKIP_CUDA_GRAPHS is not 1.
 graphs_passed() {
     local graph_tests="missing"
@@ -77,7 +104,7 @@ for step in "${STEPS[@]}"; do
     case "$step" in
         graph-tests)
             # A process of its own: a failed capture can leave the CUDA context unusable.
-            timeout 150 "$PYTHON" -m pytest -m gpu -k cuda_graphs -q -p no:cacheprovider
+            run_limited 150 "$PYTHON" -m pytest -m gpu -k cuda_graphs -q -p no:cacheprovider
             code=$?
             echo "$code" >"$OUT/graph_tests.exit"
             ;;
@@ -88,12 +115,12 @@ for step in "${STEPS[@]}"; do
                 read -ra methods <<<"--methods $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
 import step_time, torch; print(*step_time.default_methods(torch.device("cpu")))')"
             fi
-            timeout 330 bash benchmarks/gpu_cost.sh ${methods[@]+"${methods[@]}"} \
+            run_limited 330 bash benchmarks/gpu_cost.sh ${methods[@]+"${methods[@]}"} \
                 --json "$OUT/cost_paper_cuda.json" --markdown "$OUT/cost_paper_cuda.md"
             code=$?
             ;;
         tests)
-            timeout 240 "$PYTHON" -m pytest -m gpu -k "not cuda_graphs" -q -p no:cacheprovider
+            run_limited 240 "$PYTHON" -m pytest -m gpu -k "not cuda_graphs" -q -p no:cacheprovider
             code=$?
             ;;
         kernels)
@@ -102,19 +129,19 @@ import step_time, torch; print(*step_time.default_methods(torch.device("cpu")))'
                 read -ra forms <<<"--forms $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
 import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])')"
             fi
-            timeout 90 "$PYTHON" benchmarks/adapter_kernels.py --device cuda ${forms[@]+"${forms[@]}"} \
+            run_limited 90 "$PYTHON" benchmarks/adapter_kernels.py --device cuda ${forms[@]+"${forms[@]}"} \
                 --json "$OUT/adapter_kernels_cuda.json"
             code=$?
             ;;
         compile)
-            timeout 120 "$PYTHON" -m pytest -m gpu tests/test_compiled_adapter_graphs.py -q -p no:cacheprovider
+            run_limited 120 "$PYTHON" -m pytest -m gpu tests/test_compiled_adapter_graphs.py -q -p no:cacheprovider
             code=$?
             echo "$code" >"$OUT/compile_tests.exit"
             if [ "$code" -ne 0 ]; then
                 echo "compiled adapters with CUDA graphs failed their test (exit $code): not measured"
             elif graphs_passed; then
                 # ViT-B/16 first: one adapter shape, the fewest compilations; the JSON is written after each backbone.
-                timeout 320 bash benchmarks/gpu_cost.sh --backbones vit-b16 swin-t --methods full \
+                run_limited 320 bash benchmarks/gpu_cost.sh --backbones vit-b16 swin-t --methods full \
                     med_adapter+cuda_graphs med_adapter+compile_adapters+cuda_graphs \
                     --json "$OUT/cost_paper-compile_cuda.json" --markdown "$OUT/cost_paper-compile_cuda.md"
                 code=$?
@@ -125,8 +152,8 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
         fusion)
             forms=(current compiled_shifts compiled_convolution)
             graphs_passed && forms+=(cuda_graphs)
-            timeout 200 "$PYTHON" benchmarks/adapter_kernels.py --device cuda --blocks vit-b16 "swin-t stage 1" \
-                --forms "${forms[@]}" --json "$OUT/adapter_kernels_compiled_cuda.json"
+            run_limited 200 "$PYTHON" benchmarks/adapter_kernels.py --device cuda \
+                --blocks vit-b16 "swin-t stage 1" --forms "${forms[@]}" --json "$OUT/adapter_kernels_compiled_cuda.json"
             code=$?
             ;;
         fpn)
@@ -137,12 +164,12 @@ import adapter_kernels as k; print(*[f for f in k.FORMS if f != "cuda_graphs"])'
             read -ra methods <<<"--methods $("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks")
 import step_time, torch
 print(*[m for m in step_time.default_methods(torch.device(sys.argv[1])) if m != "med_adapter_reference"])' "$device")"
-            timeout 300 bash benchmarks/gpu_cost.sh --decoder fpn "${methods[@]}" \
+            run_limited 300 bash benchmarks/gpu_cost.sh --decoder fpn "${methods[@]}" \
                 --json "$OUT/cost_paper-fpn128_cuda.json" --markdown "$OUT/cost_paper-fpn128_cuda.md"
             code=$?
             ;;
         optimizer)
-            timeout 60 "$PYTHON" benchmarks/optimizer_step.py --device cuda \
+            run_limited 60 "$PYTHON" benchmarks/optimizer_step.py --device cuda \
                 --json "$OUT/optimizer_step_cuda.json" --markdown "$OUT/optimizer_step_cuda.md"
             code=$?
             ;;

@@ -654,7 +654,10 @@ def cuda_peak_memory(setting: Setting, backbone: str, method: str, device: torch
     torch.cuda.synchronize(device)
     train_peak = torch.cuda.max_memory_allocated(device)
     train_graphs = max(0, graph_pool_bytes(device) - earlier_graphs)
+    # Inference holds the model alone: no gradients, no optimizer state (Adam's two buffers per trained
+    # parameter would make full fine-tuning's inference look larger than the frozen methods').
     runner.optimizer.zero_grad(set_to_none=True)
+    runner.optimizer.state.clear()
     for _ in range(2):
         runner.infer(volume)
     torch.cuda.synchronize(device)
@@ -815,11 +818,23 @@ def side_report(script: str, argv: list[str] | None, what: str, device: torch.de
     }
 
 
+def write_text_whole(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it: a write that stops midway (a time limit,
+    a full disk) leaves the earlier file whole, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path | None, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` (parents created); nothing when ``path`` is None."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_whole(path, json.dumps(report, indent=2) + "\n")
 
 
 def make_input(setting: Setting, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -873,13 +888,19 @@ def benchmark_backbone(
     )
     for name, runner in runners.items():
         if "+compile" not in name:  # compiled kernels do not pass the dispatcher: see the profile
-            results[name]["operations"] = count_operations(runner, volume, labels)
+            try:  # a count next to the timings, as the profile: its failure must not lose them
+                results[name]["operations"] = count_operations(runner, volume, labels)
+            except Exception as error:  # noqa: BLE001 - recorded in the report instead
+                results[name]["operations_error"] = describe_error(error)
         if device.type == "cuda":
             try:  # a diagnosis next to the timings: a profiler failure must not lose them
                 results[name]["device_activity"] = device_activity(runner, volume, labels, device)
             except Exception as error:  # noqa: BLE001 - recorded in the report instead
                 results[name]["device_activity"] = {"error": f"{type(error).__name__}: {error}"}
-    del runners
+    # Nothing of the timed models may stay alive: the loop variables hold the last method's model, gradients
+    # and optimizer state, which would count in every peak measured below.
+    model = runner = None
+    del runners, model, runner
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1019,11 +1040,22 @@ def markdown_section(report: dict[str, Any]) -> str:
             for name, r in measured.items()
             if "error" in r["memory"]
         ]
+        failures += [
+            f"- {name}: operations not counted: `{r['operations_error']}`"
+            for name, r in measured.items()
+            if "operations_error" in r
+        ]
         if failures:
             lines += ["Not measured:", "", *failures, ""]
         lines += _operations_table(measured)
     if report.get("incomplete"):
         lines += [f"Incomplete run: {report['incomplete']}.", ""]
+    if report.get("paper_swin_t_adapter_error"):
+        lines += [
+            f"Adapter checkpoint of the paper's Swin-T configuration not measured: "
+            f"`{report['paper_swin_t_adapter_error']}`.",
+            "",
+        ]
     paper = report.get("paper_swin_t_adapter")
     if paper:
         lines += [
@@ -1077,7 +1109,7 @@ def write_markdown(path: Path, key: str, section: str) -> None:
     text = path.read_text() if path.exists() else "# Cost of Med-Adapter\n\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    write_text_whole(path, text)  # the other sections of the file are never lost to a cut-short write
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1233,11 +1265,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with _cudnn_benchmark(device):
         for i, backbone in enumerate(backbones):
             report["results"][backbone] = benchmark_backbone(args, setting, backbone, device)
-            if i + 1 < len(backbones):  # written as it goes: a run cut short keeps its finished backbones
+            # Written as it goes, the last backbone too: a run cut short keeps its finished backbones.
+            if i + 1 < len(backbones):
                 report["incomplete"] = f"stopped before {backbones[i + 1 :]}"
-                write(report)
-    report.pop("incomplete", None)
-    report["paper_swin_t_adapter"] = paper_swin_t_adapter_bytes()
+            else:
+                report.pop("incomplete", None)
+            write(report)
+    try:
+        report["paper_swin_t_adapter"] = paper_swin_t_adapter_bytes()
+    except Exception as error:  # noqa: BLE001 - a side figure: the measurements stand without it
+        report["paper_swin_t_adapter_error"] = describe_error(error)
     print(write(report))
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -547,3 +548,216 @@ def test_checkpointing_with_cuda_graphs_method_enables_both(backbone):
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules())
     assert method in step_time.default_methods(torch.device("cuda"))
     assert method not in step_time.default_methods(torch.device("cpu"))
+
+
+def test_peak_memory_is_measured_with_no_timed_model_alive(monkeypatch):
+    # Peak memory is measured one method at a time after the timed rounds: a model, its gradients or its
+    # optimizer state left from the rounds would count in every method's peak.
+    import gc
+
+    alive = []
+
+    def probe(setting, backbone, method, *device):
+        gc.collect()
+        alive.append(sum(isinstance(o, step_time.Runner) for o in gc.get_objects()))
+        return {"peak_bytes": 1}
+
+    monkeypatch.setattr(step_time, "memory_probe", probe)
+    setting = step_time.get_setting("paper", tiny=True)
+    args = step_time.parse_args(["--tiny", "--methods", "full", "decoder_only"])
+    results = step_time.benchmark_backbone(args, setting, "vit-tiny", torch.device("cpu"))
+    assert alive == [0, 0] and results["full"]["memory"] == {"peak_bytes": 1}
+
+
+def test_a_write_cut_short_leaves_the_earlier_results_and_sections_whole(tmp_path, monkeypatch):
+    # The JSON and cost.md are rewritten during a run on a borrowed machine whose time limit can stop it at
+    # any moment: a write that stops midway must not truncate them (cost.md holds every other run's section).
+    md, out = tmp_path / "cost.md", tmp_path / "cost.json"
+    step_time.write_markdown(md, "cpu_cpu", "cpu run")
+    step_time.write_markdown(md, "paper_cuda", "gpu run")
+    step_time.write_json(out, {"results": {"swin-t": {}}})
+    before = md.read_text(), out.read_text()
+    real_write_text = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device (injected)")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="injected"):
+        step_time.write_markdown(md, "paper_cuda", "another gpu run")
+    with pytest.raises(OSError, match="injected"):
+        step_time.write_json(out, {"results": {"swin-t": {}, "vit-b16": {}}})
+    monkeypatch.undo()
+    assert (md.read_text(), out.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost.json", "cost.md"]  # no temporary left
+
+
+def test_the_last_backbone_is_written_before_the_side_figures(tmp_path, monkeypatch):
+    # The run ends with the paper's adapter checkpoint size: a failure there (or the time limit) must not cost
+    # the measurements of the last backbone.
+    def benchmark(args, setting, backbone, device):
+        return {"full": {"error": f"measured {backbone}"}}
+
+    def paper_adapter():
+        raise RuntimeError("cannot build (injected)")
+
+    monkeypatch.setattr(step_time, "benchmark_backbone", benchmark)
+    monkeypatch.setattr(step_time, "paper_swin_t_adapter_bytes", paper_adapter)
+    out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    step_time.main(
+        ["--setting", "paper", "--tiny", "--device", "cpu", "--json", str(out), "--markdown", str(md)]
+    )
+    report = json.loads(out.read_text())
+    assert report["results"] == {
+        "swin-tiny": {"full": {"error": "measured swin-tiny"}},
+        "vit-tiny": {"full": {"error": "measured vit-tiny"}},
+    }
+    assert "incomplete" not in report and report["paper_swin_t_adapter_error"].startswith("RuntimeError")
+    assert "measured vit-tiny" in md.read_text()
+
+
+def test_gpu_session_keeps_every_step_within_the_session_budget(tmp_path):
+    # The device runs one command for at most 600 s: `graph-tests cost fpn` has step limits adding up to 780 s,
+    # so each step's limit is cut to what is left of the session's budget, and the command ends by itself.
+    bin_dir, log = tmp_path / "bin", tmp_path / "timeouts.log"
+    bin_dir.mkdir()
+    fake_timeout = bin_dir / "timeout"
+    fake_timeout.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\nexec /usr/bin/timeout "$@"\n')
+    fake_timeout.chmod(0o755)
+    python = tmp_path / "python"
+    python.write_text(
+        '#!/usr/bin/env bash\ncase "$1" in\n  -m) sleep 2 ;;\n'
+        f'  -c) exec "{sys.executable}" "$@" ;;\n  -) cat > /dev/null ;;\nesac\n'
+    )
+    python.chmod(0o755)
+
+    def session(budget: str) -> tuple[subprocess.CompletedProcess, list[int]]:
+        log.unlink(missing_ok=True)
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(python), "HOME": str(tmp_path)}
+        done = subprocess.run(
+            [
+                "bash",
+                str(ROOT / "benchmarks" / "gpu_session.sh"),
+                str(tmp_path / f"out{budget}"),
+                "graph-tests",
+            ]
+            + ["cost", "fpn"],
+            env={**env, "SESSION_BUDGET_S": budget},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        calls = [line.split() for line in log.read_text().splitlines()]
+        return done, [int(c[2] if c[0] == "-k" else c[0]) for c in calls]  # timeout [-k N] LIMIT COMMAND
+
+    done, limits = session("200")
+    assert done.returncode == 0 and limits[0] == 150  # the graph tests' own limit fits
+    # After the graph tests' 2 s, the cost and light-decoder steps get what is left, not their 330 and 300 s.
+    assert len(limits) == 3 and all(188 <= limit <= 198 for limit in limits[1:]), limits
+    assert "time limit cut to" in done.stdout
+    done, limits = session("16")  # the graph tests run; no time is left for the others
+    assert done.returncode == 124 and len(limits) == 1 and limits[0] <= 16
+    assert done.stdout.count("not started") == 2 and "== done" in done.stdout
+    bad = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(tmp_path / "bad"), "cost"],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(python), "SESSION_BUDGET_S": "10m"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "SESSION_BUDGET_S" in bad.stderr
+
+
+def test_adapter_kernels_keeps_the_other_forms_and_blocks_when_one_fails(tmp_path, monkeypatch):
+    # A form can fail after its first call (CUDA graphs are captured at the second), and a block can be cut
+    # short by the session's time limit: the forms and blocks measured before are kept.
+    import adapter_kernels
+
+    real_context, calls = adapter_kernels.form_context, {"cudnn_off": 0}
+
+    @contextlib.contextmanager
+    def form_context(form):
+        if form == "cudnn_off":
+            calls[form] += 1
+            if calls[form] == 2:  # its warm-up, after the first call compared it with the current form
+                raise RuntimeError("capture failed (injected)")
+        with real_context(form):
+            yield
+
+    monkeypatch.setattr(adapter_kernels, "form_context", form_context)
+    out = tmp_path / "adapter.json"
+    argv = ["--device", "cpu", "--slices", "4", "--rounds", "2", "--warmup", "1", "--json", str(out)]
+    forms = adapter_kernels.main([*argv, "--blocks", "vit-b16"])["results"]["vit-b16"]
+    assert forms["cudnn_off"] == {"error": "RuntimeError: capture failed (injected)"}
+    assert forms["current"]["wall_ms"] > 0 and forms["bf16_bottleneck"]["kernels"] > 0
+    real_measure = adapter_kernels.measure
+
+    def measure(name, *rest):
+        if name == "swin-t stage 4":
+            raise KeyboardInterrupt  # the time limit's signal, say
+        return real_measure(name, *rest)
+
+    monkeypatch.setattr(adapter_kernels, "measure", measure)
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        adapter_kernels.main([*argv, "--forms", "current", "--blocks", "vit-b16", "swin-t stage 4"])
+    assert list(json.loads(out.read_text())["results"]) == ["vit-b16"]
+
+
+@pytest.mark.parametrize("backbone", ["swin-tiny", "vit-tiny"])
+def test_every_variant_of_the_papers_methods_keeps_the_patch_embedding_frozen(backbone):
+    # The paper's methods (Med-Adapter, LoRA) freeze the stem, also with 4-channel input where the package
+    # trains it by default: each variant (reference form, checkpointing, graphs, compiled) tunes the same
+    # parameters as its plain method, so the comparison is between forms of one method.
+    setting = step_time.get_setting("paper", tiny=True)
+    assert setting.in_channels > 1
+    tuned = {}
+    for method in step_time.ALL_METHODS:
+        model = step_time.build_method(setting, backbone, method, torch.device("cpu"))
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        stem = list(model.backbone.get_input_embeddings().parameters())
+        assert stem, method
+        tuned[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if method.startswith(("med_adapter", "lora", "decoder_only", "frozen_backward")):
+            assert not any(p.requires_grad for p in stem), method
+        else:
+            assert all(p.requires_grad for p in stem), method
+    for method, count in tuned.items():
+        plain = "frozen_backward" if method == "frozen_backward" else method.split("+")[0]
+        plain = "med_adapter" if plain == "med_adapter_reference" else plain
+        assert count == tuned[plain], method
+
+
+def test_a_failing_operation_count_keeps_the_timings_of_every_method(monkeypatch):
+    # The operation count runs after the timed rounds, as the kernel profile does: its failure for one method
+    # must not cost the backbone's figures.
+    real_count = step_time.count_operations
+
+    def count(runner, volume, labels):
+        if any(p.requires_grad for p in runner.model.backbone.parameters()) and len(runner.params) > 100:
+            raise RuntimeError("dispatch failed (injected)")
+        return real_count(runner, volume, labels)
+
+    monkeypatch.setattr(step_time, "count_operations", count)
+    setting = step_time.get_setting("paper", tiny=True)
+    args = step_time.parse_args(["--tiny", "--methods", "full", "decoder_only"])
+    results = step_time.benchmark_backbone(args, setting, "vit-tiny", torch.device("cpu"))
+    assert results["full"]["operations_error"] == "RuntimeError: dispatch failed (injected)"
+    assert "operations" not in results["full"] and results["decoder_only"]["operations"]["kernels"] > 0
+    assert results["decoder_only"]["ratios"]["step_vs_full"] > 0 and "kernels_vs_full" not in results["full"]
+    report = {
+        "setting": "paper-tiny",
+        "description": setting.description,
+        "device": "cpu",
+        "machine": step_time.machine_info(torch.device("cpu")),
+        "command": "python benchmarks/step_time.py",
+        "date": "2026-11-28T00:00:00+00:00",
+        "warmup": 1,
+        "rounds": 2,
+        "memory_method": "peak RSS",
+        "results": {"vit-tiny": results},
+    }
+    text = step_time.markdown_section(report)
+    assert "- full: operations not counted: `RuntimeError: dispatch failed (injected)`" in text
+    assert "| full | - | - | - |" in text
