@@ -21,6 +21,7 @@ from medtuning_peft.data import (
     VolumeGeometry,
     brats_case_files,
     list_msd_cases,
+    load_case,
 )
 from medtuning_peft.data.synthetic import canonical_affine
 
@@ -135,3 +136,14 @@ def test_training_crops_and_flips_move_every_channel_with_the_label():
         np.testing.assert_array_equal(
             label.reshape(-1)[voxel.astype(np.int64).reshape(-1)], classes.reshape(-1)
         )
+
+
+def test_a_vector_layout_file_reads_as_channels_last(tmp_path):
+    # NIfTI's vector layout (components on the 5th axis, a singleton time axis), as SimpleITK writes it.
+    root = _write_msd_task(tmp_path / "task", ("T2", "ADC"), LPS)
+    path = root / "imagesTr" / "case_001.nii.gz"
+    channels_last = np.asanyarray(nib.load(str(path)).dataobj)  # (x, y, z, C)
+    nib.save(nib.Nifti1Image(channels_last[:, :, :, None, :], LPS), path)  # (x, y, z, C) -> (x, y, z, 1, C)
+    case = load_case(list_msd_cases(root)[0])
+    assert case.image.shape[0] == 2
+    assert _marker_channels(np.asarray(case.image), case.geometry) == [0, 1]

@@ -23,9 +23,13 @@ AFFINE_TOLERANCE_MM = 1e-3
 
 
 def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
-    """Drops singleton axes after the third, e.g. ``(X, Y, Z, 1)`` -> ``(X, Y, Z)``."""
+    """Drops singleton axes after the third, e.g. ``(X, Y, Z, 1)`` -> ``(X, Y, Z)``, and the singleton time axis of
+    NIfTI's vector layout (components on the 5th axis, as SimpleITK writes multi-channel images):
+    ``(X, Y, Z, 1, C)`` -> ``(X, Y, Z, C)``."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if array.ndim == 5 and array.shape[3] == 1:
+        array = array[:, :, :, 0, :]  # (X, Y, Z, 1, C) -> (X, Y, Z, C)
     return array
 
 
@@ -41,7 +45,8 @@ def read_nifti(
         as_label: Return the stored values (scaled if the header says so) instead of float32.
 
     Returns:
-        The array in the file's voxel order (trailing singleton axes dropped; float32 for images) and
+        The array in the file's voxel order (trailing singleton axes dropped, ``(X, Y, Z, 1, C)`` read as
+        ``(X, Y, Z, C)``; float32 for images) and
         the nibabel image (for its affine and header).
 
     Raises:
