@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from medtuning_peft.data import (
     CaseCache,
     CropDataset,
+    VolumeCase,
     VolumeDataset,
     classes_to_labels,
     labels_to_classes,
@@ -78,6 +79,21 @@ def test_small_volumes_are_padded_with_the_background_value(cases):
     assert item["image"].shape == (1, *big)
     padded_slices = item["image"][0, :4]  # symmetric padding: 4 slices on each side
     torch.testing.assert_close(padded_slices, torch.full_like(padded_slices, cases[0].background_value))
+
+
+def test_intensity_jitter_is_drawn_per_channel_and_leaves_the_label():
+    """Each MRI sequence is standardized on its own; identical channels must leave with different jitter."""
+    rng = np.random.default_rng(0)
+    channel = rng.normal(size=(1, *CROP)).astype(np.float32)
+    label = (rng.random(CROP) < 0.3).astype(np.uint8)
+    case = VolumeCase(
+        "four", np.repeat(channel, 4, axis=0), label, (1.0, 1.0, 1.0), None, ("a", "b", "c", "d")
+    )
+    dataset = CropDataset([case], CROP, samples_per_case=8, flip_prob=0.0, intensity_prob=1.0)
+    for item in (dataset[i] for i in range(len(dataset))):
+        image = item["image"]
+        assert all(not torch.allclose(image[0], image[c]) for c in range(1, 4))
+        torch.testing.assert_close(item["label"], torch.from_numpy(label).long())
 
 
 def test_volume_dataset_gives_whole_volumes(cases):

@@ -3,7 +3,9 @@
 Training pipeline per item: pad to at least the crop size (image with the case's background value,
 label with 0) -> foreground-biased random crop (``RandCropByPosNegLabeld``, or
 ``RandCropByLabelClassesd`` with per-class ratios) -> independent random flips per axis
-(``RandFlipd``) -> intensity scale and shift (``RandScaleIntensityd``, ``RandShiftIntensityd``).
+(``RandFlipd``) -> intensity scale and shift (``RandScaleIntensityd``, ``RandShiftIntensityd``), drawn
+per channel: each MRI sequence is standardized on its own, so each gets its own jitter (as in the
+reference recipe's augmentation).
 
 Crop centres are drawn from per-case voxel indices computed once (numpy, on first use) and handed to
 MONAI through ``fg_indices_key``/``bg_indices_key`` (``indices_key`` for class ratios), so an item
@@ -92,8 +94,8 @@ def build_train_transforms(
             background, kidney, tumor); uses ``RandCropByLabelClassesd``.
         flip_axes: Spatial axes (0 = D, 1 = H, 2 = W) flipped independently.
         flip_prob: Chance of each flip.
-        intensity_scale: ``RandScaleIntensityd`` factor range ``±intensity_scale``.
-        intensity_shift: ``RandShiftIntensityd`` offset range ``±intensity_shift``.
+        intensity_scale: ``RandScaleIntensityd`` factor range ``±intensity_scale``, drawn per channel.
+        intensity_shift: ``RandShiftIntensityd`` offset range ``±intensity_shift``, drawn per channel.
         intensity_prob: Chance of each intensity transform.
         precomputed_indices: Read crop-centre candidates from the dict instead of scanning the label:
             flat ``(D, H, W)`` indices under ``"fg_indices"`` and ``"bg_indices"``, or a list of one
@@ -148,9 +150,13 @@ def build_train_transforms(
     transforms: list[Any] = [crop]
     transforms += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
     if intensity_scale > 0:
-        transforms.append(RandScaleIntensityd("image", factors=intensity_scale, prob=intensity_prob))
+        transforms.append(
+            RandScaleIntensityd("image", factors=intensity_scale, prob=intensity_prob, channel_wise=True)
+        )
     if intensity_shift > 0:
-        transforms.append(RandShiftIntensityd("image", offsets=intensity_shift, prob=intensity_prob))
+        transforms.append(
+            RandShiftIntensityd("image", offsets=intensity_shift, prob=intensity_prob, channel_wise=True)
+        )
     return Compose(transforms)
 
 
