@@ -600,8 +600,9 @@ def _predict(
                 total = probs if total is None else total.add_(probs)
             classes = total.argmax(dim=1)[0].numpy()  # (1, K, D, H, W) -> (D, H, W)
             labels = np.asarray(label_values, dtype=dtype)[classes]
-            if et_min_voxels:
-                labels = postprocess_brats_et(labels, et_min_voxels)
+            if et_min_voxels:  # counted on the image file's grid, also for a model with a target spacing
+                original = case.geometry.to_original(labels) if case.geometry.is_resampled else None
+                labels = postprocess_brats_et(labels, et_min_voxels, counted_on=original)
             image = case.geometry.to_nifti(labels, dtype=dtype)
             try:
                 with atomic_path(target) as tmp:

@@ -517,7 +517,9 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, dict[str, fl
     return summary
 
 
-def postprocess_brats_et(pred: ArrayLike, min_voxels: int = 500) -> ArrayLike:
+def postprocess_brats_et(
+    pred: ArrayLike, min_voxels: int = 500, counted_on: ArrayLike | None = None
+) -> ArrayLike:
     """Relabel a small predicted enhancing tumor (label 4) as necrosis / non-enhancing tumor (label 1).
 
     A case whose prediction has fewer than ``min_voxels`` ET voxels most often has no ET at all, where any
@@ -526,6 +528,9 @@ def postprocess_brats_et(pred: ArrayLike, min_voxels: int = 500) -> ArrayLike:
     Args:
         pred: one case's BraTS label map (D, H, W) with values in {0, 1, 2, 4}, numpy or torch. Not modified.
         min_voxels: ET is kept when it has at least this many voxels; 0 disables the rule.
+        counted_on: the same prediction on the grid whose voxels ``min_voxels`` counts, when ``pred`` is on
+            another: the image file's grid for a prediction made on a grid resampled to a target spacing
+            (``case.geometry.to_original(pred)``); 500 voxels of 2 mm are 4,000 of 1 mm. Default: ``pred``.
 
     Returns:
         A relabelled copy of the same type, dtype and shape as ``pred``.
@@ -539,8 +544,9 @@ def postprocess_brats_et(pred: ArrayLike, min_voxels: int = 500) -> ArrayLike:
     if min_voxels < 0:
         raise ValueError(f"min_voxels must be >= 0 (0 disables the rule); got {min_voxels}.")
     labels = _as_label_map(pred, "pred", BRATS)
+    counted = labels if counted_on is None else _as_label_map(counted_on, "counted_on", BRATS)
     out = pred.copy() if isinstance(pred, np.ndarray) else pred.clone()
-    if int((labels == 4).sum()) < min_voxels:
+    if int((counted == 4).sum()) < min_voxels:
         out[out == 4] = 1
     return out
 

@@ -766,7 +766,9 @@ def _validate(
             probabilities_to_labels(probs, label_values)[0].numpy().astype(np.uint8)
         )  # (D, H, W) label values
         if spec.postprocess_et and settings.et_min_voxels:
-            pred = postprocess_brats_et(pred, settings.et_min_voxels)
+            # The rule counts the image file's voxels, also for a case resampled to target_spacing.
+            original = case.geometry.to_original(pred) if case.geometry.is_resampled else None
+            pred = postprocess_brats_et(pred, settings.et_min_voxels, counted_on=original)
         scored, reference, spacing = pred, np.asarray(case.label), case.spacing
         if case.geometry.is_resampled:
             scored = case.geometry.to_original(pred)  # (D, H, W) -> the file's (X, Y, Z)

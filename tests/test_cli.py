@@ -262,6 +262,24 @@ def test_predict_applies_the_brats_et_rule_the_model_was_validated_with(tmp_path
     assert code == 1 and "--et-min-voxels applies to BraTS models" in capsys.readouterr().err
 
 
+def test_predict_counts_the_brats_et_rule_on_the_image_grid_for_a_model_with_a_target_spacing(tmp_path):
+    # ET everywhere: 5,720 voxels of the file; on the model's grid (H and W at twice the spacing) about a quarter.
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin", in_channels=1, num_classes=4, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=CROP, preprocessing=CTPreprocessing(target_spacing=(3.0, 1.56, 1.56)).to_dict(),
+    )  # fmt: skip
+    with torch.no_grad():
+        model.decoder.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+    model.segmenter_config["label_values"] = [0, 1, 2, 4]
+    model.save_pretrained(tmp_path / "brats")
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume(1))
+    out = tmp_path / "out.nii.gz"
+    command = ["predict", "--model", str(tmp_path / "brats"), "--input", str(image), "--output", str(out)]
+    assert main([*command, "--et-min-voxels", "3000", "--overlap", "0", "--no-progress"]) == 0
+    assert set(np.unique(np.asanyarray(nib.load(str(out)).dataobj))) == {4}  # 5,720 >= 3,000: kept
+
+
 @pytest.mark.parametrize(
     "name", ["truncated.nii.gz", "not_nifti.nii.gz", "slice_2d.nii.gz", "series_4d.nii.gz", "nan_inf.nii.gz"]
 )

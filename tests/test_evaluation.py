@@ -296,6 +296,15 @@ def test_postprocess_brats_et_keeps_tensor_type_and_respects_threshold():
         postprocess_brats_et(pred, min_voxels=-1)
 
 
+def test_postprocess_brats_et_counts_the_voxels_of_the_grid_it_is_given():
+    # A prediction on a 2 mm grid of a 1 mm image: 64 ET voxels there are 512 of the image's.
+    resampled = np.zeros((8, 8, 8), np.uint8)
+    resampled[:4, :4, :4] = 4
+    original = resampled.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    np.testing.assert_array_equal(postprocess_brats_et(resampled, 500, counted_on=original), resampled)
+    assert set(np.unique(postprocess_brats_et(resampled, 500))) == {0, 1}
+
+
 # ----------------------------------------------------------------------------------------- summary
 
 
