@@ -885,3 +885,25 @@ def test_registration_is_idempotent():
     assert [m for m in PeftType if m == "MED_ADAPTER"] == [PeftType.MED_ADAPTER]
     model = get_peft_model(build("swin"), medtuning_peft.tuners.med_adapter.MedAdapterConfig(num_slices=D))
     assert model.peft_type == "MED_ADAPTER"
+
+
+def test_swin_slices_smaller_than_its_windows_are_refused_before_transformers_breaks_the_model():
+    # Swin-T's window 7 at 128 x 128 slices: the last stage grid is 4 x 4. Transformers would shrink the window
+    # without its position bias, fail, and keep the shrunk window; always_partition=True pads instead.
+    config = SwinConfig(
+        embed_dim=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=7, image_size=224
+    )
+    model = get_peft_model(SwinModel(config), MedAdapterConfig(num_slices=2)).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with pytest.raises(
+        ValueError, match=r"stage grids of \[32, 16, 8, 4\], smaller than its window 7.*always_partition=True"
+    ):
+        model(pixel_values=x, num_slices=2)
+    with torch.no_grad():
+        out = model(pixel_values=x, num_slices=2, always_partition=True).last_hidden_state
+        assert out.shape == (2, 16, 192)
+        assert model(pixel_values=torch.randn(2, 3, 224, 224), num_slices=2).last_hidden_state.shape == (
+            2,
+            49,
+            192,
+        )

@@ -329,7 +329,9 @@ class MedAdapterModel(BaseTuner):
         self._context.backbone_calls += 1  # first: the post-hook runs even when this one raises
         if module is not self.model:  # on a bare backbone, _root_pre_hook has read it
             self._pop_num_slices(kwargs)
-        self._context.start_backbone(kwargs.get("pixel_values", args[0] if args else None))
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        _check_swin_windows(module, pixel_values, kwargs)
+        self._context.start_backbone(pixel_values)
         self._plan_checkpointing(module)
         return args, kwargs
 
@@ -461,3 +463,37 @@ class MedAdapterModel(BaseTuner):
         # Adapter weights sit at `<block>.med_adapter.<adapter_name>.<sub>.<param>`; peft's default only strips
         # the name when it is one of the last two parts.
         return key.replace(f".{cls.prefix}.{adapter_name}.", f".{cls.prefix}.", 1)
+
+
+def _check_swin_windows(module: nn.Module, pixel_values: object, kwargs: dict) -> None:
+    """Refuse a SwinModel call that transformers would break on: a stage grid smaller than the window.
+
+    Without ``always_partition=True`` transformers 5 shrinks such a stage's window but not its relative position
+    bias, fails with a size mismatch, and keeps the shrunk window in the model for every later call (Swin-T's
+    window 7 at 128 x 128 slices: the last stage is 4 x 4). ``SwinBackbone`` always partitions.
+
+    Raises:
+        ValueError: naming the slice size, the stage grid, the window and the fix.
+    """
+    config = getattr(module, "config", None)
+    if (
+        getattr(config, "model_type", None) != "swin"
+        or getattr(module, "out_features", None) is not None  # SwinBackbone
+        or kwargs.get("always_partition")
+        or not isinstance(pixel_values, torch.Tensor)
+        or pixel_values.ndim != 4
+    ):
+        return
+    patch = config.patch_size if isinstance(config.patch_size, int) else min(config.patch_size)
+    side = min(pixel_values.shape[-2:])
+    grids = [-(-side // patch)]
+    for _ in range(len(config.depths) - 1):  # patch merging pads odd grids
+        grids.append(-(-grids[-1] // 2))
+    if min(grids) < config.window_size:
+        raise ValueError(
+            f"Slices of {tuple(pixel_values.shape[-2:])} pixels give this Swin stage grids of {grids}, smaller "
+            f"than its window {config.window_size}: transformers would shrink the window without its position "
+            "bias, fail, and keep the shrunk window for later calls. Pass always_partition=True to the call (it "
+            "pads to whole windows, as SwinBackbone and medtuning_peft's segmenter do), or use slices of at "
+            f"least {patch * config.window_size * 2 ** (len(config.depths) - 1)} pixels."
+        )
