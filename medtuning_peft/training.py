@@ -1231,6 +1231,13 @@ def _check_same_split(folder: Path, saved: Any, task: dict[str, Any]) -> None:
     )
 
 
+def _num_workers(settings: TrainSettings) -> int:
+    """DataLoader worker processes: ``num_workers``, else 4 on CUDA machines and 0 (in process) otherwise."""
+    if settings.num_workers is not None:
+        return settings.num_workers
+    return 4 if torch.cuda.is_available() else 0
+
+
 def _epoch_loader(
     dataset: Any, settings: TrainSettings, accelerator: Any, epoch: int, steps: int, first: int
 ):
@@ -1247,13 +1254,10 @@ def _epoch_loader(
         num_batches=steps * A,
         start=first * A,
     )
-    num_workers = settings.num_workers
-    if num_workers is None:
-        num_workers = 4 if torch.cuda.is_available() else 0
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=num_workers,
+        num_workers=_num_workers(settings),
         pin_memory=torch.cuda.is_available(),
         # Own generator: creating the iterator must not draw from the global RNG (resume-exact).
         generator=torch.Generator().manual_seed(settings.seed + epoch),
@@ -1335,6 +1339,8 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         seed=settings.seed,
         foreground_probability=settings.foreground_probability,
     )
+    if _num_workers(settings):  # each epoch's workers inherit them instead of scanning every label again
+        dataset.precompute_crop_centres()
     P, b, A = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
     steps_per_epoch = len(dataset) // (b * P) // A
     if steps_per_epoch < 1:

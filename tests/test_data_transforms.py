@@ -62,6 +62,19 @@ def test_items_are_reproducible_per_seed_epoch_and_index(cases):
     torch.testing.assert_close(list(workers)[1]["image"][0], first["image"])
 
 
+@pytest.mark.parametrize("crop", [CROP, (32, 24, 24)], ids=["inside", "padded"])
+def test_precomputed_crop_centres_give_the_crops_workers_would_find_themselves(cases, crop, monkeypatch):
+    lazy = CropDataset(cases, crop, seed=3, samples_per_case=2)
+    ready = CropDataset(cases, crop, seed=3, samples_per_case=2)
+    ready.precompute_crop_centres()
+    assert sorted(ready._indices) == [0, 1, 2]
+    # Inherited by the workers: no label is scanned again when items are drawn.
+    monkeypatch.setattr(ready, "_crop_centre_indices", lambda i, label: ready._indices[i])
+    for i in range(len(lazy)):
+        torch.testing.assert_close(ready[i]["image"], lazy[i]["image"])
+        torch.testing.assert_close(ready[i]["label"], lazy[i]["label"])
+
+
 def test_items_never_alias_the_cached_arrays(cases):
     before = np.array(cases[0].image)
     dataset = CropDataset(cases[:1], CROP, flip_prob=0.0, intensity_scale=0, intensity_shift=0)

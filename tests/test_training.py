@@ -450,6 +450,13 @@ def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp
         torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_data_loader_workers_give_the_same_training(data_dir, cache_dir, tmp_path):
+    base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
+    plain = train(base)
+    workers = _train_again(base, tmp_path / "workers", num_workers=2)
+    torch.testing.assert_close(_losses(workers), _losses(plain))
+
+
 def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

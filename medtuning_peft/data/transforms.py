@@ -257,9 +257,17 @@ class CropDataset(Dataset):
             self._indices[case_index] = groups
         return self._indices[case_index]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        case_index = index % len(self.cases)
-        case = self.cases[case_index]
+    def precompute_crop_centres(self) -> None:
+        """Find every case's crop-centre candidates now.
+
+        Call it before DataLoader worker processes start: they inherit them, where each worker of each epoch's
+        loader would otherwise scan every label volume again.
+        """
+        for case_index, case in enumerate(self.cases):
+            self._crop_centre_indices(case_index, np.asarray(self._padded(case)["label"][0]))
+
+    def _padded(self, case: VolumeCase) -> dict[str, Any]:
+        """The case as ``{"image": (C, D, H, W), "label": (1, D, H, W)}`` tensors, padded to the crop size."""
         with warnings.catch_warnings():
             # Cached arrays are read-only memory maps; the tensors below are views that are only read
             # (crop, then copies by flips/intensity/clone), never written.
@@ -270,6 +278,12 @@ class CropDataset(Dataset):
             }
         for pad in self._padding(case):
             sample = pad(sample)
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case_index = index % len(self.cases)
+        case = self.cases[case_index]
+        sample = self._padded(case)
         sample.update(self._crop_centre_indices(case_index, np.asarray(sample["label"][0])))
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
         self.transforms.set_random_state(seed=int(state))
