@@ -92,6 +92,20 @@ def _nifti_files(directory: Path) -> dict[str, list[Path]]:
     return found
 
 
+def _is_one_brats_case(folder: Path) -> bool:
+    """Whether ``folder`` is one BraTS case folder: its sequence files (``<case>_flair.nii.gz``, ``<case>_t1...``)
+    share one case name, the folder's or one with several sequences. Several patients' scans of one sequence
+    (``a_t1.nii.gz``, ``b_t1.nii.gz``) are a folder of cases, one file each."""
+    from .data import BRATS_MODALITIES, is_brats_case_dir
+
+    if not is_brats_case_dir(folder):
+        return False
+    split = [case_id.rsplit("_", 1) for case_id in _nifti_files(folder) if "_" in case_id]
+    sequences = {(case, role.lower()) for case, role in split if role.lower() in BRATS_MODALITIES}
+    cases, roles = {c for c, _ in sequences}, {r for _, r in sequences}
+    return len(cases) == 1 and (len(roles) > 1 or cases == {folder.name})
+
+
 def _unique(found: dict[str, list[Path]], what: str) -> dict[str, Path]:
     duplicates = {k: v for k, v in found.items() if len(v) > 1}
     if duplicates:
@@ -118,7 +132,6 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
         CaseLoadError,
         NoCasesError,
         brats_case_files,
-        is_brats_case_dir,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -150,7 +163,7 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
                 )
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
             cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
-        elif is_brats_case_dir(input_path):  # its modality files are one case, not one case each
+        elif _is_one_brats_case(input_path):  # its modality files are one case, not one case each
             cases, layout = [brats_case_files(input_path)], "a BraTS case folder"
         elif files := _nifti_files(input_path):
             cases = [plain(k, p) for k, p in _unique(files, f"--input '{input_path}'").items()]
@@ -553,7 +566,8 @@ def _predict(
             "takes "
             f"{in_channels}; use a model trained on this data set's modalities."
         )
-    names = tuple(config.get("channel_names") or ())  # recorded by training.py
+    # Recorded by training.py (the named ones agree, _check_ensemble); a model saved otherwise may have none.
+    names = next((tuple(c["channel_names"]) for c in configs.values() if c.get("channel_names")), ())
     orders = _channel_orders(cases, names)
     if len(names) != in_channels:
         names = ("image",) if in_channels == 1 else tuple(f"channel {i}" for i in range(in_channels))
@@ -565,6 +579,9 @@ def _predict(
     overlap = _overlap_of(args, configs)
     dtype = np.uint8 if max(label_values) <= 255 else np.int16
     et_min_voxels = _et_min_voxels(args, configs, label_values)
+    if et_min_voxels:  # BraTS' label values 0, 1, 2, 4 (_et_min_voxels)
+        class_of = np.zeros(max(label_values) + 1, dtype=np.int64)  # label value -> class index k
+        class_of[label_values] = np.arange(len(label_values))
     shown = sorted(set(windows.values()))
     print(
         f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}"
@@ -603,6 +620,7 @@ def _predict(
             if et_min_voxels:  # counted on the image file's grid, also for a model with a target spacing
                 original = case.geometry.to_original(labels) if case.geometry.is_resampled else None
                 labels = postprocess_brats_et(labels, et_min_voxels, counted_on=original)
+                classes = class_of[labels]  # the preview shows the labels written
             image = case.geometry.to_nifti(labels, dtype=dtype)
             try:
                 with atomic_path(target) as tmp:
@@ -646,7 +664,6 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         CaseLoadError,
         NoCasesError,
         brats_case_files,
-        is_brats_case_dir,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -668,7 +685,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
             found = {c.case_id: c.label for c in read_msd_task(labels).training}
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
             found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
-        elif is_brats_case_dir(labels):
+        elif _is_one_brats_case(labels):
             case = brats_case_files(labels)
             found = {case.case_id: case.label} if case.label is not None else {}
         elif files := _nifti_files(labels):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,18 +188,28 @@ def _segmenter_config(model_dir: Path) -> dict[str, Any]:
     return read_json_file(path, SEGMENTER_CONFIG_NAME)
 
 
-def _count(path: Path) -> int:
-    """Parameters in a safetensors file (or a sharded checkpoint's index), from the header only."""
+def _count(path: Path, only: Callable[[str], bool] = lambda name: True) -> int:
+    """Parameters in a safetensors file (or a sharded checkpoint's index), from the header only; ``only`` picks
+    the tensors counted by name."""
     if path.name.endswith(".index.json"):
         index = read_json_file(path, path.name)
         shards = sorted(set(index.get("weight_map", {}).values()))
-        return sum(_count(path.parent / shard) for shard in shards)
+        return sum(_count(path.parent / shard, only) for shard in shards)
     total = 0
     for name, entry in safetensors_header(path).items():
-        if name == "__metadata__" or name.endswith(_BUFFER_SUFFIXES):
+        if name == "__metadata__" or name.endswith(_BUFFER_SUFFIXES) or not only(name):
             continue
         total += math.prod(int(d) for d in entry["shape"])
     return total
+
+
+def _trained_backbone_copies(model_dir: Path) -> Callable[[str], bool]:
+    """Whether a tensor of ``adapter_model.safetensors`` is peft's trained copy of a backbone module
+    (``modules_to_save`` other than the decoder, e.g. the patch embedding), whose original is in ``backbone/``."""
+    adapter_path = model_dir / ADAPTER_CONFIG_NAME
+    adapter = read_json_file(adapter_path, ADAPTER_CONFIG_NAME) if adapter_path.is_file() else {}
+    modules = [m for m in adapter.get("modules_to_save") or [] if m != "decoder"]
+    return lambda name: ".backbone." in f".{name}" and any(f".{m}." in f".{name}" for m in modules)
 
 
 def count_parameters(model_dir: str | os.PathLike) -> tuple[int, int | None]:
@@ -211,7 +221,8 @@ def count_parameters(model_dir: str | os.PathLike) -> tuple[int, int | None]:
     Returns:
         ``(tuned, total)``; ``total`` is None when the base backbone is not in the directory (it is
         re-loaded by Hub id) and so cannot be counted without downloading it. BatchNorm statistics are not
-        counted.
+        counted; a backbone module trained in full (the patch embedding of a multi-channel model) counts once,
+        as in the training run's count.
 
     Raises:
         FileNotFoundError: when ``model_dir`` holds no ``segmenter_config.json``.
@@ -223,10 +234,12 @@ def count_parameters(model_dir: str | os.PathLike) -> tuple[int, int | None]:
     tuned = _count(weights) if weights.is_file() else 0
     if config.get("method") == "full":
         return tuned, tuned
+    # A backbone module trained in full is stored twice: frozen in backbone/, trained with the adapters.
+    copies = _count(weights, _trained_backbone_copies(model_dir)) if weights == adapter else 0
     backbone = model_dir / "backbone"
     for name in ("model.safetensors", "model.safetensors.index.json"):
         if (backbone / name).is_file():
-            return tuned, tuned + _count(backbone / name)
+            return tuned, tuned + _count(backbone / name) - copies
     return tuned, None
 
 

@@ -1338,3 +1338,65 @@ def test_predict_on_a_brats_release_reports_the_readers_error(tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "holds no case" not in err and case.name in err and "t1" in err
+
+
+def test_predict_takes_a_folder_of_one_sequences_scans_as_one_case_per_file(model_dir, tmp_path, capsys):
+    # Named like BraTS sequence files, but of several patients: not one BraTS case folder.
+    for name in ("patient01_t1", "patient02_t1"):
+        write_nifti(tmp_path / "scans" / f"{name}.nii.gz", ct_volume())
+    write_nifti(tmp_path / "one" / "sub01_flair.nii.gz", ct_volume())  # one scan, not named after its folder
+    for folder, expected in (
+        ("scans", ["patient01_t1.nii.gz", "patient02_t1.nii.gz"]),
+        ("one", ["sub01_flair.nii.gz"]),
+    ):
+        out = tmp_path / f"{folder}_pred"
+        args = ["predict", "--model", str(model_dir), "--input", str(tmp_path / folder), "--output", str(out)]
+        assert main([*args, "--overlap", "0", "--no-progress"]) == 0, capsys.readouterr().err
+        assert "NIfTI files" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == expected
+
+
+def test_predict_preview_shows_the_labels_written_after_the_brats_et_rule(tmp_path, monkeypatch):
+    # ET (class 3, label 4) everywhere, fewer voxels than the rule keeps: written as necrosis (class 1).
+    torch.manual_seed(0)
+    model = build_segmenter(
+        "tiny-swin", in_channels=1, num_classes=4, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=CROP, preprocessing=CTPreprocessing().to_dict(), label_values=[0, 1, 2, 4],
+    )  # fmt: skip
+    with torch.no_grad():
+        model.decoder.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+    model.segmenter_config.update(label_values=[0, 1, 2, 4], brats_et_min_voxels=6000)
+    model.save_pretrained(tmp_path / "brats")
+    shown = []
+    preview = cli._preview_rgb
+    monkeypatch.setattr(
+        cli, "_preview_rgb", lambda image, classes: shown.append(classes) or preview(image, classes)
+    )
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume(1))
+    out = tmp_path / "out.nii.gz"
+    args = ["predict", "--model", str(tmp_path / "brats"), "--input", str(image), "--output", str(out)]
+    assert main([*args, "--overlap", "0", "--preview", "--no-progress"]) == 0
+    assert set(np.unique(np.asanyarray(nib.load(str(out)).dataobj))) == {1}
+    assert len(shown) == 1 and set(np.unique(shown[0])) == {1}
+
+
+def test_predict_orders_named_channels_for_an_ensemble_whose_first_model_records_no_names(tmp_path):
+    named = save_two_channel_model(tmp_path / "named")  # recorded (T2, ADC)
+    torch.manual_seed(1)
+    unnamed = build_segmenter(
+        "tiny-swin", in_channels=2, num_classes=3, decoder="fpn", decoder_kwargs={"channels": 16},
+        crop_size=CROP, preprocessing=MRIPreprocessing().to_dict(),
+    )  # fmt: skip
+    unnamed.save_pretrained(tmp_path / "unnamed")  # built by hand: no channel_names recorded
+    rng = np.random.default_rng(0)
+    t2, adc = (rng.normal(100.0, 30.0, KITS_SHAPE).astype(np.float32) for _ in range(2))
+    read = []
+    for name, modality, channels in (("same", {"0": "T2", "1": "ADC"}, [t2, adc]),
+                                     ("swapped", {"0": "ADC", "1": "T2"}, [adc, t2])):  # fmt: skip
+        task = two_channel_task(tmp_path / name, modality, channels)
+        args = ["predict", "--model", str(tmp_path / "unnamed"), str(named), "--input", str(task)]
+        assert (
+            main([*args, "--output", str(tmp_path / f"{name}_pred"), "--overlap", "0", "--no-progress"]) == 0
+        )
+        read.append(np.asanyarray(nib.load(str(tmp_path / f"{name}_pred" / "p_001.nii.gz")).dataobj))
+    np.testing.assert_array_equal(read[1], read[0])

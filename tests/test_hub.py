@@ -22,6 +22,7 @@ from medtuning_peft.hub import (
     push_to_hub,
 )
 from medtuning_peft.io_utils import CorruptFileError
+from medtuning_peft.training import parameter_counts
 from medtuning_peft.volumetric import build_segmenter, load_backbone
 
 LABELS = ["background", "kidney", "tumor"]
@@ -112,6 +113,19 @@ def test_card_counts_tuned_and_total_parameters(run):
         f"Tuned (adapters and decoder): {tuned:,} ({100 * tuned / (tuned + base):.2f} %)"
         in build_model_card(output_dir / "model")
     )
+
+
+@pytest.mark.parametrize(("backbone", "method"), [("tiny-swin", "med_adapter"), ("tiny-segformer", "lora")])
+def test_card_counts_a_trained_patch_embedding_once_as_training_does(tmp_path, backbone, method):
+    # in_channels > 1: the patch embedding is trained (modules_to_save); its frozen original is in backbone/.
+    model = build_segmenter(
+        backbone, in_channels=4, num_classes=3, decoder="fpn", decoder_kwargs={"channels": 16},
+        method=method, crop_size=[8, 32, 32],
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    counts = parameter_counts(model)
+    assert count_parameters(tmp_path / "model") == (counts["tuned"], counts["total"])
+    assert f"Total: {counts['total']:,}." in build_model_card(tmp_path / "model")
 
 
 @pytest.mark.parametrize(
