@@ -839,7 +839,6 @@ _RESUME_KEYS = (
     "method",
     "decoder",
     "decoder_channels",
-    "train_patch_embedding",
     "crop_size",
     "batch_size",
     "gradient_accumulation_steps",
@@ -1161,6 +1160,33 @@ def _damaged_checkpoint(folder: Path, problem: str, previous: Path | None) -> Co
     )
 
 
+def _trains_patch_embedding(settings: TrainSettings, task: dict[str, Any]) -> bool:
+    """Whether the run's model trains the patch embedding (``train_patch_embedding``, resolved for the data)."""
+    from .volumetric import trains_patch_embedding
+
+    return trains_patch_embedding(settings.method, len(task["channel_names"]), settings.train_patch_embedding)
+
+
+def _check_same_patch_embedding(
+    folder: Path, state: dict[str, Any], settings: TrainSettings, task: dict
+) -> None:
+    """Refuse to resume a checkpoint whose patch embedding was trained or frozen otherwise than this run's.
+
+    Compared as resolved for the data, so that ``--train-patch-embedding`` on a run that trained it by default is
+    the same setting; checkpoints written before the setting existed froze it.
+    """
+    if settings.method not in ("med_adapter", "lora"):  # full trains it, decoder_only freezes it: by the method
+        return
+    saved = bool(state.get("train_patch_embedding", False))
+    if saved != _trains_patch_embedding(settings, task):
+        flag = "--train-patch-embedding" if saved else "--no-train-patch-embedding"
+        raise SettingsError(
+            f"Checkpoint {folder} was written with the patch embedding {'trained' if saved else 'frozen'}, and "
+            f"this run would {'freeze' if saved else 'train'} it; resume with {flag} (or start a new --output-dir).",
+            "train_patch_embedding",
+        )
+
+
 def _resume(
     accelerator: Any, settings: TrainSettings, checkpoint_dir: Path, task: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -1191,6 +1217,7 @@ def _resume(
             f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
             f"settings and number of processes, or start a new --output-dir."
         )
+    _check_same_patch_embedding(folder, state, settings, task)
     _check_same_split(folder, state.get("split"), task)
     try:
         accelerator.load_state(
@@ -1468,6 +1495,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         "history": history,
                         "settings": settings.to_dict(),
                         "split": _split(task),
+                        "train_patch_embedding": _trains_patch_embedding(settings, task),
                         "wall_time_s": elapsed_before + time.time() - train_started,
                     }
                     checkpoint = _save_checkpoint(

@@ -73,6 +73,7 @@ __all__ = [
     "patch_size",
     "plain_taps",
     "slices_to_volume",
+    "trains_patch_embedding",
     "volume_to_slices",
 ]
 
@@ -1235,6 +1236,15 @@ def _apply_decoder_only(segmenter: VolumetricSegmenter, **kwargs: Any) -> None:
 
 _ADAPTER_METHODS = ("med_adapter", "lora")  # the methods that train a frozen backbone's added weights
 
+
+def trains_patch_embedding(method: str, in_channels: int, train_patch_embedding: bool | None = None) -> bool:
+    """Whether :func:`build_segmenter` trains the backbone's patch embedding: ``train_patch_embedding`` when
+    given, else for ``full``, and for ``med_adapter`` / ``lora`` when ``in_channels > 1``."""
+    if train_patch_embedding is not None:
+        return train_patch_embedding
+    return method == "full" or (in_channels > 1 and method in _ADAPTER_METHODS)
+
+
 METHODS: dict[str, Callable[..., peft.PeftModel | None]] = {
     "med_adapter": _apply_med_adapter,
     "lora": _apply_lora,
@@ -1312,7 +1322,7 @@ def build_segmenter(
     if method not in METHODS:
         raise ValueError(_unknown("method", method, METHODS))
     if train_patch_embedding is None:
-        train_patch_embedding = method == "full" or (in_channels > 1 and method in _ADAPTER_METHODS)
+        train_patch_embedding = trains_patch_embedding(method, in_channels)
     honoured = {"full": (True,), "decoder_only": (False,)}.get(method, (True, False))
     if not isinstance(train_patch_embedding, bool) or train_patch_embedding not in honoured:
         what = {"full": "trains every backbone weight", "decoder_only": "keeps the backbone frozen"}

@@ -511,6 +511,30 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache
         train(replace(settings, resume=True, crop_size=[16, 32, 48]))
 
 
+def test_resume_compares_the_patch_embedding_setting_as_resolved_for_the_data(data_dir, cache_dir, tmp_path):
+    # One channel: the default froze it, which --no-train-patch-embedding names and --train-patch-embedding
+    # contradicts. A checkpoint written before the setting existed (no key) froze it too.
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    with pytest.raises(Stop):
+        train(settings, on_step_end=stop_after(1))
+    state_file = tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train_patch_embedding"] is False
+    del state["train_patch_embedding"]
+    state_file.write_text(json.dumps(state))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(
+        SettingsError, match="patch embedding frozen.*resume with --no-train-patch-embedding"
+    ) as error:
+        train(replace(settings, resume=True, train_patch_embedding=True))
+    assert error.value.field == "train_patch_embedding"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    metrics = train(replace(settings, resume=True, train_patch_embedding=False))
+    assert metrics["resumed_from_step"] == 1
+
+
 def test_resume_refuses_data_whose_split_moved_training_cases_into_validation(cache_dir, tmp_path):
     data = tmp_path / "kits"
     write_synthetic_kits19(data, num_cases=4, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
