@@ -425,8 +425,13 @@ def _overlap_of(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) ->
                 "[0, 1). Restore it, or pass --overlap."
             )
         recorded[source] = value
-    values = set(recorded.values())
-    return float(values.pop()) if len(values) == 1 and None not in values else REFERENCE_OVERLAP
+    values = {v for v in recorded.values() if v is not None}
+    if len(values) > 1:
+        raise CommandError(
+            f"the --model models were validated with different window overlaps ({recorded}); pass --overlap to "
+            "choose one."
+        )
+    return float(values.pop()) if values and None not in recorded.values() else REFERENCE_OVERLAP
 
 
 # What the models of an ensemble must share: the same input and the same classes, in the same order.

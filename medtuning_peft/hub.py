@@ -212,6 +212,14 @@ def _trained_backbone_copies(model_dir: Path) -> Callable[[str], bool]:
     return lambda name: ".backbone." in f".{name}" and any(f".{m}." in f".{name}" for m in modules)
 
 
+def _frozen(method: str, adapter: Mapping[str, Any]) -> str:
+    """How much of the backbone a method leaves frozen, for the card's first sentence."""
+    if method == "full":
+        return "fully trained"
+    trained = [f"`{m}`" for m in adapter.get("modules_to_save") or [] if m != "decoder"]
+    return f"frozen (but for {', '.join(trained)})" if trained else "frozen"
+
+
 def count_parameters(model_dir: str | os.PathLike) -> tuple[int, int | None]:
     """Tuned and total parameters of a saved segmenter, read from the safetensors headers.
 
@@ -396,7 +404,8 @@ def build_model_card(
         "",
         f"# {'Med-Adapter' if method == 'med_adapter' else method} segmenter: {backbone} on {data_name}",
         "",
-        f"3D medical image segmentation with a frozen 2D backbone (`{backbone}`) tuned by **{method}** "
+        f"3D medical image segmentation with a {_frozen(method, adapter)} 2D backbone (`{backbone}`) tuned by "
+        f"**{method}** "
         "([Med-Tuning](https://arxiv.org/abs/2304.10880), MIDL 2024) and a "
         f"`{config.get('decoder', '?')}` decoder, packaged with `medtuning_peft`. Saved as safetensors and "
         "JSON only. Research use; not a medical device.",

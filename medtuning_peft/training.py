@@ -1175,7 +1175,10 @@ def _check_same_patch_embedding(
     Compared as resolved for the data, so that ``--train-patch-embedding`` on a run that trained it by default is
     the same setting; checkpoints written before the setting existed froze it.
     """
-    if settings.method not in ("med_adapter", "lora"):  # full trains it, decoder_only freezes it: by the method
+    if settings.method not in (
+        "med_adapter",
+        "lora",
+    ):  # full trains it, decoder_only freezes it: by the method
         return
     saved = bool(state.get("train_patch_embedding", False))
     if saved != _trains_patch_embedding(settings, task):

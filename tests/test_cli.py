@@ -1232,6 +1232,26 @@ def test_predict_uses_the_window_overlap_training_validated_with(tmp_path, capsy
     assert not np.array_equal(read["recorded"], read["reference"])
 
 
+def test_predict_asks_for_an_overlap_when_the_models_validated_with_different_ones(tmp_path, capsys):
+    folds = [
+        save_fold(tmp_path / "f0", 0, CROP, sw_overlap=0.5),
+        save_fold(tmp_path / "f1", 1, CROP, sw_overlap=0.25),
+    ]
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    command = [
+        "predict",
+        "--model",
+        *map(str, folds),
+        "--input",
+        str(image),
+        "--output",
+        str(tmp_path / "o.nii.gz"),
+    ]
+    assert main(command) == 1
+    assert "validated with different window overlaps" in capsys.readouterr().err
+    assert main([*command, "--overlap", "0.5", "--no-progress"]) == 0
+
+
 def test_predict_refuses_a_recorded_overlap_outside_0_1_naming_the_field(tmp_path, capsys):
     fold = save_fold(tmp_path / "model", 0, CROP, sw_overlap=1.5)
     image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())

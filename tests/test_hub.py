@@ -143,7 +143,10 @@ def test_card_says_what_was_tuned(tmp_path, method, in_channels, tuned):
         method=method, crop_size=[8, 32, 32],
     )  # fmt: skip
     model.save_pretrained(tmp_path / "model")
-    assert tuned + ":" in build_model_card(tmp_path / "model")
+    card = build_model_card(tmp_path / "model")
+    assert tuned + ":" in card
+    backbone = {"med_adapter": "frozen (but for `embeddings.patch_embeddings`)", "full": "fully trained"}
+    assert f"with a {backbone.get(method, 'frozen')} 2D backbone" in card
 
 
 def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
