@@ -92,20 +92,6 @@ def _nifti_files(directory: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _is_one_brats_case(folder: Path) -> bool:
-    """Whether ``folder`` is one BraTS case folder: its sequence files (``<case>_flair.nii.gz``, ``<case>_t1...``)
-    share one case name, the folder's or one with several sequences. Several patients' scans of one sequence
-    (``a_t1.nii.gz``, ``b_t1.nii.gz``) are a folder of cases, one file each."""
-    from .data import BRATS_MODALITIES, is_brats_case_dir
-
-    if not is_brats_case_dir(folder):
-        return False
-    split = [case_id.rsplit("_", 1) for case_id in _nifti_files(folder) if "_" in case_id]
-    sequences = {(case, role.lower()) for case, role in split if role.lower() in BRATS_MODALITIES}
-    cases, roles = {c for c, _ in sequences}, {r for _, r in sequences}
-    return len(cases) == 1 and (len(roles) > 1 or cases == {folder.name})
-
-
 def _unique(found: dict[str, list[Path]], what: str) -> dict[str, Path]:
     duplicates = {k: v for k, v in found.items() if len(v) > 1}
     if duplicates:
@@ -132,6 +118,7 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
         CaseLoadError,
         NoCasesError,
         brats_case_files,
+        is_one_brats_case,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -163,7 +150,7 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
                 )
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
             cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
-        elif _is_one_brats_case(input_path):  # its modality files are one case, not one case each
+        elif is_one_brats_case(input_path):  # its modality files are one case, not one case each
             cases, layout = [brats_case_files(input_path)], "a BraTS case folder"
         elif files := _nifti_files(input_path):
             cases = [plain(k, p) for k, p in _unique(files, f"--input '{input_path}'").items()]
@@ -669,6 +656,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         CaseLoadError,
         NoCasesError,
         brats_case_files,
+        is_one_brats_case,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -690,7 +678,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
             found = {c.case_id: c.label for c in read_msd_task(labels).training}
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
             found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
-        elif _is_one_brats_case(labels):
+        elif is_one_brats_case(labels):
             case = brats_case_files(labels)
             found = {case.case_id: case.label} if case.label is not None else {}
         elif files := _nifti_files(labels):

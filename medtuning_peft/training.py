@@ -765,10 +765,6 @@ def _validate(
         pred = (
             probabilities_to_labels(probs, label_values)[0].numpy().astype(np.uint8)
         )  # (D, H, W) label values
-        if spec.postprocess_et and settings.et_min_voxels:
-            # The rule counts the image file's voxels, also for a case resampled to target_spacing.
-            original = case.geometry.to_original(pred) if case.geometry.is_resampled else None
-            pred = postprocess_brats_et(pred, settings.et_min_voxels, counted_on=original)
         scored, reference, spacing = pred, np.asarray(case.label), case.spacing
         if case.geometry.is_resampled:
             scored = case.geometry.to_original(pred)  # (D, H, W) -> the file's (X, Y, Z)
@@ -777,6 +773,11 @@ def _validate(
             )
             reference = reference.astype(np.uint8)  # values checked when the case was loaded
             spacing = tuple(float(s) for s in nib.affines.voxel_sizes(label_image.affine))  # array axis order
+        if spec.postprocess_et and settings.et_min_voxels:
+            # The rule counts the image file's voxels (scored), also for a case resampled to target_spacing;
+            # both maps take the same decision.
+            pred = postprocess_brats_et(pred, settings.et_min_voxels, counted_on=scored)
+            scored = postprocess_brats_et(scored, settings.et_min_voxels)
         scores = evaluate_case(
             spec.challenge,
             scored,
@@ -1175,10 +1176,9 @@ def _check_same_patch_embedding(
     Compared as resolved for the data, so that ``--train-patch-embedding`` on a run that trained it by default is
     the same setting; checkpoints written before the setting existed froze it.
     """
-    if settings.method not in (
-        "med_adapter",
-        "lora",
-    ):  # full trains it, decoder_only freezes it: by the method
+    from .volumetric import ADAPTER_METHODS
+
+    if settings.method not in ADAPTER_METHODS:  # full trains it, decoder_only freezes it: by the method
         return
     saved = bool(state.get("train_patch_embedding", False))
     if saved != _trains_patch_embedding(settings, task):

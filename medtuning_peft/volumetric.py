@@ -54,6 +54,7 @@ from .io_utils import (
 from .tuners.med_adapter import MedAdapterConfig
 
 __all__ = [
+    "ADAPTER_METHODS",
     "FEATURE_SPECS",
     "METHODS",
     "TINY_BACKBONES",
@@ -735,10 +736,18 @@ def _type_check(name: str, model_type: str | None, file: Path) -> None:
         )
 
 
+def _is_decoder_name(name: str) -> bool:
+    try:
+        decoder_key(name)
+    except ValueError:
+        return False
+    return True
+
+
 # field -> (check, what is expected); fields absent from a config are not checked, except _REQUIRED_FIELDS.
 _CONFIG_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decoder": (  # any spelling build_decoder takes: models saved before names were normalized say "UperNet"
-        lambda v: isinstance(v, str) and v.lower().replace("-", "_") in DECODERS,
+        lambda v: isinstance(v, str) and _is_decoder_name(v),
         f"one of {sorted(DECODERS)}",
     ),
     "num_classes": (lambda v: _is_int(v, 1), "a positive int (classes K, background included)"),
@@ -1080,6 +1089,7 @@ class VolumetricSegmenter(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.segmenter_config: dict[str, Any] = dict(segmenter_config or {})
+        self._min_slice = min_slice_size(backbone)  # (H, W), checked by every forward
         # A plain attribute, not a submodule: the PeftModel wraps this module.
         object.__setattr__(self, "_peft_model", None)
 
@@ -1118,7 +1128,7 @@ class VolumetricSegmenter(nn.Module):
                 f"the backbone takes {expected}; build the segmenter with in_channels={C} or fix the channel "
                 f"axis."
             )
-        min_h, min_w = min_slice_size(self.backbone)
+        min_h, min_w = self._min_slice
         if min_h > H or min_w > W:
             raise ValueError(
                 f"pixel_values has slices of H x W = {H} x {W} (shape (B, C, D, H, W) = "
@@ -1234,7 +1244,7 @@ def _apply_decoder_only(segmenter: VolumetricSegmenter, **kwargs: Any) -> None:
     segmenter.decoder.requires_grad_(True)
 
 
-_ADAPTER_METHODS = ("med_adapter", "lora")  # the methods that train a frozen backbone's added weights
+ADAPTER_METHODS = ("med_adapter", "lora")  # the methods that train a frozen backbone's added weights
 
 
 def trains_patch_embedding(method: str, in_channels: int, train_patch_embedding: bool | None = None) -> bool:
@@ -1242,7 +1252,7 @@ def trains_patch_embedding(method: str, in_channels: int, train_patch_embedding:
     given, else for ``full``, and for ``med_adapter`` / ``lora`` when ``in_channels > 1``."""
     if train_patch_embedding is not None:
         return train_patch_embedding
-    return method == "full" or (in_channels > 1 and method in _ADAPTER_METHODS)
+    return method == "full" or (in_channels > 1 and method in ADAPTER_METHODS)
 
 
 METHODS: dict[str, Callable[..., peft.PeftModel | None]] = {
@@ -1306,7 +1316,7 @@ def build_segmenter(
             with the adapters (peft's ``modules_to_save``; saved with them). None (default): when
             ``in_channels > 1``. The adapted embedding starts with the same filters for every channel, so
             frozen it passes on only the sum of the channels and the model cannot tell BraTS' four MRI
-            sequences apart; trained, it learns to (Swin-T: 6,240 parameters, ViT-B/16: 787,200). False keeps
+            sequences apart; trained, it learns to (C x width x patch² weights and a bias). False keeps
             it frozen, as the paper's released code does (with a random, frozen embedding). ``full`` trains it
             anyway and ``decoder_only`` never does; True or False contrary to that is refused.
         **method_kwargs: options of the method's peft config (``MedAdapterConfig`` / ``LoraConfig``).
@@ -1395,7 +1405,7 @@ def build_segmenter(
     options = dict(method_kwargs)
     if num_slices is not None:
         options["num_slices"] = num_slices
-    if train_patch_embedding and method in _ADAPTER_METHODS:
+    if train_patch_embedding and method in ADAPTER_METHODS:
         trained = list(options.get("modules_to_save") or [])
         if spec.patch_embedding not in trained:
             options["modules_to_save"] = [*trained, spec.patch_embedding]

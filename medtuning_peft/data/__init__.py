@@ -12,6 +12,7 @@ from .brats import (
     BRATS_MODALITIES,
     brats_case_files,
     is_brats_case_dir,
+    is_one_brats_case,
     list_brats_cases,
     load_brats_case,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "classes_to_labels",
     "default_preprocessing",
     "is_brats_case_dir",
+    "is_one_brats_case",
     "kits19_case_files",
     "labels_to_classes",
     "list_brats_cases",

@@ -134,6 +134,23 @@ def is_brats_case_dir(path: str | Path) -> bool:
         return False
 
 
+def is_one_brats_case(path: str | Path) -> bool:
+    """Whether ``path`` is one case on its own: its sequence files share one case name, the folder's or one with
+    several sequences. Several patients' scans of one sequence (``a_t1.nii.gz``, ``b_t1.nii.gz``) are not."""
+    path = Path(path)
+    try:
+        names = [p.name for p in path.iterdir() if _is_nifti_file(p) and not p.name.startswith(".")]
+    except OSError:
+        return False
+    sequences = {
+        (name[: match.start()], _role(name))
+        for name in names
+        if (match := _ROLE_PATTERN.search(name)) is not None and _role(name) in BRATS_MODALITIES
+    }
+    cases = {case for case, _ in sequences}
+    return len(cases) == 1 and (len(sequences) > 1 or cases == {path.name})
+
+
 def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> list[CaseFiles]:
     """Finds BraTS 2019 (``HGG/``, ``LGG/``) or 2020 case folders under ``data_dir``.
 
