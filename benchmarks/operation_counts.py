@@ -5,10 +5,13 @@ operations of the paper's backbones at their real widths (Swin-T depths 2-2-6-2,
 input (8 slices, a narrower decoder), with the spectral branch in the form it takes on CUDA at D = 128 (the
 matrix product). Counting is :func:`step_time.count_operations`, as in the cost benchmark's operation tables.
 
-``--package-root`` counts another checkout of the package with this harness, e.g. an earlier commit::
+``--package-root`` counts another checkout of the package with this harness. The harness builds the models
+through the package's present API, so an older package is counted with the harness of its time: the committed
+"before" counts (``results/operation_counts_7bee841.json``) come from the harness of commit 328cfc5::
 
     git worktree add /tmp/before 7bee841
-    python benchmarks/operation_counts.py --package-root /tmp/before --json /tmp/ops_before.json
+    git worktree add /tmp/harness 328cfc5
+    python /tmp/harness/benchmarks/operation_counts.py --package-root /tmp/before --json /tmp/ops_before.json
     python benchmarks/operation_counts.py                       # this checkout
 
 Prints one line per backbone and method and writes JSON (default ``benchmarks/results/operation_counts.json``).
