@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry = measure(backbone, slices, args, device)
         report["results"][backbone] = entry
         print(backbone, json.dumps(entry), flush=True)
+        step_time.write_json(args.json, report)  # what is measured so far survives a time limit
         if device.type == "cuda":
             torch.cuda.empty_cache()
     lines = [

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry = measure(setting, backbone, method, args, device)
             report["results"][f"{backbone} {method}"] = entry
             print(backbone, method, json.dumps(entry), flush=True)
+            step_time.write_json(args.json, report)  # what is measured so far survives a time limit
     names = args.implementations
     ratio = " (x for_loop)" if "for_loop" in names else ""
     lines = [
