@@ -742,8 +742,9 @@ def _read_label_map(path: Path, case_id: str, role: str, allowed: Sequence[int])
 
 
 def _score_case(
-    case_id: str, pred_path: Path, gt_path: Path, args: argparse.Namespace, spec: Any, labels: Any
+    case_id: str, pred_path: Path | None, gt_path: Path, args: argparse.Namespace, spec: Any, labels: Any
 ) -> dict[str, float]:
+    """The metrics of one case; ``pred_path`` None scores an empty prediction (``--missing empty``)."""
     import nibabel as nib
     import numpy as np
 
@@ -752,8 +753,12 @@ def _score_case(
     from .data.nifti import AFFINE_TOLERANCE_MM, _check_same_grid, _in_other_voxel_order
     from .evaluation import evaluate_case
 
-    pred, pred_image = _read_label_map(pred_path, case_id, "prediction", spec.label_values)
     gt, gt_image = _read_label_map(gt_path, case_id, "label", spec.label_values)
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(gt_image.affine))  # in array axis order
+    if pred_path is None:
+        empty = np.zeros_like(gt)
+        return evaluate_case(args.task, empty, gt, spacing, labels=labels, with_hd95=not args.no_hd95)
+    pred, pred_image = _read_label_map(pred_path, case_id, "prediction", spec.label_values)
     if _in_other_voxel_order(pred.shape, pred_image.affine, gt.shape, gt_image.affine):
         # e.g. re-saved in RAS order by another tool: the data layer's message names the reorder fix
         _check_same_grid(
@@ -779,7 +784,6 @@ def _score_case(
                 "predict on the original image, or re-header the prediction onto the label's grid",
             )
         )
-    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(gt_image.affine))  # in array axis order
     return evaluate_case(args.task, pred, gt, spacing, labels=labels, with_hd95=not args.no_hd95)
 
 
@@ -809,6 +813,16 @@ def _csv_text(per_case: dict[str, dict[str, float]], summary: dict[str, dict[str
     return buffer.getvalue()
 
 
+_MISSING_LEVEL = {"fail": "FAILED", "empty": "note", "skip": "note"}
+_MISSING_MEANING = {
+    "fail": "the summary covers only the predicted cases. Pass --missing empty to score each as an empty "
+    "prediction (as the challenges score a case without a submission), or --missing skip to score only the "
+    "predicted cases (e.g. one fold against all labels).",
+    "empty": "each is scored as an empty prediction and counted in the summary (--missing empty).",
+    "skip": "they are left out of the summary (--missing skip).",
+}
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -835,6 +849,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not preds:
         raise CommandError(f"--pred folder '{pred_dir}' holds no .nii/.nii.gz prediction.")
     gts, found_json = _label_files(labels_dir)
+    if pred_dir.is_file():  # one prediction file scores that one case: the other labels are not missing
+        gts = {case_id: path for case_id, path in gts.items() if case_id in preds}
 
     labels = None
     if args.task == "msd":
@@ -860,12 +876,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(str(error)) from error
 
+    # A labelled case without a prediction is never left out of the summary unnoticed: it fails the command,
+    # is scored as an empty prediction, or is left out on request (one fold's predictions against all labels).
+    missing = sorted(set(gts) - set(preds))
+    to_score = sorted(set(preds) | set(missing if args.missing == "empty" else ()))
     per_case: dict[str, dict[str, float]] = {}
     failures: dict[str, str] = {}
-    for case_id, pred_path in tqdm(
-        sorted(preds.items()), desc="evaluate", unit="case", disable=args.no_progress or None
-    ):
-        gt_path = gts.get(case_id)
+    for case_id in tqdm(to_score, desc="evaluate", unit="case", disable=args.no_progress or None):
+        pred_path, gt_path = preds.get(case_id), gts.get(case_id)
         if gt_path is None:
             failures[case_id] = (
                 f"prediction '{pred_path}' has no label map named '{case_id}' under '{labels_dir}'"
@@ -879,7 +897,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 text if text.startswith("case '") else f"case '{case_id}': {type(error).__name__}: {text}"
             )
             _log(f"FAILED {failures[case_id]}")
-    missing = sorted(set(gts) - set(preds))
 
     if per_case:
         summary = summarize(list(per_case.values()))
@@ -894,6 +911,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "per_case": per_case,
             "failed": failures,
             "missing_predictions": missing,
+            "missing_policy": args.missing,  # --missing: fail, empty (scored as empty predictions) or skip
         }
         if args.output:
             atomic_write_json(args.output, result)
@@ -902,18 +920,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             atomic_write_text(args.csv, _csv_text(per_case, summary))
             print(f"wrote {args.csv}", file=sys.stderr)
     if missing:
-        level = "FAILED" if args.require_all else "note"
         print(
-            f"medtuning evaluate: {level}: {len(missing)} labelled case(s) have no prediction "
-            f"(first: {missing[:5]})"
-            + ("." if args.require_all else "; pass --require-all to fail on them."),
+            f"medtuning evaluate: {_MISSING_LEVEL[args.missing]}: {len(missing)} of {len(gts)} labelled "
+            f"case(s) have no prediction in '{pred_dir}' (first: {missing[:5]}); "
+            + _MISSING_MEANING[args.missing],
             file=sys.stderr,
         )
     if failures:
-        _failure_report("evaluate", failures, len(preds))
+        _failure_report("evaluate", failures, len(to_score))
     if not per_case:
         print("medtuning evaluate: no case could be scored; nothing written.", file=sys.stderr)
-    return 1 if failures or not per_case or (missing and args.require_all) else 0
+    return 1 if failures or not per_case or (missing and args.missing == "fail") else 0
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1394,8 +1411,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="score predictions against labels with the challenge's conventions",
         description="Dice and HD95 per case and summary (mean, std, median) with each challenge's regions "
-        "and empty-mask rules. Predictions and labels are matched by case name; shape or affine mismatches "
-        "and unexpected label values are reported per case (exit status 1).",
+        "and empty-mask rules. Predictions and labels are matched by case name; shape or affine mismatches, "
+        "unexpected label values and predictions without a label are reported per case (exit status 1), "
+        "and so are labelled cases without a prediction unless --missing says how to score them.",
     )
     evaluate.add_argument(
         "--pred", required=True, help="folder of predicted label maps (<case>.nii.gz), or one such file"
@@ -1414,7 +1432,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", help="write per-case metrics and the summary to this CSV file")
     evaluate.add_argument("--no-hd95", action="store_true", help="Dice only (HD95 is the slow part)")
     evaluate.add_argument(
-        "--require-all", action="store_true", help="fail when a labelled case has no prediction"
+        "--missing",
+        choices=("fail", "empty", "skip"),
+        default="fail",
+        help="a labelled case without a prediction: fail (exit status 1, default), empty (score it as an "
+        "empty prediction, as the challenges do), skip (leave it out: one fold's predictions against all "
+        "labels)",
     )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_evaluate)

@@ -6,16 +6,25 @@ scores, and how windows and flips are combined.
 
 Conventions (one table, :data:`CHALLENGES`):
 
-=========  =====================  ===========================================================
-task       label values           regions scored (Dice and HD95 each, plus their mean)
-=========  =====================  ===========================================================
-kits19     0 bg, 1 kidney, 2      kidney = {1, 2} (the kidney counts its tumor), tumor = {2};
+=========  =====================  ===========================================================  =============
+task       label values           regions scored (Dice and HD95 each, plus their mean)          HD95 pooling
+=========  =====================  ===========================================================  =============
+kits19     0 bg, 1 kidney, 2      kidney = {1, 2} (the kidney counts its tumor), tumor = {2};  ``"max"``
            tumor                  ``dice_mean`` is the KiTS19 composite Dice
-brats      0, 1 NCR/NET, 2 ED,    ET = {4}, TC = {1, 4}, WT = {1, 2, 4}  (BraTS 2019 / 2020)
+brats      0, 1 NCR/NET, 2 ED,    ET = {4}, TC = {1, 4}, WT = {1, 2, 4}  (BraTS 2019 / 2020)    ``"union"``
            4 ET
-msd        keys of dataset.json   one region per foreground label, named after the class
+msd        keys of dataset.json   one region per foreground label, named after the class       ``"max"``
            ``labels``
-=========  =====================  ===========================================================
+=========  =====================  ===========================================================  =============
+
+HD95 pooling: both variants start from MONAI's surface distances (edge voxels = the mask minus its erosion by
+the face-connected neighbourhood; for each edge voxel of one mask, the Euclidean distance in mm to the nearest
+edge voxel of the other) and take the 95th percentile with linear interpolation. ``"max"`` takes it over each
+direction and keeps the larger, as MONAI's ``compute_hausdorff_distance(percentile=95)`` and DeepMind's
+``surface-distance`` do; ``"union"`` takes it over both directions pooled, as medpy's ``hd95`` does, which
+CBICA's Hausdorff95 tool (from the BraTS organisers) and nnU-Net's BraTS evaluation run. The two differ when
+the directions have different numbers of edge voxels (:func:`hd95`). KiTS19 and the MSD rank on Dice (the
+MSD also on NSD), not on HD95.
 
 Empty masks, for every task: both empty -> Dice 1 and HD95 0 mm; only one empty -> Dice 0 and
 HD95 373.13 mm (the BraTS value: the diagonal of a 240 x 240 x 155 mm volume). MONAI itself returns
@@ -50,12 +59,14 @@ from types import MappingProxyType
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_edge_surface_distance
 
 __all__ = [
     "BRATS",
     "CHALLENGES",
     "KITS19",
+    "HD95_POOLINGS",
     "ONE_EMPTY_HD95_MM",
     "REFERENCE_OVERLAP",
     "ChallengeSpec",
@@ -88,10 +99,23 @@ _FLIP_DIMS: tuple[tuple[int, ...], ...] = tuple(
 )
 _BLEND_MODES = ("gaussian", "constant")
 
+HD95_POOLINGS = ("max", "union")
+"""How :func:`hd95` combines the two directed surface-distance sets: the larger of their 95th percentiles
+(``"max"``, MONAI) or the 95th percentile of both pooled (``"union"``, medpy, the BraTS evaluation)."""
+
 
 # --------------------------------------------------------------------------------------------------------
 # Challenge table
 # --------------------------------------------------------------------------------------------------------
+
+
+def _check_pooling(pooling: str, name: str) -> None:
+    if pooling not in HD95_POOLINGS:
+        close = difflib.get_close_matches(str(pooling), HD95_POOLINGS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{name}={pooling!r} is not an HD95 pooling; valid values are {list(HD95_POOLINGS)}.{hint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,7 @@ class ChallengeSpec:
         empty_dice: Dice when prediction and ground truth of a region are both empty.
         both_empty_hd95: HD95 in mm when both are empty.
         one_empty_hd95: HD95 in mm when exactly one is empty.
+        hd95_pooling: how the two directed surface-distance sets are combined, one of :data:`HD95_POOLINGS`.
     """
 
     name: str
@@ -113,9 +138,11 @@ class ChallengeSpec:
     empty_dice: float = 1.0
     both_empty_hd95: float = 0.0
     one_empty_hd95: float = ONE_EMPTY_HD95_MM
+    hd95_pooling: str = "max"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regions", MappingProxyType(dict(self.regions)))  # read-only table
+        _check_pooling(self.hd95_pooling, "hd95_pooling")
         if 0 not in self.label_values:
             raise ValueError(
                 f"label_values of {self.name!r} must contain background 0; got {self.label_values}."
@@ -140,6 +167,7 @@ BRATS = ChallengeSpec(
     name="brats",
     label_values=(0, 1, 2, 4),
     regions={"et": (4,), "tc": (1, 4), "wt": (1, 2, 4)},
+    hd95_pooling="union",
 )
 
 
@@ -352,30 +380,28 @@ def dice(pred_mask: ArrayLike, gt_mask: ArrayLike, empty_value: float = 1.0) -> 
     return float(score.item())
 
 
-def _crop_to_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop both masks to the bounding box of their union plus one voxel (distances are unchanged)."""
-    union = pred | gt
-    slices = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        hits = torch.nonzero(union.any(dim=other)).flatten()
-        lo, hi = max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, union.shape[axis])
-        slices.append(slice(lo, hi))
-    return pred[tuple(slices)], gt[tuple(slices)]
-
-
 def hd95(
     pred_mask: ArrayLike,
     gt_mask: ArrayLike,
     spacing: Sequence[float],
     both_empty: float = 0.0,
     one_empty: float = ONE_EMPTY_HD95_MM,
+    pooling: str = "max",
 ) -> float:
     """95th-percentile symmetric Hausdorff distance in mm between the surfaces of two binary masks.
 
-    MONAI's definition: the surface voxels of each mask, the distances from each surface voxel of one
-    mask to the nearest surface voxel of the other (in mm, using ``spacing``), the 95th percentile
-    (linear interpolation) of each direction, and the larger of the two. Runs on the CPU.
+    MONAI finds the surfaces and distances: the edge voxels of each mask (the mask minus its erosion by the
+    face-connected neighbourhood, the volume border counting as background) and, for each edge voxel of one
+    mask, the Euclidean distance in mm (using ``spacing``) to the nearest edge voxel of the other. The 95th
+    percentile (linear interpolation) is then taken per ``pooling``:
+
+    - ``"max"``: of each directed set, keeping the larger; MONAI's
+      ``compute_hausdorff_distance(percentile=95)`` and DeepMind's ``surface-distance``.
+    - ``"union"``: of both sets pooled; medpy's ``hd95``, as run by the BraTS evaluation.
+
+    Example: pred one voxel, gt a column of 5 voxels along D with 2 mm slices and pred at one end. The
+    distances are {0} from pred and {0, 2, 4, 6, 8} mm from gt: ``"max"`` gives 7.6 mm, ``"union"``
+    (percentile of {0, 0, 2, 4, 6, 8}) gives 7.5 mm. Runs on the CPU.
 
     Args:
         pred_mask: predicted mask, bool or 0/1, shape (D, H, W) or (H, W); numpy or torch.
@@ -383,15 +409,17 @@ def hd95(
         spacing: voxel size in mm per axis, in the masks' axis order (length 3 for (D, H, W)).
         both_empty: returned when both masks are empty (MONAI gives NaN).
         one_empty: returned when exactly one mask is empty (MONAI gives NaN); default 373.13 mm.
+        pooling: ``"max"`` or ``"union"`` (:data:`HD95_POOLINGS`).
 
     Returns:
         HD95 in mm as a Python float.
 
     Raises:
         TypeError: if a mask is neither a numpy array nor a tensor.
-        ValueError: if the shapes differ or are not 2D / 3D, a mask is not binary, or ``spacing`` does not
-            hold one positive value per axis.
+        ValueError: if the shapes differ or are not 2D / 3D, a mask is not binary, ``spacing`` does not
+            hold one positive value per axis, or ``pooling`` is unknown.
     """
+    _check_pooling(pooling, "pooling")
     pred, gt = _as_mask(pred_mask, "pred_mask"), _as_mask(gt_mask, "gt_mask")
     _check_pair(pred, gt, "pred_mask", "gt_mask")
     spacing = _check_spacing(spacing, pred.ndim)
@@ -400,15 +428,21 @@ def hd95(
         return float(both_empty)
     if not (pred_any and gt_any):
         return float(one_empty)
-    pred, gt = _crop_to_union(pred.cpu(), gt.cpu())
     with warnings.catch_warnings():
         # MONAI 1.5+ calls its own deprecated `always_return_as_numpy` argument internally.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        # (D, H, W) -> (B=1, C=1, D, H, W)
-        distance = compute_hausdorff_distance(
-            pred[None, None], gt[None, None], include_background=True, percentile=95, spacing=list(spacing)
+        # MONAI crops both masks to their union's bounding box first; distances are unchanged by it.
+        _, (pred_to_gt, gt_to_pred), _ = get_edge_surface_distance(
+            pred.cpu(), gt.cpu(), distance_metric="euclidean", spacing=list(spacing), symmetric=True
         )
-    return float(distance.item())
+    # MONAI's compute_hausdorff_distance offers only the "max" pooling, so both poolings are taken here from
+    # MONAI's distances; float64 as numpy's percentile, which medpy uses.
+    pred_to_gt, gt_to_pred = torch.as_tensor(pred_to_gt).double(), torch.as_tensor(gt_to_pred).double()
+    if pooling == "union":
+        distance = torch.quantile(torch.cat([pred_to_gt, gt_to_pred]), 0.95)
+    else:
+        distance = torch.maximum(torch.quantile(pred_to_gt, 0.95), torch.quantile(gt_to_pred, 0.95))
+    return float(distance)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -440,8 +474,9 @@ def evaluate_case(
 
     Returns:
         ``{"dice_<region>": ..., "dice_mean": ..., "hd95_<region>": ..., "hd95_mean": ...}`` in region order,
-        HD95 in mm. Regions: kits19 ``kidney, tumor`` (``dice_mean`` is the KiTS19 composite), brats
-        ``et, tc, wt``, msd one per foreground class name. No value is NaN.
+        HD95 in mm, pooled as the task's ``hd95_pooling`` says (brats ``"union"``, others ``"max"``).
+        Regions: kits19 ``kidney, tumor`` (``dice_mean`` is the KiTS19 composite), brats ``et, tc, wt``,
+        msd one per foreground class name. No value is NaN.
 
     Raises:
         TypeError: if ``pred`` or ``gt`` is neither a numpy array nor a tensor.
@@ -465,7 +500,14 @@ def evaluate_case(
     scores["dice_mean"] = float(np.mean(list(scores.values())))
     if with_hd95:
         distances = {
-            f"hd95_{r}": hd95(p, g, spacing, both_empty=spec.both_empty_hd95, one_empty=spec.one_empty_hd95)
+            f"hd95_{r}": hd95(
+                p,
+                g,
+                spacing,
+                both_empty=spec.both_empty_hd95,
+                one_empty=spec.one_empty_hd95,
+                pooling=spec.hd95_pooling,
+            )
             for r, (p, g) in masks.items()
         }
         scores.update(distances)

@@ -544,6 +544,7 @@ def test_evaluate_scores_matched_cases_and_names_every_mismatch(tmp_path, capsys
         and str(labels / "hip_2.nii.gz") in failed["hip_2"]
     )
     assert "affine" in failed["hip_3"] and str(preds / "hip_3.nii.gz") in failed["hip_3"]
+    assert str(labels / "hip_3.nii.gz") in failed["hip_3"]  # both files named
     assert "values [7]" in failed["hip_4"]
     assert "no label map named 'stray'" in failed["stray"]
     assert "hip_0" in captured.out and "median" in captured.out  # the printed table
@@ -610,6 +611,58 @@ def test_evaluate_matches_kits_case_folders_by_name(tmp_path):
     assert code == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["summary"]["dice_mean"]["mean"] == 1.0 and list(metrics["regions"]) == ["kidney", "tumor"]
+
+
+def three_labels_one_prediction(root: Path) -> list[str]:
+    """Labels of cases a, b, c (kidney with a tumour) and a perfect prediction of a only."""
+    for case_id in "abc":
+        write_nifti(root / "gt" / f"{case_id}.nii.gz", label_map(0), np.eye(4))
+    write_nifti(root / "pred" / "a.nii.gz", label_map(0), np.eye(4))
+    return ["evaluate", "--pred", str(root / "pred"), "--labels", str(root / "gt"), "--task", "kits19"]
+
+
+def test_evaluate_fails_on_a_labelled_case_without_prediction_by_default(tmp_path, capsys):
+    args = three_labels_one_prediction(tmp_path)
+    assert main([*args, "--output", str(tmp_path / "m.json"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: 2 of 3 labelled case(s) have no prediction" in err and "['b', 'c']" in err
+    assert "--missing empty" in err and "--missing skip" in err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["missing_predictions"] == ["b", "c"] and metrics["missing_policy"] == "fail"
+
+
+def test_evaluate_scores_a_missing_prediction_as_empty_when_asked(tmp_path):
+    args = three_labels_one_prediction(tmp_path)
+    assert main([*args, "--missing", "empty", "--output", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert sorted(metrics["per_case"]) == ["a", "b", "c"] and metrics["num_cases"] == 3
+    # b and c: kidney and tumour in the label, nothing predicted -> Dice 0, HD95 373.13 mm each.
+    assert metrics["per_case"]["b"] == {
+        "dice_kidney": 0.0,
+        "dice_tumor": 0.0,
+        "dice_mean": 0.0,
+        "hd95_kidney": 373.13,
+        "hd95_tumor": 373.13,
+        "hd95_mean": 373.13,
+    }
+    assert metrics["summary"]["dice_mean"]["mean"] == pytest.approx(1 / 3)
+    assert metrics["summary"]["hd95_mean"]["mean"] == pytest.approx(2 * 373.13 / 3)
+
+
+def test_evaluate_skips_missing_predictions_only_when_asked_and_says_so(tmp_path, capsys):
+    args = three_labels_one_prediction(tmp_path)
+    assert main([*args, "--missing", "skip", "--output", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    assert "left out of the summary (--missing skip)" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics["per_case"]) == ["a"] and metrics["summary"]["dice_mean"]["mean"] == 1.0
+    assert metrics["missing_predictions"] == ["b", "c"] and metrics["missing_policy"] == "skip"
+
+
+def test_evaluate_of_one_prediction_file_scores_that_case_without_missing_others(tmp_path, capsys):
+    args = three_labels_one_prediction(tmp_path)
+    args[2] = str(tmp_path / "pred" / "a.nii.gz")
+    assert main([*args, "--no-progress"]) == 0
+    assert "no prediction" not in capsys.readouterr().err
 
 
 def test_evaluate_msd_needs_the_labels_of_the_task(tmp_path, capsys):
@@ -888,6 +941,8 @@ def test_predict_then_evaluate_on_hippocampus_images(tmp_path):
         str(HIPPOCAMPUS / "dataset.json"),
         "--output",
         str(tmp_path / "metrics.json"),
+        "--missing",
+        "skip",  # 5 predicted cases against the whole labelsTr folder
     )
     assert scored.returncode == 0, scored.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())

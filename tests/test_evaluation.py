@@ -5,11 +5,14 @@ its own definitions coincide (both masks non-empty).
 """
 
 import math
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
 from medtuning_peft.evaluation import (
     BRATS,
@@ -96,6 +99,81 @@ def test_hd95_both_empty_is_zero_and_one_empty_is_373_13():
     assert hd95(empty, one, spacing) == pytest.approx(373.13)
     assert math.isclose(ONE_EMPTY_HD95_MM, math.sqrt(240**2 + 240**2 + 155**2), abs_tol=5e-3)
     assert hd95(empty, one, spacing, one_empty=100.0) == 100.0
+
+
+def _column_and_its_end(shape=(6, 3, 3)):
+    """gt: a column of 5 voxels along D; pred: the first of them. Every voxel is an edge voxel."""
+    gt = np.zeros(shape, dtype=bool)
+    gt[0:5, 1, 1] = True
+    pred = np.zeros(shape, dtype=bool)
+    pred[0, 1, 1] = True
+    return pred, gt
+
+
+@pytest.mark.parametrize(
+    "spacing, expected_max, expected_union",
+    [
+        # 2 mm slices: distances pred -> gt {0}, gt -> pred {0, 2, 4, 6, 8} mm.
+        # max: 95th percentile of {0, 2, 4, 6, 8} = 6 + 0.8 * 2; union: of {0, 0, 2, 4, 6, 8} = 6 + 0.75 * 2.
+        ((2.0, 0.5, 0.5), 7.6, 7.5),
+        # 0.5 mm slices: the same voxel distances scaled by 0.5 / 2.
+        ((0.5, 2.0, 2.0), 1.9, 1.875),
+    ],
+)
+def test_hd95_pooling_max_takes_directions_apart_and_union_pools_them(spacing, expected_max, expected_union):
+    pred, gt = _column_and_its_end()
+    assert hd95(pred, gt, spacing) == pytest.approx(expected_max, rel=1e-6)
+    assert hd95(pred, gt, spacing, pooling="max") == pytest.approx(expected_max, rel=1e-6)
+    assert hd95(pred, gt, spacing, pooling="union") == pytest.approx(expected_union, rel=1e-6)
+    assert hd95(gt, pred, spacing, pooling="union") == pytest.approx(expected_union, rel=1e-6)  # symmetric
+
+
+def test_hd95_refuses_an_unknown_pooling_suggesting_the_closest():
+    pred, gt = _column_and_its_end()
+    with pytest.raises(ValueError, match=r"pooling='unoin' is not an HD95 pooling.*Did you mean 'union'"):
+        hd95(pred, gt, (1.0, 1.0, 1.0), pooling="unoin")
+
+
+@pytest.mark.parametrize(
+    "task, label, expected",
+    [("brats", 4, 7.5), ("kits19", 2, 7.6), ("msd", 1, 7.6)],
+)
+def test_brats_hd95_pools_both_directions_as_the_brats_evaluation_and_other_tasks_use_monai(
+    task, label, expected
+):
+    # BraTS 2017-2020 scored HD95 with medpy's definition (pooled directions); KiTS19 and MSD follow MONAI.
+    pred, gt = _column_and_its_end()
+    labels = MSD_BRAIN_LABELS if task == "msd" else None
+    scores = evaluate_case(task, pred * label, gt * label, spacing=(2.0, 0.5, 0.5), labels=labels)
+    region = {"brats": "et", "kits19": "tumor", "msd": "edema"}[task]
+    assert scores[f"hd95_{region}"] == pytest.approx(expected, rel=1e-6)
+    assert get_challenge(task, labels).hd95_pooling == ("union" if task == "brats" else "max")
+
+
+HIPPOCAMPUS_LABELS = Path("/work/shared/data/msd_hippocampus/labelsTr")
+
+
+def _medpy_style_hd95(pred, gt, spacing, pooling):
+    """HD95 written out with scipy as medpy computes it: face-connected erosion, the border is background."""
+    structure = generate_binary_structure(pred.ndim, 1)
+    edges_pred = pred ^ binary_erosion(pred, structure, border_value=0)
+    edges_gt = gt ^ binary_erosion(gt, structure, border_value=0)
+    pred_to_gt = distance_transform_edt(~edges_gt, sampling=spacing)[edges_pred]
+    gt_to_pred = distance_transform_edt(~edges_pred, sampling=spacing)[edges_gt]
+    if pooling == "union":
+        return np.percentile(np.concatenate([pred_to_gt, gt_to_pred]), 95)
+    return max(np.percentile(pred_to_gt, 95), np.percentile(gt_to_pred, 95))
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS_LABELS.is_dir(), reason="needs the MSD hippocampus sample")
+@pytest.mark.parametrize("pooling", ["max", "union"])
+def test_hd95_matches_the_surface_distance_definition_on_real_labels_with_anisotropic_spacing(pooling):
+    label = np.asarray(nib.load(sorted(HIPPOCAMPUS_LABELS.glob("*.nii.gz"))[0]).dataobj)
+    gt = label == 1
+    pred = np.roll(label, 2, axis=0) >= 1  # anterior + posterior, moved by 2 slices
+    spacing = (1.0, 2.5, 0.7)
+    expected = _medpy_style_hd95(pred, gt, spacing, pooling)
+    assert hd95(pred, gt, spacing, pooling=pooling) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(
