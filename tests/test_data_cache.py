@@ -424,3 +424,24 @@ def test_interrupted_prune_leaves_no_entry_that_looks_valid(three_cases, tmp_pat
 def test_prune_refuses_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CaseCache(tmp_path / "cache").prune(**kwargs)
+
+
+def test_entry_of_a_source_edited_while_it_was_decoded_is_listed_stale_and_pruned(
+    three_cases, tmp_path, monkeypatch
+):
+    cache = CaseCache(tmp_path / "cache")
+    decode = cache_module.load_case
+
+    def decode_then_edit(files, preprocessing):
+        case = decode(files, preprocessing)
+        touch_source(files)  # the image is replaced while the case is being decoded
+        return case
+
+    monkeypatch.setattr(cache_module, "load_case", decode_then_edit)
+    cache.load(three_cases[0])
+    monkeypatch.setattr(cache_module, "load_case", decode)
+    folders = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(folders) == 1
+    assert [(e.path, e.current) for e in cache.entries()] == [(folders[0], False)]  # not an unlisted orphan
+    cache.prune(stale=True)
+    assert not folders[0].exists()

@@ -8,6 +8,7 @@ import pytest
 
 from medtuning_peft.data import (
     CaseFiles,
+    channel_key,
     channel_order,
     list_brats_cases,
     list_kits19_cases,
@@ -52,6 +53,13 @@ def test_readers_given_a_file_or_a_missing_folder_say_which(tmp_path, reader, wh
         (("T2", "ADC"), ("T2", "ADC"), [0, 1]),
         (("FLAIR", "T1w", "t1gd", "T2w"), ("flair", "t1", "t1ce", "t2"), [0, 1, 2, 3]),  # Decathlon, BraTS
         (("t1n", "t1c", "t2w", "t2f"), ("flair", "t1", "t1ce", "t2"), [3, 0, 1, 2]),  # BraTS 2023
+        (
+            ("T1wCE", "FLAIR", "T2w", "T1w"),
+            ("flair", "t1", "t1ce", "t2"),
+            [1, 3, 0, 2],
+        ),  # RSNA-ASNR-MICCAI 2021
+        (("T2*", "T1"), ("T1", "T2"), None),  # T2-star is another sequence than T2
+        (("T2*", "T1"), ("T1", "T2-star"), [1, 0]),
         (("T2", "DWI"), ("T2", "ADC"), None),
         (("T2", "T2w"), ("T2", "ADC"), None),  # one sequence twice
         (("CT",), ("CT", "PET"), None),
@@ -59,3 +67,10 @@ def test_readers_given_a_file_or_a_missing_folder_say_which(tmp_path, reader, wh
 )
 def test_channel_order_matches_the_spellings_of_one_sequence(names, expected, order):
     assert channel_order(names, expected) == order
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("T1wCE", "t1ce"), ("T2*", "t2star"), ("t2_star", "t2star"), ("T2w", "t2")]
+)
+def test_channel_key_names_each_sequence_once(name, key):
+    assert channel_key(name) == key

@@ -168,6 +168,26 @@ def test_unexpected_label_values_are_listed(tmp_path):
         load_kits19_case(case_dir)
 
 
+def test_non_integer_label_values_are_listed_with_the_scaling_that_made_them(tmp_path):
+    label = np.zeros((8, 16, 16), np.float32)
+    label[0, 0, :2] = (0.5, 1.75)  # e.g. a label map resampled with linear interpolation
+    case_dir = _write_case(tmp_path, label=label)
+    with pytest.raises(
+        CaseLoadError,
+        match=r"segmentation\.nii\.gz': label has non-integer or NaN/Inf values \[0\.5, 1\.75\]; expected the "
+        r"integers \[0, 1, 2\]\. Fix",
+    ):
+        load_kits19_case(case_dir)
+    # A label map saved with a float dtype into uint8 storage: nibabel picks a scale factor (here 0.5).
+    halves = np.zeros((8, 16, 16), np.float32)
+    halves[0, 0, :2] = (0.5, 127.5)
+    stored = nib.Nifti1Image(halves, KITS_AFFINE)
+    stored.set_data_dtype(np.uint8)
+    nib.save(stored, case_dir / "segmentation.nii.gz")
+    with pytest.raises(CaseLoadError, match=r"values \[0\.5, 127\.5\]; .*scl_slope=0\.5, scl_inter=0\)"):
+        load_kits19_case(case_dir)
+
+
 def test_non_finite_intensities_are_rejected(tmp_path):
     image = np.zeros((8, 16, 16), np.float32)
     image[1, 2, 3] = np.nan

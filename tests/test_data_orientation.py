@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import nibabel as nib
 import numpy as np
 import pytest
+from paths import HIPPOCAMPUS, KITS_CT_SAMPLE, SHARED_DATA
 
-from medtuning_peft.data import CaseFiles, CaseLoadError, CTPreprocessing, VolumeGeometry, load_case
+from medtuning_peft.data import (
+    CaseFiles,
+    CaseLoadError,
+    CTPreprocessing,
+    VolumeGeometry,
+    default_preprocessing,
+    list_kits19_cases,
+    load_case,
+    read_msd_task,
+)
 
 IDENTITY_CT = CTPreprocessing(window=None, mean=0.0, std=1.0)
 
@@ -197,3 +208,84 @@ def test_wrong_shape_for_to_original_names_the_expected_grid(tmp_path):
     geometry = load_case(files, IDENTITY_CT).geometry
     with pytest.raises(ValueError, match=r"\(10, 20, 30\)"):
         geometry.to_original(np.zeros((30, 20, 10), np.uint8))
+
+
+def _write_with_forms(path, data, qform, qform_code, sform, sform_code) -> None:
+    image = nib.Nifti1Image(data, None)
+    image.set_qform(qform, qform_code)
+    image.set_sform(sform, sform_code)
+    nib.save(image, path)
+
+
+def test_qform_and_sform_that_disagree_are_reported_and_the_sform_is_used(tmp_path):
+    shape, columns, expected, _ = LAYOUTS["RAS"]
+    sform = _affine(columns)
+    qform = sform @ np.diag([-1.0, 1.0, 1.0, 1.0])  # the first axis runs the other way: left and right swap
+    rng = np.random.default_rng(8)
+    label = rng.integers(0, 3, size=shape).astype(np.uint8)
+    _write_with_forms(tmp_path / "image.nii.gz", label.astype(np.float32), qform, 1, sform, 1)
+    _write_with_forms(tmp_path / "label.nii.gz", label, qform, 1, sform, 1)
+    files = CaseFiles("case_x", (tmp_path / "image.nii.gz",), tmp_path / "label.nii.gz", ("CT",), (0, 1, 2))
+    with pytest.warns(UserWarning) as record:
+        case = load_case(files, IDENTITY_CT)
+    messages = [str(w.message) for w in record]
+    assert any(
+        re.search(
+            r"case 'case_x', file '.*image\.nii\.gz': image's qform \(axes LAS.*sform \(axes RAS.*sform is used",
+            m,
+        )
+        for m in messages
+    )
+    assert any("label.nii.gz': label's qform" in m for m in messages)
+    np.testing.assert_array_equal(case.label, expected(label))  # the sform's orientation
+    saved = nib.load(case.geometry.save_nifti(case.label, tmp_path / "prediction.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), label)
+    np.testing.assert_allclose(saved.get_sform(), sform, atol=1e-5)
+    np.testing.assert_allclose(saved.get_qform(), qform, atol=1e-5)  # the source's header, as it was
+
+
+def test_file_without_qform_or_sform_is_reported(tmp_path):
+    shape, columns, _, _ = LAYOUTS["RAS"]
+    data = np.random.default_rng(9).normal(size=shape).astype(np.float32)
+    _write_with_forms(tmp_path / "image.nii.gz", data, _affine(columns), 0, _affine(columns), 0)
+    files = CaseFiles("case_x", (tmp_path / "image.nii.gz",), None, ("CT",), (0, 1))
+    with pytest.warns(
+        UserWarning, match=r"case 'case_x', file '.*image\.nii\.gz': image has neither a qform nor"
+    ):
+        load_case(files, IDENTITY_CT)
+
+
+REAL_LABELLED_FILES = {
+    "kits19_layout_ct": lambda: list_kits19_cases(KITS_CT_SAMPLE)[0],
+    "msd_hippocampus_mri": lambda: read_msd_task(HIPPOCAMPUS).training[0],
+}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real sample data not present")
+@pytest.mark.parametrize("target_spacing", [None, (1.3, 0.7, 2.1)], ids=["file_grid", "resampled"])
+@pytest.mark.parametrize("source", sorted(REAL_LABELLED_FILES))
+def test_real_label_written_back_matches_the_source_file_voxel_for_voxel(tmp_path, source, target_spacing):
+    files = REAL_LABELLED_FILES[source]()
+    preprocessing = dataclasses.replace(
+        default_preprocessing(files.modality, files.dataset), target_spacing=target_spacing
+    )
+    case = load_case(files, preprocessing)
+    saved = nib.load(case.geometry.save_nifti(case.label, tmp_path / "prediction.nii.gz"))
+    original = nib.load(files.label)
+    truth, written = np.asarray(original.dataobj), np.asarray(saved.dataobj)
+    assert saved.shape == original.shape and saved.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(saved.affine, original.affine, atol=1e-5)
+    for form in ("qform_code", "sform_code"):
+        assert int(saved.header[form]) == int(original.header[form])
+    if target_spacing is None:
+        np.testing.assert_array_equal(written, truth)
+    else:  # nearest-neighbour there and back: no new values, each structure where it was
+        assert set(np.unique(written)) <= set(files.label_values)
+        for value in files.label_values[1:]:
+            if (truth == value).any():
+                dice = (
+                    2
+                    * np.sum((written == value) & (truth == value))
+                    / ((written == value).sum() + (truth == value).sum())
+                )
+                assert dice > 0.85, (value, dice)

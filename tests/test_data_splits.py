@@ -52,3 +52,34 @@ def test_invalid_arguments_name_the_field(kwargs, message):
 def test_duplicates_are_refused():
     with pytest.raises(ValueError, match="duplicates"):
         split_cases(["a", "a", "b"])
+
+
+# Two scans of each patient, spelled as the releases that encode the patient in the case id spell them.
+SCANS_OF_ONE_PATIENT = {
+    "brats2023": [f"BraTS-GLI-{p:05d}-{t}" for p in range(12) for t in ("100", "101")],
+    "acdc": [f"patient{p:03d}_frame{f:02d}" for p in range(1, 13) for f in (1, 12)],
+}
+
+
+def _patient(case_id: str) -> str:
+    return case_id.rsplit("-", 1)[0] if case_id.startswith("BraTS") else case_id.split("_")[0]
+
+
+@pytest.mark.parametrize("release", sorted(SCANS_OF_ONE_PATIENT))
+def test_cases_of_one_patient_never_straddle_a_split(release):
+    ids = SCANS_OF_ONE_PATIENT[release]
+    splits = [split_cases(ids, val_fraction=0.3, seed=s) for s in range(4)]
+    splits += [split_cases(ids, num_folds=5, fold=k, seed=1) for k in range(5)]
+    for train, val in splits:
+        assert val and not {_patient(i) for i in train} & {_patient(i) for i in val}
+        assert sorted(train + val) == sorted(ids)
+    folds = [split_cases(ids, num_folds=5, fold=k, seed=1)[1] for k in range(5)]
+    assert sorted(sum(folds, [])) == sorted(ids)
+
+
+def test_one_patient_cannot_be_split_unless_asked():
+    ids = ["patient001_frame01", "patient001_frame12"]
+    with pytest.raises(ValueError, match=r"1 patient \('patient001'\).*patient_of="):
+        split_cases(ids)
+    train, val = split_cases(ids, val_fraction=0.5, patient_of=lambda case_id: case_id)
+    assert len(train) == len(val) == 1 and sorted(train + val) == ids

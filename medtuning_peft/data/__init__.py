@@ -30,8 +30,14 @@ from .geometry import CANONICAL_AXCODES, VolumeGeometry, canonical_transform, re
 from .kits19 import KITS19_LABELS, kits19_case_files, list_kits19_cases, load_kits19_case
 from .msd import MSDTask, list_msd_cases, load_msd_case, read_msd_task
 from .nifti import load_case, read_nifti
-from .preprocessing import CTPreprocessing, MRIPreprocessing, Preprocessing, default_preprocessing
-from .splits import split_cases
+from .preprocessing import (
+    CTPreprocessing,
+    MRIPreprocessing,
+    Preprocessing,
+    ct_preprocessing_from_cases,
+    default_preprocessing,
+)
+from .splits import patient_id, split_cases
 from .synthetic import synthetic_kits19_case, write_synthetic_kits19
 from .transforms import (
     CropDataset,
@@ -68,6 +74,7 @@ __all__ = [
     "channel_key",
     "channel_order",
     "classes_to_labels",
+    "ct_preprocessing_from_cases",
     "default_preprocessing",
     "is_brats_case_dir",
     "is_one_brats_case",
@@ -81,6 +88,7 @@ __all__ = [
     "load_cases",
     "load_kits19_case",
     "load_msd_case",
+    "patient_id",
     "read_msd_task",
     "read_nifti",
     "resample_to_shape",

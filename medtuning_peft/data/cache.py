@@ -231,9 +231,10 @@ class CaseCache:
         """
         preprocessing = preprocessing or default_preprocessing(files.modality, files.dataset)
         try:
-            entry = self.entry_dir(files, preprocessing)
+            key = self.key(files, preprocessing)
         except FileNotFoundError:
             return load_case(files, preprocessing)  # raises the case-naming missing-file error
+        entry = self.cache_dir / f"{_safe_case_id(files.case_id)}-{key[:KEY_PREFIX_LENGTH]}"
         if entry.exists():
             try:
                 case = self._read_entry(entry, files)
@@ -244,7 +245,8 @@ class CaseCache:
                 _mark_used(entry)
                 return case
         case = load_case(files, preprocessing)
-        self._write_entry(entry, case, files, preprocessing)
+        # Keyed on the sources as they were before decoding: a file edited meanwhile makes the entry stale.
+        self._write_entry(entry, key, case, files, preprocessing)
         return self._read_entry(entry, files)
 
     def load_many(
@@ -456,7 +458,7 @@ class CaseCache:
         return True
 
     def _write_entry(
-        self, entry: Path, case: VolumeCase, files: CaseFiles, preprocessing: Preprocessing
+        self, entry: Path, key: str, case: VolumeCase, files: CaseFiles, preprocessing: Preprocessing
     ) -> None:
         temporary = self.cache_dir / f"{TEMPORARY_PREFIX}{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temporary.mkdir()
@@ -476,7 +478,7 @@ class CaseCache:
                 }
             meta = {
                 "cache_version": CACHE_VERSION,
-                "key": self.key(files, preprocessing),
+                "key": key,
                 "case": files.to_dict(),
                 "preprocessing": preprocessing.to_dict(),
                 "spacing": list(case.spacing),

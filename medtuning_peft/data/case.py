@@ -34,15 +34,18 @@ class CaseFileMissingError(CaseLoadError, FileNotFoundError):
     """A file a case needs does not exist (also a ``FileNotFoundError``)."""
 
 
-# Spellings of one MRI sequence across the BraTS releases (2021+: t2f, t1n, t1c), the Decathlon (FLAIR, T1w, t1gd,
-# T2w) and other releases, after lower-casing and dropping everything but letters and digits.
-_SAME_CHANNEL = {"t2f": "flair", "t2flair": "flair", "t1w": "t1", "t1n": "t1", "t1gd": "t1ce", "t1c": "t1ce"}
-_SAME_CHANNEL |= {"t1post": "t1ce", "t1contrast": "t1ce", "t2w": "t2"}
+# Spellings of one MRI sequence across the BraTS releases (RSNA-ASNR-MICCAI 2021: FLAIR, T1w, T1wCE, T2w; 2023+: t2f,
+# t1n, t1c, t2w), the Decathlon (FLAIR, T1w, t1gd, T2w) and other releases, after lower-casing, spelling "*" as
+# "star" (T2* is T2-star, another sequence than T2) and dropping everything but letters and digits.
+_SAME_CHANNEL = {"t2f": "flair", "t2flair": "flair", "t2wflair": "flair", "t1w": "t1", "t1n": "t1"}
+_SAME_CHANNEL |= {"t1gd": "t1ce", "t1c": "t1ce", "t1wce": "t1ce", "t1post": "t1ce", "t1contrast": "t1ce"}
+_SAME_CHANNEL |= {"t2w": "t2", "t2starw": "t2star"}
 
 
 def channel_key(name: str) -> str:
-    """One spelling per channel: ``"T1w"``, ``"t1n"`` and ``"T1"`` -> ``"t1"``; ``"FLAIR"``, ``"t2f"`` -> ``"flair"``."""
-    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    """One spelling per channel: ``"T1w"``, ``"t1n"`` and ``"T1"`` -> ``"t1"``; ``"FLAIR"``, ``"t2f"`` -> ``"flair"``;
+    ``"T1wCE"``, ``"t1gd"`` -> ``"t1ce"``; ``"T2*"``, ``"T2-star"`` -> ``"t2star"`` (not ``"t2"``)."""
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower().replace("*", "star"))
     return _SAME_CHANNEL.get(key, key)
 
 

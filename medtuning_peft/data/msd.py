@@ -7,8 +7,9 @@ as float32.
 
 Default preprocessing: tasks whose channels are all CT use
 :class:`~medtuning_peft.data.preprocessing.CTPreprocessing` with a wide window [-1000, 1000] HU and
-a per-volume z-score (the KiTS19 window and statistics would be wrong for, e.g., lung or liver); pass
-task-specific values for best results. All other tasks (MRI) use
+a per-volume z-score (the KiTS19 window and statistics would be wrong for, e.g., lung or liver); for
+nnU-Net's normalization pass
+:func:`~medtuning_peft.data.preprocessing.ct_preprocessing_from_cases` of the training split's cases. All other tasks (MRI) use
 :class:`~medtuning_peft.data.preprocessing.MRIPreprocessing`: per-channel z-score over that channel's
 non-zero voxels, zero voxels stay 0.
 """

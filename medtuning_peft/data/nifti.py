@@ -8,6 +8,7 @@ optionally resample. Every error names the case and the file.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -49,6 +50,10 @@ def read_nifti(
         ``(X, Y, Z, C)``; float32 for images) and
         the nibabel image (for its affine and header).
 
+    Warns:
+        UserWarning: If the file has neither a qform nor an sform, or both and they disagree (the sform is
+            used, as nibabel does); the message names the case and the file.
+
     Raises:
         CaseFileMissingError: If the file does not exist.
         CaseLoadError: If it is not a NIfTI file, cannot be fully decoded (e.g. truncated gzip) or
@@ -87,7 +92,40 @@ def read_nifti(
                 "re-export the volume (a zero-length axis usually comes from a failed conversion or crop)",
             )
         )
+    _warn_about_ambiguous_orientation(case_id, path, role, image)
     return _squeeze_trailing(np.asarray(data)), image
+
+
+def _warn_about_ambiguous_orientation(case_id: str, path: Path, role: str, image: nib.Nifti1Image) -> None:
+    """Warns when software may place the file's voxels differently: no qform or sform, or the two disagree.
+
+    nibabel (and so this loader), FSL and MONAI take the sform when its code is set; other tools (older ITK
+    releases among them) take the qform. Files with neither transform have no orientation; nibabel reads them with the
+    ``pixdim``-only fallback of the NIfTI standard.
+    """
+    header = image.header
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if qform_code == 0 and sform_code == 0:
+        axes = "".join(nib.aff2axcodes(image.affine))
+        problem = (
+            f"{role} has neither a qform nor an sform (qform_code and sform_code are 0), so its orientation is "
+            f"unknown; it is read with the pixdim-only fallback (axes {axes})"
+        )
+        fix = "set the sform and qform to the scanner transform (e.g. copy them from the original image)"
+    elif qform_code > 0 and sform_code > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        difference = float(np.max(np.abs(qform - sform)))
+        if difference <= AFFINE_TOLERANCE_MM:
+            return
+        problem = (
+            f"{role}'s qform (axes {''.join(nib.aff2axcodes(qform))}, code {qform_code}) and sform (axes "
+            f"{''.join(nib.aff2axcodes(sform))}, code {sform_code}) differ by up to {difference:.4g} mm; the sform "
+            "is used, as nibabel, FSL and MONAI do, but tools that prefer the qform place the voxels elsewhere"
+        )
+        fix = "re-save the file with one transform in both (e.g. nibabel: img.set_qform(img.get_sform()))"
+    else:
+        return
+    warnings.warn(case_error(case_id, path, problem, fix), UserWarning, stacklevel=4)
 
 
 def _check_affine(case_id: str, path: Path, affine: np.ndarray) -> None:
@@ -235,12 +273,28 @@ def _read_label(files: CaseFiles, ref_path: Path, ref_image: nib.Nifti1Image) ->
     if np.issubdtype(data.dtype, np.floating) and not (
         np.all(np.isfinite(data)) and np.array_equal(data, np.rint(data))
     ):
+        bad = np.unique(data[~(np.isfinite(data) & (data == np.rint(data)))])  # sorted, NaN last
+        found = ", ".join(f"{v:.9g}" for v in bad[:5]) + (
+            f", ... ({bad.size} in all)" if bad.size > 5 else ""
+        )
+        # nibabel moves the header's scaling onto the data proxy when it loads a file
+        slope, inter = (
+            float(getattr(image.dataobj, name, default)) for name, default in (("slope", 1), ("inter", 0))
+        )
+        scaled = (slope, inter) != (1.0, 0.0)
         raise CaseLoadError(
             case_error(
                 files.case_id,
                 path,
-                "label has non-integer or NaN/Inf values",
-                "store labels as integers (e.g. uint8), not interpolated floats",
+                f"label has non-integer or NaN/Inf values [{found}]; expected the integers "
+                f"{list(files.label_values)}"
+                + (
+                    f" (the header scales the stored values: scl_slope={slope:.9g}, scl_inter={inter:.9g})"
+                    if scaled
+                    else ""
+                ),
+                "store labels as integers (e.g. uint8) without scaling (scl_slope 1, scl_inter 0), not interpolated "
+                "floats",
             )
         )
     values = np.unique(data)
@@ -269,6 +323,9 @@ def load_case(files: CaseFiles, preprocessing: Preprocessing | None = None) -> V
     Returns:
         A :class:`VolumeCase` with ``image`` ``(C, D, H, W)`` float32 and ``label`` ``(D, H, W)``
         uint8 (or ``None``) in canonical orientation.
+
+    Warns:
+        UserWarning: For a file without qform and sform, or whose qform and sform disagree (see :func:`read_nifti`).
 
     Raises:
         CaseFileMissingError: If an image or label file is missing.

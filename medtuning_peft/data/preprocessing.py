@@ -1,15 +1,21 @@
 """Intensity normalization and target spacing: CT (HU window + z-score) and MRI (z-score inside a mask).
 
+CT windows and statistics are fixed numbers (nnU-Net's KiTS19 values by default) or, with
+:func:`ct_preprocessing_from_cases`, measured as nnU-Net measures them on the foreground of the training cases.
 Both configs are frozen dataclasses whose :meth:`to_dict` enters the cache key, so changing a
 parameter can never return stale cached arrays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .case import CaseFiles
 
 # nnU-Net's KiTS19 statistics (Isensee & Maier-Hein, "An attempt at beating the 3D U-Net", 2019):
 # HU clipped to the 0.5 / 99.5 percentiles of foreground voxels, then z-scored with the foreground
@@ -169,6 +175,72 @@ def default_preprocessing(modality: str, dataset: str = "") -> Preprocessing:
     if modality not in ("CT", "MRI"):
         raise ValueError(f"modality={modality!r}; use 'CT' or 'MRI'.")
     return DEFAULT_PREPROCESSING.get((dataset, modality), DEFAULT_PREPROCESSING[("", modality)])
+
+
+def ct_preprocessing_from_cases(
+    training_cases: Sequence[CaseFiles],
+    *,
+    samples_per_case: int = 10000,
+    seed: int = 1234,
+    target_spacing: tuple[float, float, float] | None = None,
+) -> CTPreprocessing:
+    """nnU-Net's CT normalization for a dataset, measured on its training cases only.
+
+    From each case, ``samples_per_case`` voxels with a label value above 0 are drawn (with replacement, so every
+    case weighs the same); over all of them the 0.5 and 99.5 percentiles become the HU window and their mean and
+    standard deviation (before clipping) the z-score, as nnU-Net's dataset fingerprint and ``CTNormalization`` do.
+    Pass the training cases of the split, never validation or test cases, whose intensities must not shape the
+    preprocessing.
+
+    Args:
+        training_cases: Labelled CT cases (``modality="CT"``) of the training split.
+        samples_per_case: Foreground voxels drawn per case.
+        seed: Seed of the draw (the result depends only on the cases, their order and the seed).
+        target_spacing: Passed on to the returned :class:`CTPreprocessing`.
+
+    Returns:
+        ``CTPreprocessing(window=(p0.5, p99.5), mean, std, target_spacing)``.
+
+    Raises:
+        ValueError: If no case is given, a case is not CT or has no label (naming it), ``samples_per_case`` is
+            below 1, or no case has any foreground voxel.
+    """
+    from .nifti import load_case  # nifti.py imports this module
+
+    if not training_cases:
+        raise ValueError("training_cases is empty; pass the labelled CT cases of the training split.")
+    if samples_per_case < 1:
+        raise ValueError(f"samples_per_case={samples_per_case!r}; pass a positive number, e.g. 10000.")
+    raw_hu = CTPreprocessing(window=None, mean=0.0, std=1.0)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for files in training_cases:
+        if files.modality != "CT" or files.label is None:
+            problem = "is not CT" if files.modality != "CT" else "has no label"
+            raise ValueError(
+                f"case '{files.case_id}' {problem} (modality={files.modality!r}, label={files.label}); CT statistics "
+                "come from the foreground of labelled CT training cases: pass only those."
+            )
+        case = load_case(files, raw_hu)
+        foreground = case.image[
+            :, case.label > 0
+        ].ravel()  # (C, D, H, W) -> (C * number of foreground voxels,)
+        if foreground.size:
+            samples.append(rng.choice(foreground, samples_per_case, replace=True))
+    if not samples:
+        raise ValueError(
+            f"none of the {len(training_cases)} training cases has a voxel with a label above 0; CT statistics are "
+            "measured on the foreground: check the label files, or pass a CTPreprocessing with a fixed window."
+        )
+    pooled = np.concatenate(samples).astype(np.float64)
+    low, high = (float(v) for v in np.percentile(pooled, [0.5, 99.5]))
+    std = float(pooled.std())
+    return CTPreprocessing(
+        window=(low, high) if high > low else (low, low + 1.0),
+        mean=float(pooled.mean()),
+        std=std if std > 0 else 1.0,
+        target_spacing=target_spacing,
+    )
 
 
 def target_shape(
