@@ -2,10 +2,11 @@
 
 :func:`push_to_hub` uploads what :meth:`~medtuning_peft.volumetric.VolumetricSegmenter.save_pretrained`
 wrote (adapter + decoder, segmenter settings, and the base backbone when it cannot be re-loaded by Hub
-id) plus a ``README.md`` from :func:`build_model_card`. Only ``*.safetensors``, ``*.json`` and
-``README.md`` are uploaded (:data:`UPLOAD_PATTERNS`): no pickles, no hidden or partial files. Every file
-is checked for truncation first. The upload uses ``huggingface_hub``'s public API
-(``HfApi.create_repo``, ``HfApi.create_branch``, ``HfApi.upload_folder``); loading by Hub id later goes
+id) plus a ``README.md`` from :func:`build_model_card`. Only the files a saved segmenter consists of are
+uploaded (:data:`UPLOAD_PATTERNS`): safetensors and JSON, no pickles, no checkpoints, metrics or other files
+that happen to lie in the folder. Every file is checked for truncation first; the folder itself is never
+written to (the card is uploaded from memory). The upload uses ``huggingface_hub``'s public API
+(``HfApi.create_repo``, ``HfApi.create_branch``, ``HfApi.create_commit``); loading by Hub id later goes
 through the same :func:`medtuning_peft.from_pretrained` as a local directory.
 
 Typical use::
@@ -26,14 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io_utils import (
-    PARTIAL_PREFIX,
-    atomic_write_bytes,
-    atomic_write_text,
-    check_safetensors,
-    read_json_file,
-    safetensors_header,
-)
+from .io_utils import PARTIAL_PREFIX, check_safetensors, read_json_file, safetensors_header
 
 __all__ = [
     "DATASETS",
@@ -53,10 +47,21 @@ SEGMENTER_CONFIG_NAME = "segmenter_config.json"  # as written by volumetric.py
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 METRICS_NAME = "metrics.json"
 
-UPLOAD_PATTERNS: list[str] = ["*.safetensors", "*.json", "README.md"]
-"""``allow_patterns`` of the upload: weights, settings and the model card only."""
+CARD_NAME = "README.md"
+UPLOAD_PATTERNS: list[str] = [
+    SEGMENTER_CONFIG_NAME,
+    ADAPTER_CONFIG_NAME,
+    "adapter_model.safetensors",  # med_adapter / lora: adapters + decoder
+    "model.safetensors",  # full / decoder_only
+    "backbone/config.json",  # the base backbone, when it is not re-loaded by Hub id
+    "backbone/model.safetensors",
+    "backbone/model.safetensors.index.json",
+    "backbone/model-*-of-*.safetensors",
+]
+"""The files of a saved segmenter that are uploaded (``huggingface_hub`` ``allow_patterns``, matched against
+paths relative to the model folder); the generated ``README.md`` is added to them."""
 IGNORE_PATTERNS: list[str] = [".*", "*/.*"]
-"""``ignore_patterns`` of the upload: hidden files, including partial files of interrupted writes."""
+"""Never uploaded: hidden files, including partial files of interrupted writes."""
 
 PAPER_BIBTEX = """@inproceedings{shen2024medtuning,
   title     = {Med-Tuning: A New Parameter-Efficient Tuning Framework for Medical Volumetric Segmentation},
@@ -322,12 +327,49 @@ def _table(header: tuple[str, str], rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _yaml_list(key: str, values: list[str]) -> list[str]:
-    return [f"{key}:"] + [f"- {json.dumps(v)}" for v in values]
+def _is_repo_id(name: Any) -> bool:
+    """Whether ``name`` is a Hub repository id ``org/name`` (by its form; nothing is looked up)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+def _base_model(config: Mapping[str, Any]) -> str | None:
+    """The Hub id of the base backbone, when the saved model re-loads it from the Hub (``backbone_weights``
+    ``"hub"``); None for a tiny, random or local-directory backbone, whose weights are in ``backbone/``."""
+    backbone = config.get("backbone")
+    return backbone if config.get("backbone_weights") == "hub" and _is_repo_id(backbone) else None
+
+
+def _eval_results(metrics: Mapping[str, Any] | None, dataset_type: str, dataset_name: str) -> list[Any]:
+    """The ``model-index`` entries of the card: the mean of every metric in ``metrics["summary"]``, nothing
+    when there is no summary. The split is named only for a training run's metrics (its final validation,
+    recorded with the run's ``history``); ``medtuning evaluate`` output may come from any split."""
+    from huggingface_hub import EvalResult
+
+    summary = (metrics or {}).get("summary")
+    if not isinstance(summary, Mapping):
+        return []
+    split = "validation" if isinstance((metrics or {}).get("history"), Mapping) else None
+    return [
+        EvalResult(
+            task_type="image-segmentation",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=str(name),
+            metric_name=str(name),
+            metric_value=value["mean"],
+        )
+        for name, value in summary.items()
+        if _is_summary(value)
+    ]
 
 
 def build_model_card(
@@ -336,8 +378,15 @@ def build_model_card(
     dataset: str | None = None,
     license: str | None = None,
     repo_id: str | None = None,
+    revision: str | None = None,
 ) -> str:
     """A Hub ``README.md`` for a saved segmenter: YAML metadata, then what, how well, how to use and cite.
+
+    The metadata is written by ``huggingface_hub.ModelCardData``: ``library_name: peft``, ``base_model`` (only
+    for a backbone re-loaded by Hub id), ``license``, ``pipeline_tag``, ``tags``, ``datasets`` (for a known
+    data set, or one named by Hub id) and, when the metrics hold a ``summary`` and the data set is known,
+    a ``model-index`` with the mean of each summary metric (on the validation split, for a training run's
+    metrics).
 
     Args:
         model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
@@ -350,6 +399,8 @@ def build_model_card(
         license: the card's Hub ``license`` identifier; default: the data set's (models trained on
             non-commercial data stay non-commercial), else ``"other"``.
         repo_id: the Hub id used in the usage snippet; default: a placeholder.
+        revision: the Hub branch the model is pushed to, named in the usage snippet; default: none (the
+            main branch).
 
     Returns:
         The card's Markdown text.
@@ -359,6 +410,8 @@ def build_model_card(
             missing file.
         io_utils.CorruptFileError: when a JSON or safetensors header is unreadable.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     model_dir = Path(model_dir)
     config = _segmenter_config(model_dir)
     adapter_path = model_dir / ADAPTER_CONFIG_NAME
@@ -394,14 +447,21 @@ def build_model_card(
     ]
     tags += [method.replace("_", "-")] + ([info.tag] if info else [])
     tags = list(dict.fromkeys(tags))  # unique, in order
-    meta = ["---", "library_name: peft"]
-    if _is_hub_id(backbone):
-        meta.append(f"base_model: {backbone}")
-    meta += [f"license: {card_license}", "pipeline_tag: image-segmentation", *_yaml_list("tags", tags), "---"]
+    dataset_id = info.tag if info else (dataset if _is_repo_id(dataset) else None)
+    eval_results = _eval_results(metrics, dataset_id, data_name) if dataset_id else []
+    meta = ModelCardData(
+        library_name="peft",
+        base_model=_base_model(config),
+        license=card_license,
+        pipeline_tag="image-segmentation",
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        model_name=(repo_id or repo).split("/")[-1] if eval_results else None,  # names the model-index
+        eval_results=eval_results or None,
+    )
+    loading = f'"{repo}", revision="{revision}"' if revision else f'"{repo}"'
 
     out = [
-        "\n".join(meta),
-        "",
         f"# {'Med-Adapter' if method == 'med_adapter' else method} segmenter: {backbone} on {data_name}",
         "",
         f"3D medical image segmentation with a {_frozen(method, adapter)} 2D backbone (`{backbone}`) tuned by "
@@ -429,8 +489,10 @@ def build_model_card(
     rows = _metric_rows(metrics) if metrics else []
     if rows:
         note = f" (first {_MAX_METRIC_ROWS} of {len(rows)})" if len(rows) > _MAX_METRIC_ROWS else ""
+        names = " ".join(name.lower() for name, _ in rows)
+        units = [u for key, u in (("dice", "Dice in [0, 1]"), ("hd95", "HD95 in mm")) if key in names]
         out += [
-            f"From the run's `metrics.json`{note}; Dice in [0, 1], HD95 in mm.",
+            f"From the run's `metrics.json`{note}{'; ' if units else ''}{', '.join(units)}.",
             "",
             _table(("metric", "value"), rows[:_MAX_METRIC_ROWS]),
             "",
@@ -470,14 +532,15 @@ def build_model_card(
         "```python",
         "import medtuning_peft",
         "",
-        f'model = medtuning_peft.from_pretrained("{repo}")  # eval mode; device="cuda" to use a GPU',
+        f'model = medtuning_peft.from_pretrained({loading})  # eval mode; device="cuda" to use a GPU',
         "logits = model(volumes)  # (B, C, D, H, W) -> (B, K, D, H, W)",
         "```",
         "",
         "Whole NIfTI volumes, with the saved preprocessing and sliding-window inference:",
         "",
         "```bash",
-        f"medtuning predict --model {repo} --input scans/ --output predictions/",
+        f"medtuning predict --model {repo} --input scans/ --output predictions/"
+        + (f" --revision {revision}" if revision else ""),
         "```",
         "",
         "## Citation",
@@ -496,7 +559,8 @@ def build_model_card(
         + (f", {info.licence}." if info else "."),
         "",
     ]
-    return "\n".join(out)
+    body = "\n".join(out)
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n{body}"))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -507,19 +571,23 @@ def build_model_card(
 def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
     """The files :func:`push_to_hub` uploads from ``model_dir``: relative POSIX paths, sorted.
 
-    The same ``huggingface_hub`` filter as the upload applied to :data:`UPLOAD_PATTERNS` and
-    :data:`IGNORE_PATTERNS`.
+    Those of the saved segmenter in ``model_dir`` that match :data:`UPLOAD_PATTERNS` (``huggingface_hub``'s
+    filter, as ``allow_patterns`` / ``ignore_patterns`` of an upload), plus ``README.md``, the generated
+    model card (a ``README.md`` in ``model_dir`` is not uploaded). Anything else in the folder stays local.
     """
     from huggingface_hub.utils import filter_repo_objects
 
     model_dir = Path(model_dir)
     names = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]
-    return sorted(filter_repo_objects(names, allow_patterns=UPLOAD_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+    selected = filter_repo_objects(names, allow_patterns=UPLOAD_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    return sorted([*selected, CARD_NAME])
 
 
 def _check_files(model_dir: Path) -> None:
     for name in files_to_upload(model_dir):
         path = model_dir / name
+        if name == CARD_NAME:  # generated, not read from the folder
+            continue
         if name.endswith(".safetensors"):
             check_safetensors(path)
         elif name.endswith(".json"):
@@ -578,31 +646,36 @@ def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     commit_message: str = "Upload Med-Adapter segmenter (medtuning_peft)",
     dataset: str | None = None,
     metrics: Mapping[str, Any] | str | os.PathLike | None = None,
     license: str | None = None,
     revision: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
 ) -> Any:
-    """Upload a saved segmenter with a generated model card.
+    """Upload a saved segmenter with a generated model card, in one commit.
 
-    Creates the repository and the ``revision`` branch if needed, writes the card to
-    ``model_dir/README.md`` (atomically, replacing peft's generic card) and uploads the files of
-    :func:`files_to_upload` in one commit. If the push fails, ``model_dir`` is left as it was (its
-    previous ``README.md``, or none, is put back).
+    Has the Hub check the card's metadata, creates the repository and the ``revision`` branch if needed,
+    then commits the files of :func:`files_to_upload` with the card of :func:`build_model_card` as
+    ``README.md``. The card is uploaded from memory: ``model_dir`` is only read, so a push that fails half
+    way leaves it as it was. Files of an earlier push that this one does not replace stay in the repository.
 
     Args:
         model_dir: a directory written by ``VolumetricSegmenter.save_pretrained``.
         repo_id: ``"org/name"`` on the Hub.
         token: a Hub token with write access; default: the logged-in user's.
-        private: create the repository as private (an existing repository keeps its visibility).
+        private: create the repository as private (True) or public (False); default: the Hub's default for
+            the user or organization. An existing repository keeps its visibility.
         commit_message: the commit message.
         dataset: see :func:`build_model_card`.
         metrics: see :func:`build_model_card`.
         license: see :func:`build_model_card`.
         revision: the branch to push to, created from the main branch if it does not exist (or a
             ``refs/pr/N`` reference of an open pull request); default: the main branch.
+        commit_description: the commit's description (the pull request's, with ``create_pr``).
+        create_pr: open a pull request (against ``revision``) instead of committing to it.
 
     Returns:
         The ``huggingface_hub`` ``CommitInfo`` of the upload.
@@ -611,34 +684,40 @@ def push_to_hub(
         FileNotFoundError: when ``model_dir`` holds no saved segmenter.
         io_utils.CorruptFileError: when a file to upload is truncated or corrupt (nothing is uploaded).
         ValueError: when ``repo_id`` is not ``"org/name"``, a config file is invalid or the directory holds
-            partial files (:func:`check_push`; nothing is uploaded).
+            partial files (:func:`check_push`), or the Hub rejects the card's metadata (e.g. an unknown
+            ``license``); nothing is created or uploaded.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
     model_dir = Path(model_dir)
     check_push(model_dir, repo_id)
-    card = build_model_card(model_dir, metrics=metrics, dataset=dataset, license=license, repo_id=repo_id)
+    card = build_model_card(
+        model_dir,
+        metrics=metrics,
+        dataset=dataset,
+        license=license,
+        repo_id=repo_id,
+        revision=None if revision is None or revision.startswith("refs/pr/") else revision,
+    )
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name))
+        for name in files_to_upload(model_dir)
+        if name != CARD_NAME
+    ]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
+    # The Hub's metadata check (license id, model-index, ...) before anything is created on the Hub.
+    ModelCard(card).validate(repo_type="model")
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not revision.startswith("refs/pr/"):
-        # upload_folder commits to an existing branch only (404 otherwise); a PR ref exists already.
+        # A commit goes to an existing branch only (404 otherwise); a PR ref exists already.
         api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
-    readme = model_dir / "README.md"
-    previous = readme.read_bytes() if readme.is_file() else None
-    atomic_write_text(readme, card)
-    try:
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(model_dir),
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message,
-            allow_patterns=UPLOAD_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
-    except BaseException:  # a failed push leaves the folder as it was
-        if previous is None:
-            readme.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(readme, previous)
-        raise
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        repo_type="model",
+    )

@@ -34,7 +34,7 @@ from typing import Any
 import peft
 import torch
 import transformers
-from huggingface_hub import is_offline_mode, snapshot_download
+from huggingface_hub import hf_hub_download, is_offline_mode, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
@@ -44,6 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backbones import BACKBONE_SPECS
 from .decoders import DECODERS, build_decoder, decoder_key
+from .hub import CARD_NAME, UPLOAD_PATTERNS
 from .io_utils import (
     CorruptFileError,
     atomic_directory,
@@ -635,17 +636,23 @@ def load_backbone(
             f"backbone_class={class_name!r} is a {cls.config_class.model_type!r} model but {source!r} holds a "
             f"{config.model_type!r} checkpoint; leave backbone_class unset or pick a {config.model_type} class."
         )
+    local = Path(source).is_dir()
+    if not local:
+        # Pin the commit the config came from (a branch such as "main" moves): the weights are read from it,
+        # and a saved model records it. The snapshot folder of huggingface_hub's cache is named by the commit;
+        # the config is in the cache already, so this reads no more than the ref online and nothing offline.
+        # (transformers 5.25 no longer keeps it in ``config._commit_hash``.)
+        revision = Path(hf_hub_download(source, transformers.CONFIG_NAME, revision=revision)).parent.name
     if with_weights:
         model = cls.from_pretrained(
             source, config=config, revision=revision, use_safetensors=True, dtype=torch.get_default_dtype()
         )
     else:
         model = cls(config)
-    local = Path(source).is_dir()
     info = {
         "backbone": source,
         "backbone_class": class_name,
-        "backbone_revision": None if local else (getattr(config, "_commit_hash", None) or revision),
+        "backbone_revision": None if local else revision,
         "backbone_config_overrides": overrides or None,
         "backbone_reloadable": not local,
     }
@@ -1413,6 +1420,11 @@ def build_segmenter(
     return segmenter
 
 
+DOWNLOAD_PATTERNS = [*UPLOAD_PATTERNS, CARD_NAME]
+"""What loading a segmenter by Hub id downloads: the files ``push_to_hub`` uploads, not training checkpoints or
+other files a repository may hold."""
+
+
 def _resolve(model_id_or_path: str | os.PathLike, revision: str | None) -> Path:
     path = Path(model_id_or_path).expanduser()
     if path.is_dir():
@@ -1428,7 +1440,7 @@ def _resolve(model_id_or_path: str | os.PathLike, revision: str | None) -> Path:
             snapshot_download(
                 repo_id=text,
                 revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.md"],
+                allow_patterns=DOWNLOAD_PATTERNS,
             )
         )
     except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
+import medtuning_peft
 from medtuning_peft.cli import main
 from medtuning_peft.hub import (
-    IGNORE_PATTERNS,
-    UPLOAD_PATTERNS,
     build_model_card,
     count_parameters,
     files_to_upload,
@@ -26,7 +26,7 @@ from medtuning_peft.training import parameter_counts
 from medtuning_peft.volumetric import build_segmenter, load_backbone
 
 LABELS = ["background", "kidney", "tumor"]
-EXPECTED_UPLOAD = [
+EXPECTED_UPLOAD = [  # README.md: the generated model card
     "README.md",
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -74,17 +74,58 @@ def run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 def front_matter(card: str) -> dict:
+    """The card's metadata as the Hub reads it (huggingface_hub's parser), checked against plain YAML."""
     assert card.startswith("---\n")
-    return yaml.safe_load(card.split("---\n")[1])
+    meta = ModelCard(card).data.to_dict()
+    assert meta == yaml.safe_load(card.split("---\n")[1])
+    return meta
 
 
 def test_model_card_metadata(run):
     card = build_model_card(run[0] / "model", dataset="kits19")
     meta = front_matter(card)
-    assert meta["library_name"] == "peft"
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-segmentation"
     assert meta["license"] == "cc-by-nc-sa-4.0"  # trained on non-commercial data
     assert {"med-adapter", "medtuning_peft", "medical-imaging", "kits19"} <= set(meta["tags"])
+    assert meta["datasets"] == ["kits19"]
     assert "base_model" not in meta  # a random tiny backbone has no Hub id
+
+
+def test_model_card_reports_the_summary_metrics_and_invents_none(run):
+    model_dir = run[0] / "model"
+    meta = front_matter(build_model_card(model_dir, dataset="kits19"))
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"] == {"type": "image-segmentation"}
+    assert result["dataset"]["type"] == "kits19" and "split" not in result["dataset"]  # split not recorded
+    assert result["metrics"] == [{"type": "dice_mean", "value": 0.8292, "name": "dice_mean"}]
+    training_run = {"summary": {"hd95_tumor": {"mean": 12.5, "std": 1.0}}, "history": {"loss": []}}
+    card = build_model_card(model_dir, metrics=training_run, dataset="kits19")
+    (result,) = front_matter(card)["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "validation"  # a training run's final validation
+    assert "HD95 in mm" in card and "Dice in" not in card
+    for metrics in ({}, {"steps": 10}):
+        card = build_model_card(model_dir, metrics=metrics, dataset="kits19")
+        assert "model-index" not in front_matter(card)
+        assert "Dice in" not in card and "HD95" not in card
+
+
+def test_card_metadata_keeps_user_text_verbatim(run):
+    license = "other  # see LICENSE: terms"
+    meta = front_matter(build_model_card(run[0] / "model", dataset="my-org/ct-scans: v2", license=license))
+    assert meta["license"] == license
+    assert "datasets" not in meta  # a free-form name is no Hub data set id
+    meta = front_matter(build_model_card(run[0] / "model", dataset="my-org/ct-scans"))
+    assert meta["datasets"] == ["my-org/ct-scans"]
+
+
+def test_card_of_a_local_backbone_names_no_base_model(tmp_path, monkeypatch):
+    # A backbone loaded from a relative directory that is gone (or elsewhere) when the card is written.
+    monkeypatch.chdir(tmp_path)
+    base, _ = load_backbone("tiny-swin")
+    base.save_pretrained("runs/swin")
+    build("runs/swin").save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "model")
+    assert "base_model" not in front_matter(build_model_card(tmp_path / "model"))
 
 
 def test_model_card_body_has_task_data_metrics_settings_usage_and_citations(run):
@@ -156,6 +197,7 @@ def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
     card = build_model_card(tmp_path / "model", dataset="Our hospital's scans")
     meta = front_matter(card)
     assert meta["base_model"] == "example-org/swin-tiny" and meta["license"] == "other"
+    assert "datasets" not in meta and "model-index" not in meta
     assert "Total: not counted" in card and "No metrics were recorded" in card
     with_counts = build_model_card(tmp_path / "model", metrics={"parameters": {"total": 123456789}})
     assert "Total: 123,456,789." in with_counts
@@ -164,8 +206,13 @@ def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Replaces the Hub calls (the network boundary) with recorders."""
+    """Replaces the Hub's network calls with recorders: ``ModelCard.validate`` (the Hub's metadata check),
+    ``create_repo``, ``create_branch`` and ``create_commit`` (which ``upload_folder`` also ends in). The card and
+    the commit operations are huggingface_hub's own objects."""
     calls = {}
+
+    def validate(self, repo_type=None):
+        calls["validate_card"] = {"content": str(self), "repo_type": repo_type}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = {"repo_id": repo_id, **kwargs}
@@ -173,26 +220,53 @@ def recorded(monkeypatch):
     def create_branch(self, repo_id, **kwargs):
         calls["create_branch"] = {"repo_id": repo_id, **kwargs}
 
-    def upload_folder(self, **kwargs):
-        calls["upload_folder"] = kwargs
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["create_commit"] = {"repo_id": repo_id, "operations": list(operations), **kwargs}
         return "commit-info"
 
+    monkeypatch.setattr(ModelCard, "validate", validate)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return calls  # in call order
+
+
+def committed(calls: dict) -> dict[str, bytes]:
+    """The files of the recorded commit: path in the repository -> content."""
+    files = {}
+    for operation in calls["create_commit"]["operations"]:
+        assert isinstance(operation, CommitOperationAdd)
+        with operation.as_file() as f:
+            files[operation.path_in_repo] = f.read()
+    return files
+
+
+CLUTTER = {  # what else may lie in a model folder; none of it is part of the saved model
+    "optimizer.pt": b"pickle",
+    "training_args.bin": b"pickle",
+    "notes.txt": b"notes",
+    ".DS_Store": b"",
+    "backbone/.hidden.json": b"{}",
+    "checkpoint-500/adapter_model.safetensors": b"an older adapter",
+    "checkpoints/step_10/model.safetensors": b"an accelerate checkpoint",
+    "metrics.json": b'{"settings": {"data_dir": "/home/me/patients"}}',
+    "trainer_state.json": b"{}",
+    "README.md": b"# My own notes\n",
+}
 
 
 def model_with_clutter(tmp_path: Path) -> Path:
     model_dir = tmp_path / "model"
     build().save_pretrained(model_dir)
-    for name in ("optimizer.pt", "training_args.bin", "notes.txt", ".DS_Store", "backbone/.hidden.json"):
-        (model_dir / name).write_bytes(b"not for upload")
+    for name, data in CLUTTER.items():
+        (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / name).write_bytes(data)
     return model_dir
 
 
-def test_push_uploads_only_safetensors_json_and_the_card(tmp_path, recorded):
+def test_push_uploads_the_saved_model_and_the_card_only(tmp_path, recorded):
     model_dir = model_with_clutter(tmp_path)
+    before = folder_contents(model_dir)
     assert push_to_hub(model_dir, "my-org/kits19-swin", private=True, dataset="kits19") == "commit-info"
     assert recorded["create_repo"] == {
         "repo_id": "my-org/kits19-swin",
@@ -200,43 +274,82 @@ def test_push_uploads_only_safetensors_json_and_the_card(tmp_path, recorded):
         "exist_ok": True,
         "repo_type": "model",
     }
-    upload = recorded["upload_folder"]
-    assert upload["repo_id"] == "my-org/kits19-swin" and Path(upload["folder_path"]) == model_dir
-    assert upload["allow_patterns"] == UPLOAD_PATTERNS and upload["ignore_patterns"] == IGNORE_PATTERNS
-    on_disk = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]
-    sent = filter_repo_objects(
-        on_disk, allow_patterns=upload["allow_patterns"], ignore_patterns=upload["ignore_patterns"]
+    files = committed(recorded)
+    assert sorted(files) == EXPECTED_UPLOAD == files_to_upload(model_dir)
+    card = build_model_card(model_dir, dataset="kits19", repo_id="my-org/kits19-swin")
+    assert files.pop("README.md").decode() == card  # the generated card, not the folder's README.md
+    assert recorded["validate_card"] == {"content": card, "repo_type": "model"}
+    assert files == {name: before[name] for name in files}
+    assert folder_contents(model_dir) == before  # the folder is only read
+
+
+def test_push_leaves_visibility_to_the_hub_unless_asked(tmp_path, recorded):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    push_to_hub(model_dir, "my-org/x")
+    assert recorded["create_repo"]["private"] is None  # the user's or organization's default
+
+
+def test_push_passes_commit_options(tmp_path, recorded):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+    push_to_hub(
+        model_dir,
+        "my-org/x",
+        commit_message="v2",
+        commit_description="retrained on 210 cases",
+        create_pr=True,
     )
-    assert sorted(sent) == EXPECTED_UPLOAD == files_to_upload(model_dir)
-    card = (model_dir / "README.md").read_text()
-    assert card == build_model_card(model_dir, dataset="kits19", repo_id="my-org/kits19-swin")
+    commit = recorded["create_commit"]
+    assert (commit["commit_message"], commit["commit_description"], commit["create_pr"]) == (
+        "v2",
+        "retrained on 210 cases",
+        True,
+    )
+    assert commit["repo_id"] == "my-org/x" and commit["revision"] is None and commit["repo_type"] == "model"
 
 
 def test_push_to_a_new_branch_creates_it_before_uploading(tmp_path, recorded):
     model_dir = tmp_path / "model"
     build().save_pretrained(model_dir)
     push_to_hub(model_dir, "my-org/new-model", revision="experiment-1")
-    assert list(recorded) == ["create_repo", "create_branch", "upload_folder"]
+    assert list(recorded) == ["validate_card", "create_repo", "create_branch", "create_commit"]
     assert recorded["create_branch"] == {
         "repo_id": "my-org/new-model",
         "branch": "experiment-1",
         "repo_type": "model",
         "exist_ok": True,
     }
-    assert recorded["upload_folder"]["revision"] == "experiment-1"
+    assert recorded["create_commit"]["revision"] == "experiment-1"
+    card = committed(recorded)["README.md"].decode()  # colleagues are told to load that branch
+    assert 'from_pretrained("my-org/new-model", revision="experiment-1")' in card
+    assert "--model my-org/new-model --input scans/ --output predictions/ --revision experiment-1" in card
 
 
 def test_push_command_revision_creates_the_branch(tmp_path, recorded):
     model_dir = model_with_clutter(tmp_path)
     assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "v2"]) == 0
-    assert recorded["create_branch"]["branch"] == "v2" and recorded["upload_folder"]["revision"] == "v2"
+    assert recorded["create_branch"]["branch"] == "v2" and recorded["create_commit"]["revision"] == "v2"
 
 
 def folder_contents(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("failing_call", ["create_branch", "upload_folder"])
+def test_push_of_a_card_the_hub_rejects_creates_nothing(tmp_path, recorded, monkeypatch):
+    model_dir = tmp_path / "model"
+    build().save_pretrained(model_dir)
+
+    def reject(self, repo_type=None):  # the Hub's answer to an unknown licence id
+        raise ValueError('"license" must be one of [apache-2.0, mit, ...]')
+
+    monkeypatch.setattr(ModelCard, "validate", reject)
+    with pytest.raises(ValueError, match="license"):
+        push_to_hub(model_dir, "my-org/x", license="apache2", revision="b")
+    assert recorded == {}
+
+
+@pytest.mark.parametrize("failing_call", ["create_repo", "create_branch", "create_commit"])
 def test_failed_push_leaves_the_model_folder_unchanged(tmp_path, recorded, monkeypatch, failing_call):
     model_dir = tmp_path / "model"
     build().save_pretrained(model_dir)
@@ -252,6 +365,70 @@ def test_failed_push_leaves_the_model_folder_unchanged(tmp_path, recorded, monke
     assert folder_contents(model_dir) == before
     assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "b"]) == 1
     assert folder_contents(model_dir) == before
+
+
+def put_in_hub_cache(
+    cache: Path, repo_id: str, commit: str, files: dict[str, bytes], ref: str = "main"
+) -> None:
+    """Store a commit the way huggingface_hub's downloads do: blobs, a snapshot of links, a ref."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, read by huggingface_hub and transformers (offline)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("backbone_source", ["tiny-swin", "hub-id"])
+def test_a_pushed_model_loaded_by_hub_id_gives_the_local_outputs(
+    tmp_path, recorded, hub_cache, backbone_source
+):
+    backbone = "tiny-swin"
+    if backbone_source == "hub-id":  # the base backbone itself comes from the (cached) Hub
+        base, _ = load_backbone("tiny-swin")
+        base.save_pretrained(tmp_path / "base")
+        put_in_hub_cache(hub_cache, "example-org/swin-tiny", "a" * 40, folder_contents(tmp_path / "base"))
+        backbone = "example-org/swin-tiny"
+    volumes = torch.randn(1, 1, 8, 32, 32)
+    outputs = {}
+    for branch, seed in (("main", 1), ("experiment-1", 2)):
+        torch.manual_seed(seed)
+        model = build(backbone)
+        for parameter in model.parameters():  # trained adapters and decoder, different on each branch
+            if parameter.requires_grad:
+                parameter.data.normal_(std=0.1)
+        model_dir = tmp_path / branch
+        model.save_pretrained(model_dir)
+        push_to_hub(model_dir, "my-org/kits19-swin", revision=None if branch == "main" else branch)
+        commit = (str(seed) * 40)[:40]
+        put_in_hub_cache(hub_cache, "my-org/kits19-swin", commit, committed(recorded), ref=branch)
+        with torch.no_grad():
+            outputs[branch] = medtuning_peft.from_pretrained(model_dir)(volumes)
+            from_hub = medtuning_peft.from_pretrained("my-org/kits19-swin", revision=commit)(volumes)
+        torch.testing.assert_close(from_hub, outputs[branch], rtol=0, atol=0)
+    assert (tmp_path / "main" / "backbone").exists() == (backbone_source == "tiny-swin")
+    with torch.no_grad():
+        latest = medtuning_peft.from_pretrained("my-org/kits19-swin")(volumes)  # the main branch
+        branch = medtuning_peft.from_pretrained("my-org/kits19-swin", revision="experiment-1")(volumes)
+    torch.testing.assert_close(latest, outputs["main"], rtol=0, atol=0)
+    torch.testing.assert_close(branch, outputs["experiment-1"], rtol=0, atol=0)
+    assert not torch.equal(outputs["main"], outputs["experiment-1"])
 
 
 def test_push_refuses_a_truncated_weights_file_before_uploading(tmp_path, recorded):
@@ -274,14 +451,14 @@ def test_push_command_dry_run_prints_the_card_and_uploads_nothing(tmp_path, reco
     code = main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--dataset", "msd", "--dry-run"])
     captured = capsys.readouterr()
     assert code == 0 and recorded == {}
-    assert captured.out.startswith("---\nlibrary_name: peft") and "CC BY-SA 4.0" in captured.out
+    assert front_matter(captured.out)["library_name"] == "peft" and "CC BY-SA 4.0" in captured.out
     assert all(name in captured.err for name in EXPECTED_UPLOAD[1:]) and "optimizer.pt" not in captured.err
 
 
 def test_push_command_uploads(tmp_path, recorded, capsys):
     model_dir = model_with_clutter(tmp_path)
     assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x"]) == 0
-    assert recorded["upload_folder"]["allow_patterns"] == UPLOAD_PATTERNS
+    assert sorted(committed(recorded)) == EXPECTED_UPLOAD
 
 
 def truncate_weights(model_dir: Path) -> None:
@@ -319,3 +496,26 @@ def test_dry_run_refuses_what_a_real_push_refuses(tmp_path, recorded, capsys, ca
         captured = capsys.readouterr()
         assert re.search(words, captured.err) and captured.out == "", captured.err
     assert recorded == {}
+
+
+def test_a_hub_backbone_is_pinned_to_the_commit_it_was_loaded_from(tmp_path, hub_cache):
+    """A saved model re-loads its Hub backbone from the commit it was trained on, not from where the branch is
+    now: a moved `main` would silently give other outputs."""
+    for seed, commit in ((1, "a" * 40), (2, "b" * 40)):  # `main` at commit a, later moved to b
+        torch.manual_seed(seed)
+        base, _ = load_backbone("tiny-swin")
+        base.save_pretrained(tmp_path / f"base-{seed}")
+        if seed == 1:
+            put_in_hub_cache(hub_cache, "example-org/swin-tiny", commit, folder_contents(tmp_path / "base-1"))
+            torch.manual_seed(0)
+            model = build("example-org/swin-tiny").eval()
+            assert model.segmenter_config["backbone_revision"] == commit
+            model.save_pretrained(tmp_path / "model")
+            volumes = torch.randn(1, 1, 8, 32, 32)
+            with torch.no_grad():
+                expected = model(volumes)
+        else:
+            put_in_hub_cache(hub_cache, "example-org/swin-tiny", commit, folder_contents(tmp_path / "base-2"))
+    with torch.no_grad():
+        reloaded = medtuning_peft.from_pretrained(tmp_path / "model")(volumes)
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=0)

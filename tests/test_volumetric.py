@@ -550,21 +550,24 @@ def test_a_decoder_named_in_another_case_is_saved_under_its_registry_name_and_re
     assert from_pretrained(tmp_path / "out") is not None
 
 
-def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
-    model = make("vit")
-    model.save_pretrained(tmp_path / "snapshot")
-    calls = []
+@pytest.mark.parametrize("method", ["decoder_only", "med_adapter", "full"])
+def test_loading_by_hub_id_downloads_the_saved_model_and_no_stray_files(tmp_path, method):
+    """Every file save_pretrained writes is downloaded (loading by Hub id is tested end to end in test_hub.py),
+    and nothing else a repository may hold: training checkpoints, optimizer states, pickles."""
+    from huggingface_hub.utils import filter_repo_objects
 
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
-        calls.append((repo_id, revision))
-        assert set(allow_patterns) >= {"*.json", "*.safetensors"} and not any(
-            "bin" in p for p in allow_patterns
-        )
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr(volumetric, "snapshot_download", fake_snapshot_download)
-    loaded = from_pretrained("example-org/kits19-vit", revision="main")
-    assert calls == [("example-org/kits19-vit", "main")] and not loaded.training
+    make("vit", method=method).save_pretrained(tmp_path)
+    saved = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    stray = [
+        "checkpoint-500/adapter_model.safetensors",
+        "checkpoints/step_10/model.safetensors",
+        "trainer_state.json",
+        "optimizer.safetensors",
+        "pytorch_model.bin",
+        "adapter_model.bin",
+    ]
+    fetched = list(filter_repo_objects([*saved, *stray], allow_patterns=volumetric.DOWNLOAD_PATTERNS))
+    assert sorted(fetched) == saved
 
 
 def test_interrupted_save_leaves_the_previous_save_intact(tmp_path, monkeypatch):
