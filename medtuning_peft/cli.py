@@ -940,6 +940,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _verify_case(files: Any, require_label: bool) -> list[str]:
     """Every problem of one case (each message names the case and the file)."""
+    import warnings
+
     import numpy as np
 
     from .data import CaseLoadError, read_nifti
@@ -956,12 +958,21 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
         except CaseLoadError as error:
             problems.append(str(error))
 
+    def read(path: Path, **options: Any) -> tuple[Any, Any]:
+        """read_nifti; what it only warns about (no orientation, a qform and an sform that disagree) is recorded
+        as a problem."""
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            result = read_nifti(path, case_id=files.case_id, **options)
+        problems.extend(str(w.message) for w in warned if issubclass(w.category, UserWarning))
+        return result
+
     single = len(files.images) == 1
     channels, readable = 0, True
     for index, path in enumerate(files.images):
         role = files.channel_names[index] if not single and index < len(files.channel_names) else "image"
         try:
-            data, image = read_nifti(path, case_id=files.case_id, role=role)
+            data, image = read(path, role=role)
         except CaseLoadError as error:
             problems.append(str(error))
             readable = False
@@ -1011,7 +1022,7 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
             )
         return problems
     try:
-        label, image = read_nifti(files.label, case_id=files.case_id, role="label", as_label=True)
+        label, image = read(files.label, role="label", as_label=True)
     except CaseLoadError as error:
         return [*problems, str(error)]
     path = Path(files.label)
@@ -1128,6 +1139,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
                 dataset=args.dataset,
                 license=args.license,
                 repo_id=args.repo_id,
+                revision=args.revision,
             )
             print(card)
             print("Files that would be uploaded:", *files_to_upload(args.model), sep="\n  ", file=sys.stderr)
@@ -1136,8 +1148,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
             args.model,
             args.repo_id,
             token=args.token,
-            private=args.private,
+            private=True if args.private else None,  # unset: the Hub's default for the user or organization
             commit_message=args.commit_message,
+            commit_description=args.commit_description,
+            create_pr=args.create_pr,
             dataset=args.dataset,
             metrics=args.metrics,
             license=args.license,
@@ -1475,9 +1489,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--metrics", help="metrics JSON (default: metrics.json in or above --model)")
     push.add_argument("--license", help="Hub licence id of the card (default: the data set's)")
     push.add_argument("--token", help="Hub token with write access (default: the logged-in user's)")
-    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repository as private (default: the Hub's default for your account or organization)",
+    )
     push.add_argument("--revision", help="branch to push to")
     push.add_argument("--commit-message", default="Upload Med-Adapter segmenter (medtuning_peft)")
+    push.add_argument("--commit-description", help="longer description of the commit")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument(
         "--dry-run",
         action="store_true",

@@ -786,6 +786,21 @@ def test_verify_data_names_a_file_stored_in_another_voxel_order_as_training_does
     assert str(loading.value) in err
 
 
+def test_verify_data_reports_a_qform_and_sform_that_disagree(tmp_path, capsys):
+    """The loader warns and goes on with the sform; for verify-data it is a problem of the file, named."""
+    write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0, (10, 12, 14)))
+    label = write_nifti(tmp_path / "case_00000" / "segmentation.nii.gz", label_map(0))
+    image = nib.load(label)
+    flipped = KITS_AFFINE @ np.diag([1.0, 1.0, -1.0, 1.0])  # left and right swapped in the qform only
+    image.header.set_qform(flipped, code=1)
+    nib.save(image, str(label))
+    report = tmp_path / "report.json"
+    code = main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--output", str(report)])
+    assert code == 1
+    (problem,) = json.loads(report.read_text())["problems"]["case_00000"]
+    assert str(label) in problem and "qform" in problem and "sform" in problem
+
+
 def test_verify_data_passes_a_clean_kits_folder(tmp_path, capsys):
     write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0, (10, 12, 14)))
     write_nifti(tmp_path / "case_00000" / "segmentation.nii.gz", label_map(0))

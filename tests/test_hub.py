@@ -519,3 +519,23 @@ def test_a_hub_backbone_is_pinned_to_the_commit_it_was_loaded_from(tmp_path, hub
     with torch.no_grad():
         reloaded = medtuning_peft.from_pretrained(tmp_path / "model")(volumes)
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=0)
+
+
+def test_push_command_leaves_visibility_to_the_hub_and_passes_commit_options(tmp_path, recorded):
+    model_dir = model_with_clutter(tmp_path)
+    assert main(["push", "--model", str(model_dir), "--repo-id", "my-org/x"]) == 0
+    assert recorded["create_repo"]["private"] is None  # not forced public
+    argv = ["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--private", "--create-pr"]
+    assert main([*argv, "--commit-description", "fold 0 of 5"]) == 0
+    assert recorded["create_repo"]["private"] is True
+    assert recorded["create_commit"]["create_pr"] is True
+    assert recorded["create_commit"]["commit_description"] == "fold 0 of 5"
+
+
+def test_push_command_dry_run_prints_the_card_of_the_branch_it_would_push(tmp_path, recorded, capsys):
+    model_dir = model_with_clutter(tmp_path)
+    argv = ["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "v2", "--dry-run"]
+    assert main(argv) == 0 and recorded == {}
+    printed = capsys.readouterr().out
+    main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "v2"])
+    assert printed.strip() == committed(recorded)["README.md"].decode().strip()
