@@ -4,7 +4,8 @@ Without --data-dir this trains on the 12-case sample of real MSD Task04 Hippocam
 examples/data/msd_hippocampus_sample (CC-BY-SA 4.0, see its ATTRIBUTION.md). With a full task and a GPU:
 
     accelerate launch examples/train_msd.py --data-dir Task04_Hippocampus --crop-size 32 64 48 \\
-        --backbone microsoft/swin-tiny-patch4-window7-224 --decoder-channels 512 --epochs 250 --val-every 1000
+        --backbone microsoft/swin-tiny-patch4-window7-224 --decoder-channels 512 --samples-per-case 1 --epochs 250 \\
+        --sw-overlap 0.672 --val-every 1000
 
 Channels come from the task's "modality", classes from its "labels"; the metrics are per-class Dice and HD95
 and their means. See examples/README.md for the layout, multi-GPU and multi-machine commands, and resume.

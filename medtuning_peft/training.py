@@ -844,6 +844,7 @@ _RESUME_KEYS = (
     "batch_size",
     "gradient_accumulation_steps",
     "samples_per_case",
+    "foreground_probability",
     "seed",
     "split_seed",
     "val_fraction",
@@ -855,9 +856,13 @@ _RESUME_KEYS = (
     "weight_decay",
     "warmup_fraction",
     "min_lr_ratio",
+    "max_grad_norm",
     "max_steps",
     "epochs",
 )
+"""Settings that change the training itself (data order, crops, model, optimization): a resumed run must use the
+checkpoint's. Others (validation, checkpoint and logging cadence, workers, activation checkpointing, CUDA graphs)
+may change between the stopped and the resumed run."""
 
 
 class _ExistingRunError(SettingsError, FileExistsError):
@@ -1021,15 +1026,24 @@ def _use_cpu_processes() -> bool:
 def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, str]:
     """The run's ``Accelerator`` and its mixed precision; sets up logging on the main process."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
+        ProjectConfiguration,
+    )
 
     mixed_precision = settings.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    accumulation = settings.gradient_accumulation_steps
+    launched = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     accelerator = Accelerator(
         cpu=_use_cpu_processes(),
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        # A plugin, not gradient_accumulation_steps=: Accelerate lets $ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set
+        # by `accelerate launch --gradient_accumulation_steps`) override that argument, and the sampler, the loss
+        # average and the step count would then assume another accumulation than the optimizer's.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
         log_with=settings.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR_NAME)
@@ -1042,6 +1056,14 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
     if accelerator.is_main_process and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if launched is not None and launched.strip() != str(accumulation):
+        logger.warning(
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=%s (accelerate launch --gradient_accumulation_steps) is not used: "
+            "this run accumulates gradient_accumulation_steps=%d micro-batches per optimizer step; pass "
+            "--gradient-accumulation-steps to the script instead.",
+            launched,
+            accumulation,
+        )
     if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     return accelerator, mixed_precision
@@ -1211,14 +1233,18 @@ def _resume(
     step, folder = checkpoints[-1]
     previous = checkpoints[-2][1] if len(checkpoints) > 1 else None
     state = _check_checkpoint(folder, accelerator.process_index, previous)
-    saved, current = state["settings"], settings.to_dict()
-    changed = {k: (saved.get(k), current[k]) for k in _RESUME_KEYS if saved.get(k) != current[k]}
+    # A setting added after the checkpoint was written had its default's effect then.
+    saved = {**_default_settings(), **state["settings"]}
+    current = settings.to_dict()
+    changed = {k: (saved[k], current[k]) for k in _RESUME_KEYS if saved[k] != current[k]}
     if state["num_processes"] != accelerator.num_processes:
         changed["num_processes"] = (state["num_processes"], accelerator.num_processes)
     if changed:
+        field = next((k for k in changed if k != "num_processes"), None)  # num_processes: a launch option
         raise SettingsError(
             f"Checkpoint {folder} was written with other settings {changed} (saved, now); resume with the same "
-            f"settings and number of processes, or start a new --output-dir."
+            f"settings and number of processes, or start a new --output-dir.",
+            field,
         )
     _check_same_patch_embedding(folder, state, settings, task)
     _check_same_split(folder, state.get("split"), task)
@@ -1231,6 +1257,14 @@ def _resume(
         raise _damaged_checkpoint(folder, problem, previous) from error
     logger.info("Resumed from %s at step %d of %d.", folder, step, state["total_steps"])
     return state
+
+
+def _default_settings() -> dict[str, Any]:
+    """The default of every :class:`TrainSettings` field."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(TrainSettings)
+    }
 
 
 def _split(task: dict[str, Any]) -> dict[str, list[str]]:
@@ -1606,11 +1640,15 @@ def _argparse_type(annotation: str) -> Any:
     return str
 
 
-def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
+def build_parser(
+    description: str, *, exclude: Sequence[str] = (), **defaults: Any
+) -> argparse.ArgumentParser:
     """Command-line parser with one option per :class:`TrainSettings` field (help from the field).
 
     Args:
         description: the script's description.
+        exclude: fields the script offers no option for (they keep their :class:`TrainSettings` default), e.g.
+            ``synthetic_cases`` for a script without built-in synthetic data.
         **defaults: the script's own defaults, e.g. ``crop_size=[32, 64, 64]``, ``max_steps=300``.
 
     Returns:
@@ -1622,8 +1660,11 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     unknown = sorted(set(defaults) - names)
     if unknown:
         raise ValueError(f"build_parser defaults {unknown} are not TrainSettings fields.")
+    unknown = sorted(set(exclude) - names)
+    if unknown:
+        raise ValueError(f"build_parser exclude {unknown} are not TrainSettings fields.")
     for f in dataclasses.fields(TrainSettings):
-        if not f.metadata.get("cli", True):
+        if not f.metadata.get("cli", True) or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(
@@ -1742,7 +1783,10 @@ def run_example(
         What :func:`train` returns; a settings error exits with a usage message (status 2), Ctrl-C with a line on
         how to resume (status 130), as :func:`train_from_args` describes.
     """
-    parser = build_parser(description, **defaults)
+    # --synthetic-cases sizes the built-in synthetic data; a script without it (MSD: a shipped real sample) has no
+    # such option rather than one it would ignore.
+    exclude = () if default_data is not None else ("synthetic_cases",)
+    parser = build_parser(description, exclude=exclude, **defaults)
     args = parser.parse_args(argv)
     fixed: dict[str, Any] = {"dataset": dataset, "default_data": default_data}
     if args.data_dir is None and default_data_dir is not None:

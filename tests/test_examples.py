@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from medtuning_peft.cli import main as cli_main
 from medtuning_peft.data import list_brats_cases, load_brats_case
 from medtuning_peft.data.synthetic import write_synthetic_brats
+from medtuning_peft.training import build_parser, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -109,6 +111,51 @@ def test_example_scripts_report_invalid_flags_as_usage_errors(
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     assert exit_.value.code == 2
     assert error in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(("script", "synthetic"), [("train_kits.py", True), ("train_msd.py", False)])
+def test_only_scripts_with_built_in_synthetic_data_offer_synthetic_cases(
+    monkeypatch, capsys, script, synthetic
+):
+    # train_msd.py trains on a shipped real sample without --data-dir: an option to size synthetic data would be
+    # ignored there, so it has none (and refuses it as an unknown argument).
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    assert ("--synthetic-cases" in capsys.readouterr().out) == synthetic
+    if not synthetic:
+        monkeypatch.setattr(sys, "argv", [script, "--synthetic-cases", "3"])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+        assert (
+            exit_.value.code == 2 and "unrecognized arguments: --synthetic-cases 3" in capsys.readouterr().err
+        )
+
+
+def recipe_command(doc: str) -> list[str]:
+    """The arguments of the ``accelerate launch examples/...`` command in a script's docstring (its ``--help``)."""
+    lines = doc.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("accelerate launch examples/"))
+    command = []
+    for line in lines[first:]:
+        command.append(line.strip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(command))[3:]  # without `accelerate launch examples/train_*.py`
+
+
+@pytest.mark.parametrize("script", ["train_kits.py", "train_msd.py", "train_brats.py"])
+def test_the_recipe_command_in_a_scripts_help_trains_the_reference_recipe_not_the_cpu_demo(script):
+    # The scripts' defaults size a CPU demo (8 crops per case per epoch, window overlap 0.5); the command their
+    # --help gives for real data must override them: 250 epochs of one crop per case, stride 42 of 128.
+    module = runpy.run_path(str(EXAMPLES / script), run_name="example")
+    parser = build_parser(module["__doc__"], **module["DEFAULTS"])
+    args, rest = parser.parse_known_args(recipe_command(module["__doc__"]))
+    assert rest in ([], ["--year", "2020"])  # train_brats.py's own flag
+    settings = settings_from_args(args, dataset="msd")
+    assert settings.samples_per_case == 1 and settings.epochs == 250 and settings.max_steps is None
+    assert settings.sw_overlap == pytest.approx(1 - 42 / 128, abs=1e-3) and settings.decoder_channels == 512
+    assert settings.backbone == "microsoft/swin-tiny-patch4-window7-224" and settings.data_dir is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,15 +255,19 @@ def test_two_process_ddp_over_gloo_matches_one_process_accumulating_two_micro_ba
 
     getattr(transformers, class_name)(config).save_pretrained(tmp_path / "swin")
     common = [*SMALL, "--backbone", str(tmp_path / "swin"), "--max-steps", "4", "--batch-size", "1"]
-    common += ["--synthetic-cases", "4", "--samples-per-case", "2", "--no-val-hd95", "--val-fraction", "0.5"]
+    common += ["--synthetic-cases", "6", "--samples-per-case", "2", "--no-val-hd95", "--val-fraction", "0.5"]
     script = str(EXAMPLES / "train_kits.py")
     env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # both runs on the CPU: DDP over gloo
     launch(
         ["--multi_gpu", "--num_processes", "2", script, "--output-dir", str(tmp_path / "ddp"), *common], env
     )
-    # Each process validated one of the two cases: both with the saved model (process 0's BatchNorm statistics).
-    val_cases = metrics(tmp_path / "ddp")["data"]["val_cases"]
-    assert len(val_cases) == 2
+    # Three validation cases over two processes (two and one): each case predicted whole by one process, counted
+    # once, and with the saved model (process 0's BatchNorm statistics).
+    run = metrics(tmp_path / "ddp")
+    val_cases = run["data"]["val_cases"]
+    assert len(val_cases) == 3 and sorted(run["per_case"]) == sorted(val_cases)
+    dice = [case["dice_kidney"] for case in run["per_case"].values()]
+    assert run["summary"]["dice_kidney"]["mean"] == pytest.approx(np.mean(dice))
     assert reloaded_predictions_identical(tmp_path / "ddp", env) == dict.fromkeys(val_cases, True)
     launch(
         [

@@ -437,6 +437,26 @@ def _train_again(base: TrainSettings, output_dir: Path, **changes) -> dict:
     return train(replace(base, output_dir=str(output_dir), **changes))
 
 
+def test_accumulation_is_the_settings_whatever_the_launchers_environment_says(
+    data_dir, cache_dir, tmp_path, monkeypatch, caplog
+):
+    # Accelerate reads ACCELERATE_GRADIENT_ACCUMULATION_STEPS over its constructor argument; the engine's sampler,
+    # loss average and step count follow the settings, so the optimizer must step on the settings' boundaries.
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    accumulation = []
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, val_hd95=False)
+    with caplog.at_level("WARNING", logger="medtuning_peft.training"):
+        train(
+            settings,
+            on_step_end=lambda info: accumulation.append(info.accelerator.gradient_accumulation_steps),
+        )
+    assert accumulation == [1, 1]
+    assert (
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2" in caplog.text
+        and "--gradient-accumulation-steps" in caplog.text
+    )
+
+
 def test_gradient_checkpointing_gives_the_same_training(data_dir, cache_dir, tmp_path):
     base = tiny_settings(data_dir, cache_dir, tmp_path / "plain", max_steps=3)
     plain = train(base)
@@ -501,14 +521,55 @@ def test_training_compiled_by_accelerate_gives_the_same_training(data_dir, cache
     assert saved and not any("_orig_mod" in key for key in saved)  # saved under the uncompiled names
 
 
-def test_resume_refuses_a_checkpoint_written_with_other_settings(data_dir, cache_dir, tmp_path):
-    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
+@pytest.fixture(scope="module")
+def stopped_run(data_dir, cache_dir, tmp_path_factory):
+    """A 2-step run stopped after step 1, with its checkpoint step_1."""
+    settings = tiny_settings(
+        data_dir, cache_dir, tmp_path_factory.mktemp("stopped") / "run", max_steps=2, checkpoint_every=1
+    )
     with pytest.raises(Stop):
         train(settings, on_step_end=stop_after(1))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    with pytest.raises(ValueError, match="crop_size"):
-        train(replace(settings, resume=True, crop_size=[16, 32, 48]))
+    return settings
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"crop_size": [16, 32, 48]},
+        {"max_grad_norm": 1.0},  # clipped gradients: another optimization
+        {"foreground_probability": 0.1},  # other crops
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_resume_refuses_a_checkpoint_written_with_other_settings_naming_the_field(
+    stopped_run, tmp_path, change
+):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run.output_dir, run)
+    name = next(iter(change))
+    with pytest.raises(SettingsError, match=rf"written with other settings.*{name}") as error:
+        train(replace(stopped_run, output_dir=str(run), resume=True, **change))
+    assert error.value.field == name
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [1]  # nothing trained or written
+
+
+def test_resume_takes_a_setting_newer_than_the_checkpoint_as_its_default(stopped_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run.output_dir, run)
+    state_file = run / "checkpoints" / "step_1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["max_grad_norm"]  # written before the setting existed: no clipping
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SettingsError, match="max_grad_norm': \\(None, 1.0\\)"):
+        train(replace(stopped_run, output_dir=str(run), resume=True, max_grad_norm=1.0))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    metrics = train(
+        replace(stopped_run, output_dir=str(run), resume=True, val_hd95=False, save_predictions=False)
+    )
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 2
 
 
 def test_resume_compares_the_patch_embedding_setting_as_resolved_for_the_data(data_dir, cache_dir, tmp_path):
