@@ -181,6 +181,14 @@ class TrainSettings:
         nargs=3,
         type=float,
     )
+    ct_normalization: str = _opt(
+        "dataset",
+        "CT intensities: 'dataset' (the data set's fixed window and z-score: nnU-Net's KiTS19 values for KiTS19, "
+        "else HU -1000 to 1000 and a z-score per volume) or 'training-foreground' (nnU-Net's CT scheme measured on "
+        "this run's training cases: the 0.5 and 99.5 percentiles of their labelled voxels as the window, their mean "
+        "and standard deviation for the z-score; validation cases do not enter it).",
+        choices=["dataset", "training-foreground"],
+    )
     synthetic_cases: int = _opt(10, "Number of cases of the built-in synthetic data (without --data-dir).")
 
     # Model
@@ -282,6 +290,10 @@ class TrainSettings:
                 f"--data-dir with the dataset folder.",
                 "data_dir",
             )
+        for f in dataclasses.fields(self):  # the command line's choices, for settings built in Python too
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise SettingsError(_unknown(f"TrainSettings.{f.name}", value, choices), f.name)
         if self.default_data is not None and self.default_data not in DEFAULT_DATA:
             raise SettingsError(
                 _unknown("TrainSettings.default_data", self.default_data, DEFAULT_DATA), "default_data"
@@ -857,6 +869,7 @@ _RESUME_KEYS = (
     "warmup_fraction",
     "min_lr_ratio",
     "max_grad_norm",
+    "ct_normalization",
     "max_steps",
     "epochs",
 )
@@ -873,9 +886,13 @@ class _MissingDataError(SettingsError, FileNotFoundError):
     """``data_dir`` does not exist."""
 
 
-def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) -> None:
-    """Refuse an ``output_dir`` that cannot be created or written, or that holds an earlier run (unless resumed);
-    with ``overwrite``, delete the earlier run. Nothing is created here.
+def _check_output_dir(output_dir: Path, settings: TrainSettings) -> list[Path]:
+    """Refuse an ``output_dir`` that cannot be created or written, or that holds an earlier run (unless resumed).
+    Nothing is created or deleted here.
+
+    Returns:
+        With ``overwrite``, the earlier run's files and folders, to be deleted once every process has checked the
+        folder (:func:`_delete_earlier_run`); else nothing.
 
     Raises:
         SettingsError: naming ``output_dir``, for a file in its place or a folder this process cannot write.
@@ -911,19 +928,22 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings, is_main: bool) 
             ) from error
     earlier = [output_dir / n for n in (CHECKPOINTS_DIR_NAME, MODEL_DIR_NAME, METRICS_NAME)]
     if not any(p.exists() for p in earlier) or settings.resume:
-        return
+        return []
     if not settings.overwrite:
         raise _ExistingRunError(
             f"output_dir '{output_dir}' holds an earlier run ({', '.join(p.name for p in earlier if p.exists())}); "
             f"pass --resume to continue it, --overwrite to start over, or a new --output-dir.",
             "output_dir",
         )
-    if is_main:
-        for path in earlier + [output_dir / n for n in (PREDICTIONS_DIR_NAME, LOGS_DIR_NAME)]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    return earlier + [output_dir / n for n in (PREDICTIONS_DIR_NAME, LOGS_DIR_NAME)]
+
+
+def _delete_earlier_run(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _load_task(
@@ -975,11 +995,13 @@ def _load_task(
                 "num_folds" if settings.num_folds is not None else "val_fraction",
             ) from error
         first = labelled[0]
+        by_id = {c.case_id: c for c in labelled}
         preprocessing = default_preprocessing(first.modality, first.dataset)
+        if settings.ct_normalization == "training-foreground":
+            preprocessing = _training_foreground_ct(settings, [by_id[i] for i in train_ids], data_dir)
         if settings.target_spacing is not None:
             preprocessing = dataclasses.replace(preprocessing, target_spacing=tuple(settings.target_spacing))
         cache = CaseCache(cache_dir / "arrays")
-        by_id = {c.case_id: c for c in labelled}
         train_cases = cache.load_many([by_id[i] for i in train_ids], preprocessing)
         val_cases = cache.load_many([by_id[i] for i in val_ids], preprocessing)
     task = {
@@ -994,6 +1016,24 @@ def _load_task(
         "val_cases": val_ids,
     }
     return task, train_cases, val_cases, {i: Path(by_id[i].label) for i in val_ids}
+
+
+def _training_foreground_ct(settings: TrainSettings, train_cases: list[Any], data_dir: Path) -> Any:
+    """nnU-Net's CT window and z-score, measured on the training cases (``ct_normalization``)."""
+    from .data import ct_preprocessing_from_cases
+
+    other = sorted({c.modality for c in train_cases} - {"CT"})
+    if other:
+        raise SettingsError(
+            f"ct_normalization={settings.ct_normalization!r} measures CT statistics, but data_dir '{data_dir}' "
+            f"holds {', '.join(other)} cases; leave ct_normalization at 'dataset'.",
+            "ct_normalization",
+        )
+    logger.info("Measuring the CT window and z-score on the %d training cases' foreground.", len(train_cases))
+    try:
+        return ct_preprocessing_from_cases(train_cases)
+    except ValueError as error:  # e.g. no training case has a labelled voxel
+        raise SettingsError(f"{error} (data_dir '{data_dir}')", "ct_normalization") from error
 
 
 def _tracker_config(settings: TrainSettings) -> dict[str, Any]:
@@ -1286,6 +1326,17 @@ def _check_same_split(folder: Path, saved: Any, task: dict[str, Any]) -> None:
     before = {*saved["train_cases"], *saved["val_cases"]}
     now = {*task["train_cases"], *task["val_cases"]}
     moved = sorted(set(saved["train_cases"]) & set(task["val_cases"]))
+    if before == now:
+        # The same cases and split settings (compared before this): the split rule itself differs. split_cases
+        # keeps the cases of one patient (data.patient_id) on one side, which checkpoints of earlier versions
+        # did not for ids that name a patient and a time point or frame.
+        raise SettingsError(
+            f"Checkpoint {folder} split the same cases differently (trained on but now validation: {moved}): it "
+            "was written by a version whose train/validation split did not keep one patient's cases on one side "
+            "(medtuning_peft.data.patient_id). Validating on cases the model was trained on would inflate its "
+            "scores; start a new --output-dir.",
+            "data_dir",
+        )
     raise SettingsError(
         f"Checkpoint {folder} was trained on other data: the cases listed now split differently (added "
         f"{sorted(now - before)}, removed {sorted(before - now)}; trained on but now validation: {moved}). "
@@ -1379,7 +1430,10 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             f"cuda_graphs=True needs a CUDA device; this process runs on {accelerator.device}.", "cuda_graphs"
         )
     is_main = accelerator.is_main_process
-    _check_output_dir(output_dir, settings, is_main)
+    earlier_run = _check_output_dir(output_dir, settings)
+    accelerator.wait_for_everyone()  # every process has checked the folders before --overwrite deletes them
+    if is_main:
+        _delete_earlier_run(earlier_run)
     accelerator.wait_for_everyone()
 
     task, train_cases, val_cases, label_files = _load_task(settings, accelerator)
@@ -1605,6 +1659,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             model_dir,
             output_dir / METRICS_NAME,
         )
+    accelerator.wait_for_everyone()  # no process returns before metrics.json exists
     accelerator.end_training()
     return metrics
 

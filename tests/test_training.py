@@ -616,6 +616,55 @@ def test_resume_refuses_data_whose_split_moved_training_cases_into_validation(ca
     assert not (tmp_path / "run" / "checkpoints" / "step_2").exists()
 
 
+def test_resume_of_the_same_cases_split_by_another_rule_says_so(cache_dir, tmp_path):
+    """A checkpoint whose split of the same cases differs from today's rule (earlier versions did not keep one
+    patient's cases together) is refused with that cause, not with an empty list of added and removed cases."""
+    data = tmp_path / "kits"
+    write_synthetic_kits19(data, num_cases=4, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    settings = tiny_settings(data, cache_dir, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    with pytest.raises(Stop):
+        train(settings, on_step_end=stop_after(1))
+    path = tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    split = state["split"]
+    split["train_cases"][0], split["val_cases"][0] = split["val_cases"][0], split["train_cases"][0]
+    split["train_cases"].sort(), split["val_cases"].sort()
+    path.write_text(json.dumps(state))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(SettingsError, match=r"split the same cases differently.*patient_id") as error:
+        train(replace(settings, resume=True))
+    assert error.value.field == "data_dir"
+
+
+def test_training_foreground_ct_normalization_is_measured_on_the_training_cases_only(
+    data_dir, cache_dir, tmp_path
+):
+    from medtuning_peft.data import CTPreprocessing, ct_preprocessing_from_cases, list_kits19_cases
+
+    settings = tiny_settings(
+        data_dir, cache_dir, tmp_path / "run", max_steps=1, ct_normalization="training-foreground"
+    )
+    metrics = train(settings)
+    data = json.loads(json.dumps(metrics["data"]))  # as metrics.json holds it
+    by_id = {c.case_id: c for c in list_kits19_cases(data_dir)}
+    expected = json.loads(
+        json.dumps(ct_preprocessing_from_cases([by_id[i] for i in data["train_cases"]]).to_dict())
+    )
+    assert data["preprocessing"] == expected != json.loads(json.dumps(CTPreprocessing().to_dict()))
+    everything = ct_preprocessing_from_cases([by_id[i] for i in data["train_cases"] + data["val_cases"]])
+    assert data["preprocessing"]["window"] != list(everything.window)  # the validation case did not enter it
+    saved = json.loads((tmp_path / "run" / "model" / "segmenter_config.json").read_text())
+    assert saved["preprocessing"] == expected  # what medtuning predict applies
+
+
+def test_settings_outside_the_command_lines_choices_are_refused_in_python_too():
+    for field, value in (("mixed_precision", "bf17"), ("ct_normalization", "training"), ("decoder", "unet")):
+        with pytest.raises(SettingsError, match=f"TrainSettings.{field}={value!r} is not known") as error:
+            TrainSettings(dataset="kits19", data_dir="/data", max_steps=1, **{field: value})
+        assert error.value.field == field
+
+
 def test_resampled_validation_scores_the_written_predictions_against_the_label_files(
     data_dir, cache_dir, tmp_path
 ):
