@@ -22,7 +22,7 @@ the face-connected neighbourhood; for each edge voxel of one mask, the Euclidean
 edge voxel of the other) and take the 95th percentile with linear interpolation. ``"max"`` takes it over each
 direction and keeps the larger, as MONAI's ``compute_hausdorff_distance(percentile=95)`` and DeepMind's
 ``surface-distance`` do; ``"union"`` takes it over both directions pooled, as medpy's ``hd95`` does, which
-CBICA's Hausdorff95 tool (from the BraTS organisers) and nnU-Net's BraTS evaluation run. The two differ when
+nnU-Net's BraTS evaluation runs (the organisers' CaPTk tool is separate C++ code). The two differ when
 the directions have different numbers of edge voxels (:func:`hd95`). KiTS19 and the MSD rank on Dice (the
 MSD also on NSD), not on HD95.
 
@@ -101,7 +101,7 @@ _BLEND_MODES = ("gaussian", "constant")
 
 HD95_POOLINGS = ("max", "union")
 """How :func:`hd95` combines the two directed surface-distance sets: the larger of their 95th percentiles
-(``"max"``, MONAI) or the 95th percentile of both pooled (``"union"``, medpy, the BraTS evaluation)."""
+(``"max"``, MONAI) or the 95th percentile of both pooled (``"union"``, medpy, as nnU-Net's BraTS evaluation)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def hd95(
 
     - ``"max"``: of each directed set, keeping the larger; MONAI's
       ``compute_hausdorff_distance(percentile=95)`` and DeepMind's ``surface-distance``.
-    - ``"union"``: of both sets pooled; medpy's ``hd95``, as run by the BraTS evaluation.
+    - ``"union"``: of both sets pooled; medpy's ``hd95``, as run by nnU-Net's BraTS evaluation.
 
     Example: pred one voxel, gt a column of 5 voxels along D with 2 mm slices and pred at one end. The
     distances are {0} from pred and {0, 2, 4, 6, 8} mm from gt: ``"max"`` gives 7.6 mm, ``"union"``

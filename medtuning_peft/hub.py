@@ -400,7 +400,8 @@ def build_model_card(
             non-commercial data stay non-commercial), else ``"other"``.
         repo_id: the Hub id used in the usage snippet; default: a placeholder.
         revision: the Hub branch the model is pushed to, named in the usage snippet; default: none (the
-            main branch).
+            main branch). A pull request's ``refs/pr/N`` is not named: once merged, the model is on the branch
+            the pull request was opened against.
 
     Returns:
         The card's Markdown text.
@@ -459,6 +460,8 @@ def build_model_card(
         model_name=(repo_id or repo).split("/")[-1] if eval_results else None,  # names the model-index
         eval_results=eval_results or None,
     )
+    if revision is not None and revision.startswith("refs/pr/"):
+        revision = None
     loading = f'"{repo}", revision="{revision}"' if revision else f'"{repo}"'
 
     out = [
@@ -697,7 +700,7 @@ def push_to_hub(
         dataset=dataset,
         license=license,
         repo_id=repo_id,
-        revision=None if revision is None or revision.startswith("refs/pr/") else revision,
+        revision=revision,
     )
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name))

@@ -1020,7 +1020,7 @@ def _load_task(
 
 def _training_foreground_ct(settings: TrainSettings, train_cases: list[Any], data_dir: Path) -> Any:
     """nnU-Net's CT window and z-score, measured on the training cases (``ct_normalization``)."""
-    from .data import ct_preprocessing_from_cases
+    from .data import CaseLoadError, ct_preprocessing_from_cases
 
     other = sorted({c.modality for c in train_cases} - {"CT"})
     if other:
@@ -1032,6 +1032,8 @@ def _training_foreground_ct(settings: TrainSettings, train_cases: list[Any], dat
     logger.info("Measuring the CT window and z-score on the %d training cases' foreground.", len(train_cases))
     try:
         return ct_preprocessing_from_cases(train_cases)
+    except CaseLoadError:  # a missing or unreadable file: the data's problem, named as loading names it
+        raise
     except ValueError as error:  # e.g. no training case has a labelled voxel
         raise SettingsError(f"{error} (data_dir '{data_dir}')", "ct_normalization") from error
 

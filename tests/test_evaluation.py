@@ -141,7 +141,7 @@ def test_hd95_refuses_an_unknown_pooling_suggesting_the_closest():
 def test_brats_hd95_pools_both_directions_as_the_brats_evaluation_and_other_tasks_use_monai(
     task, label, expected
 ):
-    # BraTS 2017-2020 scored HD95 with medpy's definition (pooled directions); KiTS19 and MSD follow MONAI.
+    # BraTS: medpy's definition (pooled directions), as nnU-Net's BraTS evaluation; KiTS19 and MSD follow MONAI.
     pred, gt = _column_and_its_end()
     labels = MSD_BRAIN_LABELS if task == "msd" else None
     scores = evaluate_case(task, pred * label, gt * label, spacing=(2.0, 0.5, 0.5), labels=labels)

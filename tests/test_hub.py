@@ -539,3 +539,13 @@ def test_push_command_dry_run_prints_the_card_of_the_branch_it_would_push(tmp_pa
     printed = capsys.readouterr().out
     main(["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "v2"])
     assert printed.strip() == committed(recorded)["README.md"].decode().strip()
+
+
+def test_push_command_dry_run_prints_the_card_it_would_push_to_a_pull_request(tmp_path, recorded, capsys):
+    model_dir = model_with_clutter(tmp_path)
+    argv = ["push", "--model", str(model_dir), "--repo-id", "my-org/x", "--revision", "refs/pr/3"]
+    assert main([*argv, "--dry-run"]) == 0 and recorded == {}
+    printed = capsys.readouterr().out
+    assert main(argv) == 0
+    pushed = committed(recorded)["README.md"].decode()
+    assert printed.strip() == pushed.strip() and "refs/pr/3" not in pushed

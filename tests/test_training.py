@@ -658,6 +658,23 @@ def test_training_foreground_ct_normalization_is_measured_on_the_training_cases_
     assert saved["preprocessing"] == expected  # what medtuning predict applies
 
 
+def test_training_foreground_ct_normalization_reports_an_unreadable_case_as_loading_does(cache_dir, tmp_path):
+    """A truncated training image is the data's problem, not a wrong --ct-normalization."""
+    from medtuning_peft.data import CaseLoadError, list_kits19_cases, split_cases
+
+    data = tmp_path / "kits"
+    write_synthetic_kits19(data, num_cases=4, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    train_ids, _ = split_cases([c.case_id for c in list_kits19_cases(data)], val_fraction=0.25)
+    image = data / train_ids[0] / "imaging.nii.gz"
+    image.write_bytes(image.read_bytes()[:200])
+    settings = tiny_settings(
+        data, cache_dir, tmp_path / "run", max_steps=1, ct_normalization="training-foreground"
+    )
+    with pytest.raises(CaseLoadError, match=train_ids[0]) as error:
+        train(settings)
+    assert not isinstance(error.value, SettingsError)
+
+
 def test_settings_outside_the_command_lines_choices_are_refused_in_python_too():
     for field, value in (("mixed_precision", "bf17"), ("ct_normalization", "training"), ("decoder", "unet")):
         with pytest.raises(SettingsError, match=f"TrainSettings.{field}={value!r} is not known") as error:

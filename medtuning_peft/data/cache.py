@@ -91,6 +91,11 @@ def _safe_case_id(case_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)
 
 
+def _entry_name(case_id: str, key: str) -> str:
+    """The folder name of a case's entry under the cache key ``key`` (:data:`ENTRY_NAME_PATTERN`)."""
+    return f"{_safe_case_id(case_id)}-{key[:KEY_PREFIX_LENGTH]}"
+
+
 def _mark_used(entry: Path) -> None:
     """Sets the entry folder's modification time to now: its "last used" time."""
     now = time.time_ns()
@@ -212,8 +217,7 @@ class CaseCache:
 
     def entry_dir(self, files: CaseFiles, preprocessing: Preprocessing | None = None) -> Path:
         """Folder of the entry for ``files`` under ``preprocessing`` (it may not exist yet)."""
-        key = self.key(files, preprocessing)[:KEY_PREFIX_LENGTH]
-        return self.cache_dir / f"{_safe_case_id(files.case_id)}-{key}"
+        return self.cache_dir / _entry_name(files.case_id, self.key(files, preprocessing))
 
     def load(self, files: CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:
         """Returns the preprocessed case, decoding the NIfTI files only if no valid entry exists.
@@ -234,7 +238,7 @@ class CaseCache:
             key = self.key(files, preprocessing)
         except FileNotFoundError:
             return load_case(files, preprocessing)  # raises the case-naming missing-file error
-        entry = self.cache_dir / f"{_safe_case_id(files.case_id)}-{key[:KEY_PREFIX_LENGTH]}"
+        entry = self.cache_dir / _entry_name(files.case_id, key)
         if entry.exists():
             try:
                 case = self._read_entry(entry, files)
@@ -418,7 +422,7 @@ class CaseCache:
                 isinstance(case_id, str)
                 and isinstance(key, str)
                 and re.fullmatch(r"[0-9a-f]{64}", key)
-                and path.name == f"{_safe_case_id(case_id)}-{key[:KEY_PREFIX_LENGTH]}"
+                and path.name == _entry_name(case_id, key)
                 and isinstance(meta["arrays"], dict)
             ):
                 return None
