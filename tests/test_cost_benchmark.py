@@ -653,8 +653,9 @@ def test_gpu_session_keeps_every_step_within_the_session_budget(tmp_path):
 
     done, limits = session("200")
     assert done.returncode == 0 and limits[0] == 150  # the graph tests' own limit fits
-    # After the graph tests' 2 s, the cost and light-decoder steps get what is left, not their 330 and 300 s.
-    assert len(limits) == 3 and all(188 <= limit <= 198 for limit in limits[1:]), limits
+    # After the graph tests' 2 s, the cost and light-decoder steps get what is left, not their 330 and 300 s (the
+    # lower bound leaves room for a loaded machine: only the cut matters, not how long the fake steps took).
+    assert len(limits) == 3 and 100 <= limits[2] <= limits[1] <= 198, limits
     assert "time limit cut to" in done.stdout
     done, limits = session("16")  # the graph tests run; no time is left for the others
     assert done.returncode == 124 and len(limits) == 1 and limits[0] <= 16
