@@ -271,7 +271,10 @@ class TrainSettings:
     )
     keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
     resume: bool = _opt(False, "Continue from the newest complete checkpoint in output_dir/checkpoints.")
-    overwrite: bool = _opt(False, "Delete an earlier run in output_dir and start over.")
+    overwrite: bool = _opt(
+        False,
+        "Delete an earlier run in output_dir and start over (once the settings are found to fit the data).",
+    )
 
     # Misc
     seed: int = _opt(0, "Seed of model initialization, crops and data order.")
@@ -891,7 +894,7 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings) -> list[Path]:
     Nothing is created or deleted here.
 
     Returns:
-        With ``overwrite``, the earlier run's files and folders, to be deleted once every process has checked the
+        With ``overwrite``, the earlier run's files and folders, to be deleted once the settings fit the data and every process has checked the
         folder (:func:`_delete_earlier_run`); else nothing.
 
     Raises:
@@ -1432,11 +1435,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             f"cuda_graphs=True needs a CUDA device; this process runs on {accelerator.device}.", "cuda_graphs"
         )
     is_main = accelerator.is_main_process
+    # --overwrite deletes the earlier run only once the settings are known to fit the data (below): a run refused
+    # for its settings leaves the earlier one in place.
     earlier_run = _check_output_dir(output_dir, settings)
-    accelerator.wait_for_everyone()  # every process has checked the folders before --overwrite deletes them
-    if is_main:
-        _delete_earlier_run(earlier_run)
-    accelerator.wait_for_everyone()
 
     task, train_cases, val_cases, label_files = _load_task(settings, accelerator)
     val_cases = sorted(val_cases, key=lambda c: c.case_id)
@@ -1475,8 +1476,10 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, warmup_steps, settings.min_lr_ratio)
     )
-    # The settings fit the data: only now does the run folder appear.
+    # The settings fit the data: only now is an earlier run deleted (--overwrite) and does the run folder appear.
+    accelerator.wait_for_everyone()  # every process has checked the folders before --overwrite deletes them
     if is_main:
+        _delete_earlier_run(earlier_run)
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoint_dir.glob(".step_*.partial") if checkpoint_dir.is_dir() else []:
             logger.info("Removing incomplete checkpoint %s (a run stopped while saving it).", stale)

@@ -736,6 +736,20 @@ def test_overwrite_starts_over(data_dir, cache_dir, tmp_path):
     assert not (tmp_path / "run" / "logs").exists()  # TensorBoard would draw both runs as one
 
 
+def test_overwrite_keeps_the_earlier_run_when_the_new_settings_do_not_fit_the_data(
+    data_dir, cache_dir, tmp_path
+):
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, val_hd95=False)
+    train(settings)
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(SettingsError, match="raise --samples-per-case or lower the batch"):
+        train(replace(settings, overwrite=True, batch_size=64))  # more crops per step than an epoch has
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("backbone", "crop", "minimum"),
     [("tiny-swin", [16, 2, 2], "4 x 4"), ("tiny-segformer", [16, 16, 32], "29 x 29")],
