@@ -20,6 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -41,7 +42,10 @@ __all__ = [
     "files_to_upload",
     "find_metrics",
     "push_to_hub",
+    "validate_card",
 ]
+
+logger = logging.getLogger(__name__)
 
 SEGMENTER_CONFIG_NAME = "segmenter_config.json"  # as written by volumetric.py
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -645,6 +649,43 @@ def check_push(model_dir: str | os.PathLike, repo_id: str) -> None:
     check_saved_model(model_dir, check_files=False)  # the configs, as from_pretrained will read them
 
 
+def validate_card(card: str) -> None:
+    """Have the Hub that ``push_to_hub`` pushes to (``HF_ENDPOINT``) check a model card's metadata.
+
+    The request of huggingface_hub's ``RepoCard.validate``, sent to the configured endpoint: before
+    huggingface_hub 2.2 that method sent the card to huggingface.co whatever ``HF_ENDPOINT`` said, which on a
+    private Hub or mirror fails on an isolated network or hands the card (training settings, metrics) to the
+    public Hub. An endpoint without the check (404) is warned about and the card is pushed unchecked.
+
+    Args:
+        card: the card's Markdown text with its YAML metadata.
+
+    Raises:
+        ValueError: when the Hub rejects the metadata (its message, e.g. an unknown licence id).
+        huggingface_hub.errors.HfHubHTTPError: when the request fails otherwise.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    url = f"{constants.ENDPOINT}/api/validate-yaml"
+    body = {"repoType": "model", "content": card}
+    response = get_session().post(url, json=body, headers={"Accept": "text/plain"})
+    if response.status_code == 404:
+        logger.warning(
+            "%s has no card check (404 at %s); the model card is pushed unchecked.", constants.ENDPOINT, url
+        )
+        return
+    try:
+        hf_raise_for_status(response)
+    except HfHubHTTPError as error:
+        if response.status_code == 400:
+            raise ValueError(
+                f"The Hub at {constants.ENDPOINT} rejected the model card: {response.text}"
+            ) from error
+        raise
+
+
 def push_to_hub(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -690,7 +731,7 @@ def push_to_hub(
             partial files (:func:`check_push`), or the Hub rejects the card's metadata (e.g. an unknown
             ``license``); nothing is created or uploaded.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     model_dir = Path(model_dir)
     check_push(model_dir, repo_id)
@@ -709,7 +750,7 @@ def push_to_hub(
     ]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
     # The Hub's metadata check (license id, model-index, ...) before anything is created on the Hub.
-    ModelCard(card).validate(repo_type="model")
+    validate_card(card)
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not revision.startswith("refs/pr/"):

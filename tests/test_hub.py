@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from medtuning_peft.hub import (
     count_parameters,
     files_to_upload,
     push_to_hub,
+    validate_card,
 )
 from medtuning_peft.io_utils import CorruptFileError
 from medtuning_peft.training import parameter_counts
@@ -206,13 +209,13 @@ def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Replaces the Hub's network calls with recorders: ``ModelCard.validate`` (the Hub's metadata check),
-    ``create_repo``, ``create_branch`` and ``create_commit`` (which ``upload_folder`` also ends in). The card and
-    the commit operations are huggingface_hub's own objects."""
+    """Replaces the Hub's network calls with recorders: ``validate_card`` (the Hub's metadata check, tested
+    against a local server below), ``create_repo``, ``create_branch`` and ``create_commit`` (which
+    ``upload_folder`` also ends in). The commit operations are huggingface_hub's own objects."""
     calls = {}
 
-    def validate(self, repo_type=None):
-        calls["validate_card"] = {"content": str(self), "repo_type": repo_type}
+    def validate(card):
+        calls["validate_card"] = {"content": card}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = {"repo_id": repo_id, **kwargs}
@@ -224,7 +227,7 @@ def recorded(monkeypatch):
         calls["create_commit"] = {"repo_id": repo_id, "operations": list(operations), **kwargs}
         return "commit-info"
 
-    monkeypatch.setattr(ModelCard, "validate", validate)
+    monkeypatch.setattr(medtuning_peft.hub, "validate_card", validate)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
@@ -278,7 +281,7 @@ def test_push_uploads_the_saved_model_and_the_card_only(tmp_path, recorded):
     assert sorted(files) == EXPECTED_UPLOAD == files_to_upload(model_dir)
     card = build_model_card(model_dir, dataset="kits19", repo_id="my-org/kits19-swin")
     assert files.pop("README.md").decode() == card  # the generated card, not the folder's README.md
-    assert recorded["validate_card"] == {"content": card, "repo_type": "model"}
+    assert recorded["validate_card"] == {"content": card}
     assert files == {name: before[name] for name in files}
     assert folder_contents(model_dir) == before  # the folder is only read
 
@@ -336,16 +339,81 @@ def folder_contents(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_push_of_a_card_the_hub_rejects_creates_nothing(tmp_path, recorded, monkeypatch):
+def saved(tmp_path: Path) -> Path:
     model_dir = tmp_path / "model"
     build().save_pretrained(model_dir)
+    return model_dir
 
-    def reject(self, repo_type=None):  # the Hub's answer to an unknown licence id
-        raise ValueError('"license" must be one of [apache-2.0, mit, ...]')
 
-    monkeypatch.setattr(ModelCard, "validate", reject)
-    with pytest.raises(ValueError, match="license"):
-        push_to_hub(model_dir, "my-org/x", license="apache2", revision="b")
+@pytest.fixture
+def local_hub(monkeypatch):
+    """A local HTTP server as the Hub at ``HF_ENDPOINT``: records each request (path, JSON body) and answers
+    with ``answer["status"]`` and ``answer["text"]``."""
+    from huggingface_hub import constants
+
+    requests, answer = [], {"status": 200, "text": "ok"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            body = answer["text"].encode()
+            self.send_response(answer["status"])
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this server is local
+    yield requests, answer
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_the_card_is_checked_by_the_hub_at_hf_endpoint(tmp_path, local_hub):
+    requests, _ = local_hub
+    card = build_model_card(saved(tmp_path), dataset="kits19", repo_id="my-org/x")
+    validate_card(card)
+    assert requests == [("/api/validate-yaml", {"repoType": "model", "content": card})]
+
+
+def test_push_of_a_card_the_hub_rejects_creates_nothing(tmp_path, recorded, monkeypatch, local_hub):
+    requests, answer = local_hub
+    monkeypatch.setattr(
+        medtuning_peft.hub, "validate_card", validate_card
+    )  # the real check, at the local Hub
+    answer.update(status=400, text='"license" must be one of [apache-2.0, mit, ...]')  # unknown licence id
+    with pytest.raises(ValueError, match=r"rejected the model card: \"license\" must be one of"):
+        push_to_hub(saved(tmp_path), "my-org/x", license="apache2", revision="b")
+    assert len(requests) == 1 and recorded == {}
+
+
+def test_an_endpoint_without_the_card_check_pushes_with_a_warning(
+    tmp_path, recorded, monkeypatch, local_hub, caplog
+):
+    requests, answer = local_hub
+    monkeypatch.setattr(medtuning_peft.hub, "validate_card", validate_card)
+    answer.update(status=404, text="Not Found")  # a mirror or private Hub without /api/validate-yaml
+    with caplog.at_level("WARNING", logger="medtuning_peft.hub"):
+        assert push_to_hub(saved(tmp_path), "my-org/x") == "commit-info"
+    assert "pushed unchecked" in caplog.text and len(requests) == 1
+    assert list(recorded) == ["create_repo", "create_commit"]
+
+
+def test_other_card_check_failures_stop_the_push(tmp_path, recorded, monkeypatch, local_hub):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    monkeypatch.setattr(medtuning_peft.hub, "validate_card", validate_card)
+    local_hub[1].update(status=503, text="unavailable")
+    with pytest.raises(HfHubHTTPError):
+        push_to_hub(saved(tmp_path), "my-org/x")
     assert recorded == {}
 
 
