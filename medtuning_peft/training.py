@@ -1086,8 +1086,9 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
         cpu=_use_cpu_processes(),
         mixed_precision=mixed_precision,
         # A plugin, not gradient_accumulation_steps=: Accelerate lets $ACCELERATE_GRADIENT_ACCUMULATION_STEPS (set
-        # by `accelerate launch --gradient_accumulation_steps`) override that argument, and the sampler, the loss
-        # average and the step count would then assume another accumulation than the optimizer's.
+        # by `accelerate launch --gradient_accumulation_steps` with DeepSpeed; without it the flag is dropped)
+        # override that argument, and the sampler, the loss average and the step count would then assume another
+        # accumulation than the optimizer's.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
         log_with=settings.report_to,
         project_config=ProjectConfiguration(
