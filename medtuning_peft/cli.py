@@ -1453,6 +1453,10 @@ def build_parser() -> argparse.ArgumentParser:
         "empty prediction, as the challenges do), skip (leave it out: one fold's predictions against all "
         "labels)",
     )
+    # The flag of earlier releases, whose default was to skip: it asked for what is now the default.
+    evaluate.add_argument(
+        "--require-all", action="store_const", const="fail", dest="missing", help=argparse.SUPPRESS
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_evaluate)
 

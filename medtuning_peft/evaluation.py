@@ -20,8 +20,9 @@ msd        keys of dataset.json   one region per foreground label, named after t
 HD95 pooling: both variants start from MONAI's surface distances (edge voxels = the mask minus its erosion by
 the face-connected neighbourhood; for each edge voxel of one mask, the Euclidean distance in mm to the nearest
 edge voxel of the other) and take the 95th percentile with linear interpolation. ``"max"`` takes it over each
-direction and keeps the larger, as MONAI's ``compute_hausdorff_distance(percentile=95)`` and DeepMind's
-``surface-distance`` do; ``"union"`` takes it over both directions pooled, as medpy's ``hd95`` does, which
+direction and keeps the larger, as MONAI's ``compute_hausdorff_distance(percentile=95)`` does (DeepMind's
+``surface-distance`` also keeps the larger direction, but weights each distance by its surface element's area);
+``"union"`` takes it over both directions pooled, as medpy's ``hd95`` does, which
 nnU-Net's BraTS evaluation runs (the organisers' CaPTk tool is separate C++ code). The two differ when
 the directions have different numbers of edge voxels (:func:`hd95`). KiTS19 and the MSD rank on Dice (the
 MSD also on NSD), not on HD95.
@@ -396,7 +397,7 @@ def hd95(
     percentile (linear interpolation) is then taken per ``pooling``:
 
     - ``"max"``: of each directed set, keeping the larger; MONAI's
-      ``compute_hausdorff_distance(percentile=95)`` and DeepMind's ``surface-distance``.
+      ``compute_hausdorff_distance(percentile=95)``.
     - ``"union"``: of both sets pooled; medpy's ``hd95``, as run by nnU-Net's BraTS evaluation.
 
     Example: pred one voxel, gt a column of 5 voxels along D with 2 mm slices and pred at one end. The

@@ -40,6 +40,7 @@ What a run does:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -63,6 +64,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .backbones import enable_activation_checkpointing
+from .decoders import DECODERS, decoder_key
 from .io_utils import (
     CorruptFileError,
     atomic_write_text,
@@ -200,7 +202,7 @@ class TrainSettings:
     method: str = _opt(
         "med_adapter", "Tuning method.", choices=["med_adapter", "lora", "full", "decoder_only"]
     )
-    decoder: str = _opt("upernet", "2D decoder.", choices=["upernet", "fpn", "segformer"])
+    decoder: str = _opt("upernet", "2D decoder.", choices=list(DECODERS))
     train_patch_embedding: bool | None = _opt(
         None,
         "Train the backbone's patch embedding with the adapters (med_adapter, lora). Default: when the data has "
@@ -293,6 +295,9 @@ class TrainSettings:
                 f"--data-dir with the dataset folder.",
                 "data_dir",
             )
+        if isinstance(self.decoder, str):  # any spelling build_decoder takes ("UperNet"), kept as the key
+            with contextlib.suppress(ValueError):  # an unknown name is refused with the choices below
+                self.decoder = decoder_key(self.decoder)
         for f in dataclasses.fields(self):  # the command line's choices, for settings built in Python too
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:

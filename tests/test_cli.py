@@ -631,6 +631,14 @@ def test_evaluate_fails_on_a_labelled_case_without_prediction_by_default(tmp_pat
     assert metrics["missing_predictions"] == ["b", "c"] and metrics["missing_policy"] == "fail"
 
 
+def test_evaluate_keeps_the_earlier_require_all_flag_as_missing_fail(tmp_path, capsys):
+    args = three_labels_one_prediction(tmp_path)
+    assert (
+        main([*args, "--missing", "skip", "--require-all", "--no-progress"]) == 1
+    )  # the last one given wins
+    assert "FAILED: 2 of 3 labelled case(s) have no prediction" in capsys.readouterr().err
+
+
 def test_evaluate_scores_a_missing_prediction_as_empty_when_asked(tmp_path):
     args = three_labels_one_prediction(tmp_path)
     assert main([*args, "--missing", "empty", "--output", str(tmp_path / "m.json"), "--no-progress"]) == 0

@@ -680,6 +680,10 @@ def test_settings_outside_the_command_lines_choices_are_refused_in_python_too():
         with pytest.raises(SettingsError, match=f"TrainSettings.{field}={value!r} is not known") as error:
             TrainSettings(dataset="kits19", data_dir="/data", max_steps=1, **{field: value})
         assert error.value.field == field
+    # A decoder is named in any spelling build_decoder takes, and kept as its key.
+    assert (
+        TrainSettings(dataset="kits19", data_dir="/data", max_steps=1, decoder="UperNet").decoder == "upernet"
+    )
 
 
 def test_resampled_validation_scores_the_written_predictions_against_the_label_files(
