@@ -67,10 +67,12 @@ from .backbones import enable_activation_checkpointing
 from .decoders import DECODERS, decoder_key
 from .io_utils import (
     CorruptFileError,
+    atomic_write_json,
     atomic_write_text,
     check_safetensors,
     check_writable,
     default_permissions,
+    read_json_file,
 )
 
 __all__ = [
@@ -1006,7 +1008,9 @@ def _load_task(
         by_id = {c.case_id: c for c in labelled}
         preprocessing = default_preprocessing(first.modality, first.dataset)
         if settings.ct_normalization == "training-foreground":
-            preprocessing = _training_foreground_ct(settings, [by_id[i] for i in train_ids], data_dir)
+            preprocessing = _training_foreground_ct(
+                settings, [by_id[i] for i in train_ids], data_dir, cache_dir
+            )
         if settings.target_spacing is not None:
             preprocessing = dataclasses.replace(preprocessing, target_spacing=tuple(settings.target_spacing))
         cache = CaseCache(cache_dir / "arrays")
@@ -1026,9 +1030,20 @@ def _load_task(
     return task, train_cases, val_cases, {i: Path(by_id[i].label) for i in val_ids}
 
 
-def _training_foreground_ct(settings: TrainSettings, train_cases: list[Any], data_dir: Path) -> Any:
-    """nnU-Net's CT window and z-score, measured on the training cases (``ct_normalization``)."""
-    from .data import CaseLoadError, ct_preprocessing_from_cases
+CT_STATISTICS_DIR_NAME = "ct_statistics"
+"""Folder of the cache holding the CT statistics measured on training cases (``ct_normalization``)."""
+
+
+def _training_foreground_ct(
+    settings: TrainSettings, train_cases: list[Any], data_dir: Path, cache_dir: Path
+) -> Any:
+    """nnU-Net's CT window and z-score, measured on the training cases (``ct_normalization``).
+
+    Measuring reads every training CT in full, so the result is kept in the cache under a key of the cases'
+    source files (paths, sizes, modification times): the other processes of the run (which come after the main
+    one) and later runs and resumes on the same cases read it instead.
+    """
+    from .data import CaseCache, CaseLoadError, CTPreprocessing, ct_preprocessing_from_cases
 
     other = sorted({c.modality for c in train_cases} - {"CT"})
     if other:
@@ -1037,13 +1052,37 @@ def _training_foreground_ct(settings: TrainSettings, train_cases: list[Any], dat
             f"holds {', '.join(other)} cases; leave ct_normalization at 'dataset'.",
             "ct_normalization",
         )
+    stored = None
+    with contextlib.suppress(FileNotFoundError):  # a missing file: measuring names it as loading does
+        raw_hu = CTPreprocessing(window=None, mean=0.0, std=1.0)
+        sources = [CaseCache(cache_dir / "arrays").key(c, raw_hu) for c in train_cases]
+        # "version": raise it when ct_preprocessing_from_cases measures differently (stored values are then stale).
+        digest = hashlib.sha256(json.dumps({"version": 1, "cases": sources}).encode()).hexdigest()
+        stored = cache_dir / CT_STATISTICS_DIR_NAME / f"{digest}.json"
+    if stored is not None and stored.is_file():
+        try:
+            values = read_json_file(stored, "stored CT statistics")
+            found = CTPreprocessing(window=tuple(values["window"]), mean=values["mean"], std=values["std"])
+        except (ValueError, KeyError, TypeError) as error:  # damaged: measured again and rewritten
+            logger.warning("Ignoring %s (%s); measuring the CT statistics again.", stored, error)
+        else:
+            logger.info("CT window and z-score of these training cases read from %s.", stored)
+            return found
     logger.info("Measuring the CT window and z-score on the %d training cases' foreground.", len(train_cases))
     try:
-        return ct_preprocessing_from_cases(train_cases)
+        measured = ct_preprocessing_from_cases(train_cases)
     except CaseLoadError:  # a missing or unreadable file: the data's problem, named as loading names it
         raise
     except ValueError as error:  # e.g. no training case has a labelled voxel
         raise SettingsError(f"{error} (data_dir '{data_dir}')", "ct_normalization") from error
+    if stored is not None:
+        values = {"window": list(measured.window), "mean": measured.mean, "std": measured.std}
+        try:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(stored, {**values, "cases": [c.case_id for c in train_cases]})
+        except OSError as error:  # a read-only cache: every process and run measures again
+            logger.warning("Could not store the CT statistics in %s: %s", stored, error)
+    return measured
 
 
 def _tracker_config(settings: TrainSettings) -> dict[str, Any]:

@@ -658,6 +658,41 @@ def test_training_foreground_ct_normalization_is_measured_on_the_training_cases_
     assert saved["preprocessing"] == expected  # what medtuning predict applies
 
 
+def test_training_foreground_ct_statistics_are_measured_once_for_the_same_training_cases(
+    tmp_path, monkeypatch
+):
+    """Later processes and runs on the same cases read the stored statistics; changed files are measured again."""
+    import os
+
+    import medtuning_peft.data as data
+    from medtuning_peft.data import list_kits19_cases
+    from medtuning_peft.training import _training_foreground_ct
+
+    data_dir, cache_dir = tmp_path / "kits", tmp_path / "cache"
+    write_synthetic_kits19(data_dir, num_cases=3, shape=SHAPE, spacing=(3.0, 3.0, 3.0), seed=0)
+    measured = []
+    measure = data.ct_preprocessing_from_cases
+    monkeypatch.setattr(
+        data, "ct_preprocessing_from_cases", lambda cases: measured.append(1) or measure(cases)
+    )
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", ct_normalization="training-foreground")
+    cases = list_kits19_cases(data_dir)
+
+    def statistics(cases):
+        return _training_foreground_ct(settings, cases, data_dir, cache_dir)
+
+    first = statistics(cases)
+    assert statistics(cases) == first == measure(cases) and len(measured) == 1
+    assert statistics(cases[:2]) == measure(cases[:2]) and len(measured) == 2  # other cases
+    image = Path(cases[0].images[0])
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the file changed
+    statistics(cases)
+    assert len(measured) == 3
+    for stored in (cache_dir / "ct_statistics").iterdir():
+        stored.write_text("{")  # damaged: measured again, not trusted
+    assert statistics(cases) == measure(cases) and len(measured) == 4
+
+
 def test_training_foreground_ct_normalization_reports_an_unreadable_case_as_loading_does(cache_dir, tmp_path):
     """A truncated training image is the data's problem, not a wrong --ct-normalization."""
     from medtuning_peft.data import CaseLoadError, list_kits19_cases, split_cases
