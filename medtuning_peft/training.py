@@ -901,8 +901,8 @@ def _check_output_dir(output_dir: Path, settings: TrainSettings) -> list[Path]:
     Nothing is created or deleted here.
 
     Returns:
-        With ``overwrite``, the earlier run's files and folders, to be deleted once the settings fit the data and every process has checked the
-        folder (:func:`_delete_earlier_run`); else nothing.
+        With ``overwrite``, the earlier run's files and folders, to be deleted once the settings fit the data and
+        every process has checked the folder (:func:`_delete_earlier_run`); else nothing.
 
     Raises:
         SettingsError: naming ``output_dir``, for a file in its place or a folder this process cannot write.
@@ -1052,10 +1052,13 @@ def _training_foreground_ct(
             f"holds {', '.join(other)} cases; leave ct_normalization at 'dataset'.",
             "ct_normalization",
         )
-    stored = None
+    cache, raw_hu, stored = (
+        CaseCache(cache_dir / "arrays"),
+        CTPreprocessing(window=None, mean=0.0, std=1.0),
+        None,
+    )
     with contextlib.suppress(FileNotFoundError):  # a missing file: measuring names it as loading does
-        raw_hu = CTPreprocessing(window=None, mean=0.0, std=1.0)
-        sources = [CaseCache(cache_dir / "arrays").key(c, raw_hu) for c in train_cases]
+        sources = [cache.key(c, raw_hu) for c in train_cases]
         # "version": raise it when ct_preprocessing_from_cases measures differently (stored values are then stale).
         digest = hashlib.sha256(json.dumps({"version": 1, "cases": sources}).encode()).hexdigest()
         stored = cache_dir / CT_STATISTICS_DIR_NAME / f"{digest}.json"
