@@ -762,3 +762,16 @@ def test_a_failing_operation_count_keeps_the_timings_of_every_method(monkeypatch
     text = step_time.markdown_section(report)
     assert "- full: operations not counted: `RuntimeError: dispatch failed (injected)`" in text
     assert "| full | - | - | - |" in text
+
+
+def test_decoder_checkpointing_benchmark_checkpoints_the_same_function(monkeypatch):
+    """The measured variant recomputes stages in backward and computes what UperNetHead.forward computes."""
+    import decoder_checkpointing
+
+    stages = []
+    real = decoder_checkpointing.checkpoint
+    monkeypatch.setattr(
+        decoder_checkpointing, "checkpoint", lambda *a, **k: stages.append(1) or real(*a, **k)
+    )
+    decoder_checkpointing.check_same_function()  # raises when outputs, gradients or statistics differ
+    assert len(stages) == 2 * 8  # per step: 3 laterals, the pyramid pooling, 3 FPN convolutions, the fusion
