@@ -325,6 +325,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_sibling(target)
     tmp.mkdir()
+    old: Path | None = None  # the earlier target while it is moved aside
     try:
         yield tmp
         default_permissions(tmp)
@@ -336,11 +337,16 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
             old = _partial_sibling(target)
             os.replace(target, old)
             os.replace(tmp, target)
-            _remove(old)
+            moved_aside, old = old, None
+            _remove(moved_aside)
         else:
             os.replace(tmp, target)
         fsync_directory(target.parent)
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            # Failed (or interrupted) between the two renames: put the earlier directory back, so it is
+            # never left only under a partial name that remove_partials would delete.
+            os.replace(old, target)
         _remove(tmp)
         raise
 

@@ -100,6 +100,30 @@ def test_crash_inside_atomic_directory_keeps_the_old_directory(tmp_path):
     assert (target / "state.json").read_text() == '{"step": 200}' and names(tmp_path) == ["checkpoint"]
 
 
+def test_a_failure_between_the_two_renames_puts_the_old_directory_back(tmp_path, monkeypatch):
+    # Replacing a directory takes two renames (old aside, new in place). If the second fails or is
+    # interrupted, the old directory must be back under its name: under a partial name, remove_partials
+    # (which the Hub upload's error message recommends) would delete the only copy.
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "adapter.json").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((Path(src), Path(dst)))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C between the two renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "replace", second_rename_fails)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as tmp:
+        (tmp / "adapter.json").write_text("new")
+    monkeypatch.setattr(io_utils.os, "replace", real_replace)
+    assert calls[0][0] == target and calls[1][1] == target  # the old moved aside, then the new failed
+    assert (target / "adapter.json").read_text() == "old" and names(tmp_path) == ["model"]
+    assert remove_partials(tmp_path) == [] and (target / "adapter.json").read_text() == "old"
+
+
 def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
     target = atomic_write_text(tmp_path / "predictions.csv", "complete old content\n")
     # io_utils uses only the standard library: the child loads it alone, so it starts in milliseconds.
