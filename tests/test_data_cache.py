@@ -164,12 +164,65 @@ def test_failed_write_leaves_no_entry_and_no_temporary(kits_dir, tmp_path, monke
         return original_save(handle, array, *args, **kwargs)
 
     monkeypatch.setattr(cache_module.np, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        cache.load(files)
+    # The case was decoded: a cache that cannot be written (full disk, quota, read-only shared folder) costs
+    # its caching, not the load.
+    with pytest.warns(
+        UserWarning, match=r"cannot write cache entry .*disk full.*case_00000' is used from memory"
+    ):
+        in_memory = cache.load(files)
     assert list((tmp_path / "cache").iterdir()) == []
+    direct = load_kits19_case(files)
+    assert not isinstance(in_memory.image, np.memmap)
+    np.testing.assert_array_equal(in_memory.image, direct.image)
+    np.testing.assert_array_equal(in_memory.label, direct.label)
     monkeypatch.setattr(cache_module.np, "save", original_save)
     case = cache.load(files)
-    assert case.label is not None and cache.entry_dir(files).is_dir()
+    assert case.label is not None and cache.entry_dir(files).is_dir() and isinstance(case.image, np.memmap)
+
+
+# Run in a child process: the limit on open files belongs to the process. Each memory-mapped array keeps a
+# descriptor open, so a labelled case holds two for as long as it is used.
+_DESCRIPTOR_CHILD = """
+import os, resource, sys, warnings
+from medtuning_peft.data import CaseCache, list_kits19_cases
+root, cache_dir, mode = sys.argv[1:4]
+files = list_kits19_cases(root)
+open_now = len(os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+limit = open_now + 40  # room for 20 labelled cases, not for all of them
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit if mode == "hard" else hard))
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a warning (a "corrupt" entry rebuilt) fails the child
+    try:
+        cases = CaseCache(cache_dir).load_many(files)
+    except OSError as error:
+        print("ERROR", error)
+        sys.exit(0)
+print("LOADED", len(cases), resource.getrlimit(resource.RLIMIT_NOFILE)[0] > limit)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_a_data_set_larger_than_the_open_file_limit_loads_and_keeps_its_entries(tmp_path):
+    import subprocess
+    import sys
+
+    write_synthetic_kits19(tmp_path / "kits", num_cases=40, shape=(16, 16, 16))
+    files = list_kits19_cases(tmp_path / "kits")
+    CaseCache(tmp_path / "cache").load_many(files)  # every entry written
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    run = [sys.executable, "-c", _DESCRIPTOR_CHILD, str(tmp_path / "kits"), str(tmp_path / "cache")]
+    # The soft limit is raised (up to the hard limit) as the cases are mapped: all 40 load.
+    soft = subprocess.run([*run, "soft"], capture_output=True, text=True, timeout=300)
+    assert soft.returncode == 0, soft.stderr
+    assert soft.stdout.split() == ["LOADED", "40", "True"]
+    # A hard limit too low: a clear error that says what to raise, and no valid entry taken for damaged.
+    hard = subprocess.run([*run, "hard"], capture_output=True, text=True, timeout=300)
+    assert hard.returncode == 0, hard.stderr
+    assert hard.stdout.startswith("ERROR") and "Too many open files" in hard.stdout, hard.stdout
+    assert "hard limit" in hard.stdout and "ulimit -Hn" in hard.stdout and "was kept" in hard.stdout
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == names
+    assert all(entry.current for entry in CaseCache(tmp_path / "cache").entries(files))
 
 
 @pytest.mark.parametrize("damage", ["truncate_image", "delete_label", "garble_meta", "old_version"])

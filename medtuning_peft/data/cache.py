@@ -14,6 +14,12 @@ either the whole entry or none (plus at most a ``.tmp-*`` folder that
 :meth:`CaseCache.remove_temporaries` deletes). An entry whose metadata or arrays do not match
 (truncated, edited, wrong version) is detected on load and rebuilt.
 
+A loaded case's arrays are memory maps, and each keeps its file open while the case is in use (two per
+labelled case): loading raises the process's soft limit on open files up to the hard limit as needed, and
+a hard limit too low for the data set is an error that says so (the entries are kept). A cache folder
+that cannot be written (full disk, quota, read-only) costs the caching only: the decoded case is
+returned from memory, with a warning.
+
 Every load sets the entry folder's modification time (its "last used" time; no array is rewritten).
 Entries made for older sources, parameters or versions are never deleted by loading:
 :meth:`CaseCache.entries` lists them and :meth:`CaseCache.prune` reclaims their space (stale entries,
@@ -23,6 +29,7 @@ entries unused for a given time, least recently used entries beyond a size budge
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +62,69 @@ ENTRY_NAME_PATTERN = re.compile(rf"^(?P<case_id>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f
 
 class CacheEntryError(RuntimeError):
     """A cache entry is incomplete or does not match its metadata (it is then rebuilt)."""
+
+
+# Errors of the process or the system, not of an entry: never a reason to delete or rebuild it.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+_DESCRIPTOR_MARGIN = 256  # descriptors kept free for everything else (data loader workers, logs, sockets)
+
+
+def _open_descriptors() -> int | None:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder))
+    return None
+
+
+def _reserve_descriptors(count: int) -> None:
+    """Raises the soft limit on open files, up to the hard limit, so that ``count`` more memory maps fit.
+
+    Every memory-mapped array keeps a duplicate of its file's descriptor open for as long as it lives
+    (Python's ``mmap`` before 3.13 has no way around it, and NumPy gives none), so the cases of a cache hold
+    one descriptor per array: a labelled case two. The usual soft limit of 1024 would stop a data set at
+    about 480 cases (BraTS 2021 has 1251). Raising the soft limit up to the hard one is what ``ulimit -n``
+    does in a shell; the hard limit itself is left alone.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit on handles
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = _open_descriptors()
+    if soft == resource.RLIM_INFINITY or open_now is None:
+        return
+    needed = open_now + count + _DESCRIPTOR_MARGIN
+    if needed <= soft:
+        return
+    # Doubling keeps the number of raises small as a data set is loaded case by case.
+    wanted = max(needed, 2 * soft)
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if wanted > soft:
+        with contextlib.suppress(
+            ValueError, OSError
+        ):  # e.g. macOS caps the soft limit below an infinite hard one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _descriptor_error(entry: Path, error: OSError) -> OSError:
+    """The error to raise for an entry that could not be opened for lack of descriptors or memory."""
+    if error.errno not in (errno.EMFILE, errno.ENFILE):
+        return error
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = f"soft limit {soft}, hard limit {hard}"
+    except ImportError:
+        limits = "the system's limit"
+    return OSError(
+        error.errno,
+        f"cannot open cache entry '{entry}': {error.strerror}. Each loaded case keeps its cached arrays "
+        f"memory-mapped, one open file per array (two per labelled case), and this process reached {limits} on "
+        "open files. Raise the hard limit (`ulimit -Hn` as root, `LimitNOFILE=` of a systemd unit, `--ulimit "
+        "nofile=` of docker) and run again; the entry itself is fine and was kept",
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -239,10 +309,13 @@ class CaseCache:
         except FileNotFoundError:
             return load_case(files, preprocessing)  # raises the case-naming missing-file error
         entry = self.cache_dir / _entry_name(files.case_id, key)
+        _reserve_descriptors(2)  # the image and label maps
         if entry.exists():
             try:
                 case = self._read_entry(entry, files)
             except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as error:
+                if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+                    raise _descriptor_error(entry, error) from error
                 warnings.warn(f"rebuilding corrupt cache entry '{entry}': {error}", stacklevel=2)
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -250,8 +323,24 @@ class CaseCache:
                 return case
         case = load_case(files, preprocessing)
         # Keyed on the sources as they were before decoding: a file edited meanwhile makes the entry stale.
-        self._write_entry(entry, key, case, files, preprocessing)
-        return self._read_entry(entry, files)
+        try:
+            self._write_entry(entry, key, case, files, preprocessing)
+        except OSError as error:
+            if error.errno in _RESOURCE_ERRNOS:
+                raise _descriptor_error(entry, error) from error
+            # A full disk, a quota or a read-only shared cache: the case is decoded, so it is used from memory.
+            warnings.warn(
+                f"cannot write cache entry '{entry}' ({error}); case '{files.case_id}' is used from memory "
+                "this time and decoded again next time",
+                stacklevel=2,
+            )
+            return case
+        try:
+            return self._read_entry(entry, files)
+        except OSError as error:
+            if error.errno in _RESOURCE_ERRNOS:
+                raise _descriptor_error(entry, error) from error
+            raise
 
     def load_many(
         self, files: Iterable[CaseFiles], preprocessing: Preprocessing | None = None
@@ -508,6 +597,8 @@ class CaseCache:
         try:
             meta = json.loads((entry / "meta.json").read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+                raise
             raise CacheEntryError(f"meta.json unreadable ({error})") from error
         if meta.get("cache_version") != CACHE_VERSION:
             raise CacheEntryError(f"cache_version {meta.get('cache_version')} != {CACHE_VERSION}")
