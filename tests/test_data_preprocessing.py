@@ -1,4 +1,5 @@
-"""CT normalization measured as nnU-Net measures it: on the foreground of the training cases given, and only those."""
+"""Normalization as nnU-Net does it: CT measured on the foreground of the training cases given, and only those;
+MRI z-scored over the whole volume unless an empty background marks a masked (skull-stripped) scan."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medtuning_peft.data import CaseFiles, ct_preprocessing_from_cases, load_case
+from medtuning_peft.data import (
+    CaseFiles,
+    MRIPreprocessing,
+    ct_preprocessing_from_cases,
+    list_msd_cases,
+    load_case,
+    load_msd_case,
+)
+from medtuning_peft.data.preprocessing import nonzero_box_fraction
 
 SHAPE = (20, 30, 40)
 
@@ -60,3 +69,66 @@ def test_ct_statistics_refuse_cases_they_cannot_measure(tmp_path):
     empty = _ct_case(tmp_path, "train_empty", np.zeros(0, np.float32))
     with pytest.raises(ValueError, match=r"none of the 1 training cases has a voxel with a label above 0"):
         ct_preprocessing_from_cases([empty])
+
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "msd_hippocampus_sample"
+
+
+def test_mri_zeros_of_a_scan_without_background_are_its_darkest_tissue():
+    # The MSD hippocampus crops have no empty background: their few 0-valued voxels are the darkest tissue.
+    # Left out of the statistics and set to 0 (the mean) they would become bright specks; with the default
+    # they keep their place as the darkest voxels, and the volume has mean 0 and standard deviation 1.
+    checked = 0
+    for files in list_msd_cases(HIPPOCAMPUS):
+        raw = np.asarray(nib.load(files.images[0]).dataobj, dtype=np.float64)
+        if not (raw == 0).any():
+            continue
+        case = load_msd_case(files)
+        image = np.asarray(case.image[0], dtype=np.float64)
+        darkest = image.min()
+        assert np.count_nonzero(image == darkest) == np.count_nonzero(raw == 0)
+        expected_zero = (0.0 - raw.mean()) / raw.std()
+        assert darkest == pytest.approx(expected_zero, rel=1e-4) and darkest < -1.0
+        assert image.mean() == pytest.approx(0.0, abs=1e-4) and image.std() == pytest.approx(1.0, rel=1e-4)
+        checked += 1
+    assert checked >= 5
+
+
+def _brain(shape=(24, 32, 32), channels=2) -> np.ndarray:
+    """A skull-stripped scan: a brain-shaped block of positive intensities in a zero background."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((channels, *shape), np.float32)
+    image[:, 4:20, 6:26, 8:24] = rng.uniform(100.0, 900.0, (channels, 16, 20, 16))
+    image[1, 10, 12, 12] = 0.0  # a zero voxel of one channel inside the brain
+    return image
+
+
+def test_mri_auto_mask_follows_nnunets_cropping_rule():
+    brain = _brain()
+    assert nonzero_box_fraction(brain) == pytest.approx((16 * 20 * 16) / (24 * 32 * 32))
+    masked, background = MRIPreprocessing().normalize(brain)
+    np.testing.assert_array_equal(masked, MRIPreprocessing(mask="any").normalize(brain)[0])
+    assert background == 0.0 and (masked[:, :4] == 0).all()
+    inside = np.any(brain != 0, axis=0)
+    for c in range(2):
+        assert masked[c][inside].mean() == pytest.approx(0.0, abs=1e-5)
+        assert masked[c][inside].std() == pytest.approx(1.0, rel=1e-5)
+    assert masked[1, 10, 12, 12] < -1.0  # standardized like the brain around it, not set to the mean
+    # The brain filling 3/4 of the volume or more: no empty background, every voxel counts.
+    full = brain[:, 4:20, 6:26, 8:24].copy()
+    full[0, 0, 0, :3] = 0.0
+    assert nonzero_box_fraction(full) == 1.0
+    whole = MRIPreprocessing().normalize(full)[0]
+    np.testing.assert_array_equal(whole, MRIPreprocessing(mask="none").normalize(full)[0])
+    assert whole[0].mean() == pytest.approx(0.0, abs=1e-5) and whole[0].std() == pytest.approx(1.0, rel=1e-5)
+    assert whole[0, 0, 0, :3].max() < whole[0].min() + 1e-6  # the zeros are the darkest, as in the raw scan
+
+
+def test_mri_channel_mask_and_bad_mask():
+    brain = _brain()
+    per_channel = MRIPreprocessing(mask="channel").normalize(brain)[0]
+    assert per_channel[1, 10, 12, 12] == 0.0  # a channel's own zero is outside its mask
+    assert nonzero_box_fraction(np.zeros((1, 4, 4, 4))) == 0.0
+    assert (MRIPreprocessing().normalize(np.zeros((1, 4, 4, 4)))[0] == 0).all()
+    with pytest.raises(ValueError, match="mask='brain'.*'auto', 'any', 'channel', 'none'"):
+        MRIPreprocessing(mask="brain")

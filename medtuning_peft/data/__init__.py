@@ -31,6 +31,7 @@ from .kits19 import KITS19_LABELS, kits19_case_files, list_kits19_cases, load_ki
 from .msd import MSDTask, list_msd_cases, load_msd_case, read_msd_task
 from .nifti import load_case, read_nifti
 from .preprocessing import (
+    MRI_MASKS,
     CTPreprocessing,
     MRIPreprocessing,
     Preprocessing,
@@ -60,6 +61,7 @@ __all__ = [
     "CaseLoadError",
     "CropDataset",
     "KITS19_LABELS",
+    "MRI_MASKS",
     "MRIPreprocessing",
     "MSDTask",
     "NoCasesError",

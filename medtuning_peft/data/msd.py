@@ -10,8 +10,9 @@ Default preprocessing: tasks whose channels are all CT use
 a per-volume z-score (the KiTS19 window and statistics would be wrong for, e.g., lung or liver); for
 nnU-Net's normalization pass
 :func:`~medtuning_peft.data.preprocessing.ct_preprocessing_from_cases` of the training split's cases. All other tasks (MRI) use
-:class:`~medtuning_peft.data.preprocessing.MRIPreprocessing`: per-channel z-score over that channel's
-non-zero voxels, zero voxels stay 0.
+:class:`~medtuning_peft.data.preprocessing.MRIPreprocessing` with nnU-Net's rule for its z-score (``mask="auto"``):
+each channel over every voxel, or, in a volume whose non-zero voxels' bounding box holds less than 3/4 of it
+(brain tumour: skull-stripped), over the voxels non-zero in any channel, zero voxels outside staying 0.
 """
 
 from __future__ import annotations

@@ -97,28 +97,67 @@ class CTPreprocessing:
         return image, (low - mean) / std
 
 
+MRI_MASKS = ("auto", "any", "channel", "none")
+"""The values of :attr:`MRIPreprocessing.mask`."""
+
+# nnU-Net's threshold: a z-score inside the non-zero mask when cropping to it keeps less than 3/4 of the volume.
+_MASKED_FRACTION = 0.75
+
+
+def nonzero_box_fraction(image: np.ndarray) -> float:
+    """The share of the volume inside the bounding box of the voxels non-zero in any channel.
+
+    Args:
+        image: ``(C, D, H, W)`` intensities.
+
+    Returns:
+        A value in ``[0, 1]``; 0 for an image without a non-zero voxel.
+    """
+    union = np.any(image != 0, axis=0)  # (C, D, H, W) -> (D, H, W)
+    if not union.any():
+        return 0.0
+    fraction = 1.0
+    for axis in range(3):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
+        fraction *= (present[-1] - present[0] + 1) / union.shape[axis]
+    return float(fraction)
+
+
 @dataclass(frozen=True)
 class MRIPreprocessing:
-    """MRI: z-score each channel inside a foreground mask; voxels outside it are 0.
+    """MRI: z-score each channel, over every voxel or inside a foreground mask (0 outside it).
 
     MRI has no absolute intensity scale, so each channel of each volume is standardized with the mean
-    and standard deviation of its own voxels inside a mask; voxels outside the mask are set to 0 (the
-    background value). ``mask="channel"`` uses each channel's own non-zero voxels (MSD);
-    ``mask="any"`` uses the voxels non-zero in any channel, i.e. the skull-stripped brain (BraTS), so a
-    zero voxel of one channel inside that mask is standardized like the others. A channel that is zero
-    everywhere inside its mask stays 0.
+    and standard deviation of its own voxels, or of its voxels inside a mask; voxels outside the mask are
+    set to 0 (the background value). ``mask``:
+
+    - ``"auto"`` (default): nnU-Net's rule for its z-score, per volume. When the bounding box of the voxels
+      non-zero in any channel holds less than 3/4 of the volume, the zeros are background (a skull-stripped
+      or masked scan) and the mask is those voxels (as ``"any"``); otherwise the zeros are dark tissue of a
+      scan without an empty background (MSD hippocampus crops, prostate, heart) and every voxel counts (as
+      ``"none"``). nnU-Net takes the decision once per data set, from the median of this share over its
+      training cases; per volume it needs no pass over the data set and decides alike wherever a data set's
+      scans are alike.
+    - ``"any"``: the voxels non-zero in any channel, i.e. the skull-stripped brain (BraTS), so a zero voxel
+      of one channel inside that mask is standardized like the others.
+    - ``"channel"``: each channel's own non-zero voxels.
+    - ``"none"``: every voxel.
+
+    A channel that is zero everywhere inside its mask stays 0.
 
     Attributes:
-        mask: ``"channel"`` or ``"any"``.
+        mask: One of :data:`MRI_MASKS`.
         target_spacing: Resample to these mm along ``(D, H, W)``, or ``None``.
     """
 
-    mask: str = "channel"
+    mask: str = "auto"
     target_spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.mask not in ("channel", "any"):
-            raise ValueError(f"MRIPreprocessing.mask={self.mask!r}; use 'channel' or 'any'.")
+        if self.mask not in MRI_MASKS:
+            raise ValueError(
+                f"MRIPreprocessing.mask={self.mask!r}; use one of {', '.join(map(repr, MRI_MASKS))}."
+            )
         _check_target_spacing("MRIPreprocessing", self.target_spacing)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +165,7 @@ class MRIPreprocessing:
         return {"kind": "mri", **asdict(self)}
 
     def normalize(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Z-scores each channel inside the mask.
+        """Z-scores each channel over the voxels that :attr:`mask` selects.
 
         Args:
             image: ``(C, D, H, W)`` raw intensities (any numeric dtype).
@@ -135,15 +174,23 @@ class MRIPreprocessing:
             ``(C, D, H, W)`` float32 image (0 outside the mask) and the background value 0.
         """
         image = image.astype(np.float32, copy=True)
-        union = np.any(image != 0, axis=0)  # (C, D, H, W) -> (D, H, W)
+        mask = self.mask
+        if mask == "auto":
+            mask = "any" if nonzero_box_fraction(image) < _MASKED_FRACTION else "none"
+        union = np.any(image != 0, axis=0) if mask == "any" else None  # (C, D, H, W) -> (D, H, W)
         for c in range(image.shape[0]):
-            mask = union if self.mask == "any" else image[c] != 0
-            values = image[c][mask]
+            if mask == "none":
+                values = image[c]
+                std = float(values.std())
+                image[c] = (values - float(values.mean())) / (std if std > 0 else 1.0)
+                continue
+            inside = union if mask == "any" else image[c] != 0
+            values = image[c][inside]
             if values.size == 0:
                 image[c] = 0.0
                 continue
             std = float(values.std())
-            image[c] = np.where(mask, (image[c] - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
+            image[c] = np.where(inside, (image[c] - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
         return image, 0.0
 
 
@@ -152,8 +199,9 @@ Preprocessing = CTPreprocessing | MRIPreprocessing
 
 # Defaults per (dataset, modality); anything else falls back to the modality's entry under "".
 # MSD CT tasks (liver, lung, pancreas, ...) need other windows than KiTS19: a wide window and a
-# per-volume z-score are a safe default there. BraTS volumes are skull-stripped, so the brain mask is
-# the voxels non-zero in any modality.
+# per-volume z-score are a safe default there. MRI in general (MSD tasks among them) takes nnU-Net's rule,
+# which finds a masked scan by its empty background; BraTS volumes are all skull-stripped, so the brain mask
+# is the voxels non-zero in any modality.
 DEFAULT_PREPROCESSING: dict[tuple[str, str], CTPreprocessing | MRIPreprocessing] = {
     ("", "CT"): CTPreprocessing(),
     ("", "MRI"): MRIPreprocessing(),
