@@ -5,7 +5,7 @@ the chosen --year into the cache folder and trains on it through the same reader
 
     accelerate launch examples/train_brats.py --year 2020 --data-dir MICCAI_BraTS2020_TrainingData \\
         --backbone microsoft/swin-tiny-patch4-window7-224 --crop-size 128 128 128 --decoder-channels 512 \\
-        --samples-per-case 1 --epochs 250 --sw-overlap 0.672 --val-every 1000
+        --samples-per-case 1 --epochs 250 --sw-overlap 0.671875 --val-every 1000
 
 Labels 0/1/2/4 are trained as classes 0-3 and scored as the regions ET = {4}, TC = {1, 4}, WT = {1, 2, 4};
 predicted ET under --et-min-voxels (500) is relabelled NCR before scoring. See examples/README.md.

@@ -5,7 +5,7 @@ into the cache folder and trains on it through the same reader, so the whole pip
 few minutes. With the real data and a GPU:
 
     accelerate launch examples/train_kits.py --data-dir kits19/data --backbone microsoft/swin-tiny-patch4-window7-224 \\
-        --crop-size 128 128 128 --decoder-channels 512 --samples-per-case 1 --epochs 250 --sw-overlap 0.672 \\
+        --crop-size 128 128 128 --decoder-channels 512 --samples-per-case 1 --epochs 250 --sw-overlap 0.671875 \\
         --val-every 1000
 
 See examples/README.md for the data layout, multi-GPU and multi-machine commands, and resume.

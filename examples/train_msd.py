@@ -5,7 +5,7 @@ examples/data/msd_hippocampus_sample (CC-BY-SA 4.0, see its ATTRIBUTION.md). Wit
 
     accelerate launch examples/train_msd.py --data-dir Task04_Hippocampus --crop-size 32 64 48 \\
         --backbone microsoft/swin-tiny-patch4-window7-224 --decoder-channels 512 --samples-per-case 1 --epochs 250 \\
-        --sw-overlap 0.672 --val-every 1000
+        --sw-overlap 0.671875 --val-every 1000
 
 Channels come from the task's "modality", classes from its "labels"; the metrics are per-class Dice and HD95
 and their means. See examples/README.md for the layout, multi-GPU and multi-machine commands, and resume.

@@ -10,9 +10,10 @@
 
 Every command checks its inputs case by case: a bad file (truncated ``.nii.gz``, not a NIfTI, 2D or 4D
 where 3D is expected, NaN/Inf voxels, mismatched grids, unexpected labels) is reported with the case, the
-file, the problem and the fix; no output is written for that case, the other cases still run, and the
-command exits with status 1 after listing every failed case. Outputs are written atomically
-(:mod:`medtuning_peft.io_utils`). Exit status: 0 success, 1 failed cases or inputs, 2 bad arguments.
+file, the problem and the fix; no output is written for that case (a file of it left by an earlier run is
+named), the other cases still run, and the command exits with status 1 after listing every failed case.
+Outputs are written atomically (:mod:`medtuning_peft.io_utils`). Exit status: 0 success, 1 failed cases or
+inputs, 2 bad arguments.
 
 Heavy libraries (torch, MONAI) load inside the commands, so ``--help`` is quick.
 """
@@ -92,12 +93,27 @@ def _nifti_files(directory: Path) -> dict[str, list[Path]]:
     return found
 
 
+def _is_one_kits19_case(directory: Path, role: str = "imaging") -> bool:
+    """Whether ``directory`` is one KiTS19 case folder: it holds ``imaging.nii(.gz)`` (or ``role``'s file)."""
+    return any((directory / f"{role}{suffix}").is_file() for suffix in NIFTI_SUFFIXES)
+
+
 def _unique(found: dict[str, list[Path]], what: str) -> dict[str, Path]:
     duplicates = {k: v for k, v in found.items() if len(v) > 1}
     if duplicates:
         listing = "; ".join(", ".join(f"'{p}'" for p in paths) for paths in duplicates.values())
         raise CommandError(f"{what}: several files share a case name ({listing}); keep one file per case.")
     return {k: v[0] for k, v in found.items()}
+
+
+def _strip_label_suffix(case_id: str) -> str:
+    """``x_seg`` / ``x_label`` / ... -> ``x``: the case a label file belongs to."""
+    return next((case_id[: -len(s)] for s in _LABEL_SUFFIXES if case_id.endswith(s)), case_id)
+
+
+def _is_label_name(case_id: str) -> bool:
+    """Whether a NIfTI file's case name marks it as a label map: ``segmentation`` (KiTS19), ``x_seg``, ..."""
+    return case_id.lower() == "segmentation" or _strip_label_suffix(case_id) != case_id
 
 
 def _failure_report(command: str, failures: dict[str, str], total: int) -> None:
@@ -119,6 +135,7 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
         NoCasesError,
         brats_case_files,
         is_one_brats_case,
+        kits19_case_files,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -150,11 +167,26 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
                 )
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in input_path.iterdir()):
             cases, layout = list_kits19_cases(input_path), "KiTS19 case folders"
+        elif _is_one_kits19_case(input_path):  # imaging (+ segmentation): one case named after the folder
+            cases, layout = [kits19_case_files(os.path.abspath(input_path))], "a KiTS19 case folder"
         elif is_one_brats_case(input_path):  # its modality files are one case, not one case each
             cases, layout = [brats_case_files(input_path)], "a BraTS case folder"
         elif files := _nifti_files(input_path):
-            cases = [plain(k, p) for k, p in _unique(files, f"--input '{input_path}'").items()]
-            layout = "NIfTI files"
+            found = _unique(files, f"--input '{input_path}'")
+            images = {k: p for k, p in found.items() if not _is_label_name(k)}
+            skipped = sorted(p.name for k, p in found.items() if k not in images)
+            if not images:
+                raise CommandError(
+                    f"--input folder '{input_path}' holds only label maps by their names ({skipped}: "
+                    f"segmentation, or a name ending in {' / '.join(_LABEL_SUFFIXES)}), no image to segment. "
+                    "Pass the folder of images, or one file as --input to segment it anyway."
+                )
+            if skipped:
+                _log(
+                    f"--input '{input_path}': skipping {len(skipped)} label map(s) by their names: {skipped}. "
+                    "Pass one file as --input to segment it anyway."
+                )
+            cases, layout = [plain(k, p) for k, p in images.items()], "NIfTI files"
         else:
             try:
                 cases, layout = list_brats_cases(input_path), "BraTS case folders"
@@ -412,13 +444,15 @@ def _overlap_of(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) ->
                 "[0, 1). Restore it, or pass --overlap."
             )
         recorded[source] = value
-    values = {v for v in recorded.values() if v is not None}
-    if len(values) > 1:
+    values = set(recorded.values())
+    if len(values) > 1:  # a model without a record (saved outside training.py) disagrees as well
+        shown = {k: "not recorded" if v is None else v for k, v in recorded.items()}
         raise CommandError(
-            f"the --model models were validated with different window overlaps ({recorded}); pass --overlap to "
+            f"the --model models were validated with different window overlaps ({shown}); pass --overlap to "
             "choose one."
         )
-    return float(values.pop()) if values and None not in recorded.values() else REFERENCE_OVERLAP
+    value = values.pop()
+    return REFERENCE_OVERLAP if value is None else float(value)
 
 
 # What the models of an ensemble must share: the same input and the same classes, in the same order.
@@ -578,7 +612,7 @@ def _predict(
     print(
         f"medtuning predict: {len(cases)} case(s) ({layout}) on {device}"
         f"{f', {len(models)} models averaged' if len(models) > 1 else ''}, "
-        f"window {shown[0] if len(shown) == 1 else shown}, overlap {overlap:.3f}"
+        f"window {shown[0] if len(shown) == 1 else shown}, overlap {overlap}"  # exact: 0.671875 is stride 42
         f"{', flip TTA' if args.flip_tta else ''}",
         file=sys.stderr,
     )
@@ -586,6 +620,7 @@ def _predict(
     failures: dict[str, str] = {}
     for files in tqdm(cases, desc="predict", unit="case", disable=args.no_progress or None):
         target = outputs[files.case_id]
+        written_now: list[Path] = []  # this case's files this run wrote (the others are from earlier runs)
         try:
             problem = _check_dims(files, in_channels) if len(files.images) == 1 else None
             if problem is not None:
@@ -622,6 +657,7 @@ def _predict(
                     f"case '{files.case_id}': cannot write the label map '{target}' (--output): "
                     f"{error.strerror or error}"
                 ) from error
+            written_now.append(target)
             if args.preview:
                 atomic_write_bytes(_preview_path(target), png_bytes(_preview_rgb(case.image[0], classes)))
         except Exception as error:  # one bad case must not stop the batch
@@ -630,6 +666,14 @@ def _predict(
                 if str(error).startswith("case '")
                 else (f"case '{files.case_id}', file '{files.images[0]}': {type(error).__name__}: {error}")
             )
+            # Atomic writes leave an earlier run's file of the case in place: evaluate would score it.
+            stale = [f for f in (target, _preview_path(target)) if f not in written_now and f.exists()]
+            if stale:
+                scored = "; medtuning evaluate would score its label map" if target in stale else ""
+                message += (
+                    f" (--output still holds {[str(f) for f in stale]} from an earlier run, not overwritten"
+                    f"{scored}: remove them or predict the case again)"
+                )
             failures[files.case_id] = message
             _log(f"FAILED {message}")
     written = len(cases) - len(failures)
@@ -645,11 +689,6 @@ def _predict(
 # -----------------------------------------------------------------------------------------------------
 
 
-def _strip_label_suffix(case_id: str) -> str:
-    """``x_seg`` / ``x_label`` / ... -> ``x``: the case a label file belongs to."""
-    return next((case_id[: -len(s)] for s in _LABEL_SUFFIXES if case_id.endswith(s)), case_id)
-
-
 def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
     """Label files by case name, and the ``dataset.json`` found with them (MSD)."""
     from .data import (
@@ -657,6 +696,7 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
         NoCasesError,
         brats_case_files,
         is_one_brats_case,
+        kits19_case_files,
         list_brats_cases,
         list_kits19_cases,
         read_msd_task,
@@ -678,6 +718,9 @@ def _label_files(labels: Path) -> tuple[dict[str, Path], Path | None]:
             found = {c.case_id: c.label for c in read_msd_task(labels).training}
         elif any(d.is_dir() and KITS19_CASE_PATTERN.match(d.name) for d in labels.iterdir()):
             found = {c.case_id: c.label for c in list_kits19_cases(labels) if c.label is not None}
+        elif _is_one_kits19_case(labels) or _is_one_kits19_case(labels, "segmentation"):
+            case = kits19_case_files(os.path.abspath(labels))
+            found = {case.case_id: case.label} if case.label is not None else {}
         elif is_one_brats_case(labels):
             case = brats_case_files(labels)
             found = {case.case_id: case.label} if case.label is not None else {}
@@ -1366,8 +1409,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--input",
         required=True,
-        help="a .nii/.nii.gz file; a folder of them; an MSD task folder (dataset.json); KiTS19 case_XXXXX "
-        "folders; or BraTS case folders (or one). Multi-channel models take one 4D file per case, channels last (MSD)",
+        help="a .nii/.nii.gz file; a folder of them (label maps named segmentation or *_seg, *_label, ... are "
+        "skipped); an MSD task folder (dataset.json); KiTS19 case_XXXXX folders (or one); or BraTS case folders "
+        "(or one). Multi-channel models take one 4D file per case, channels last (MSD)",
     )
     predict.add_argument(
         "--output",
@@ -1385,7 +1429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap",
         type=_overlap,
         help="window overlap in [0, 1) (default: the --sw-overlap training validated the model with, recorded "
-        f"with it; else {REFERENCE_OVERLAP:.4f}, the reference stride 42 for 128-voxel windows)",
+        f"with it; else {REFERENCE_OVERLAP}, the reference stride 42 for 128-voxel windows)",
     )
     predict.add_argument(
         "--sw-batch-size", type=_positive, default=1, help="windows per forward pass (default 1)"
@@ -1436,7 +1480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         required=True,
         help="ground truth: a folder of label files (e.g. MSD labelsTr), an MSD task folder, KiTS19 case "
-        "folders or BraTS case folders",
+        "folders (or one) or BraTS case folders (or one)",
     )
     evaluate.add_argument("--task", required=True, choices=TASKS, help="challenge conventions")
     evaluate.add_argument(
@@ -1484,8 +1528,10 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser(
         "push",
         help="upload a saved model with a generated model card to the Hugging Face Hub",
-        description="Write README.md (model card: task, labels, data set and licence, metrics, settings, "
-        "parameters, usage, citations) into the model folder and upload its safetensors, JSON and README.md.",
+        description="Generate a model card (task, labels, data set and licence, metrics, settings, parameters, "
+        "usage, citations) and upload it as the repository's README.md, with the saved segmenter's safetensors "
+        "and JSON files (no other file of the folder), in one commit. The card is built in memory: nothing is "
+        "written into the model folder (a README.md there is not uploaded); --dry-run prints it.",
     )
     push.add_argument("--model", required=True, help="model directory written by save_pretrained")
     push.add_argument("--repo-id", required=True, help="Hub repository 'org/name'")

@@ -652,10 +652,11 @@ def sliding_window_predict(
 
     Args:
         model: maps (B, C, D, H, W) inputs to logits (B, K, D, H, W) of the same spatial size.
-        volume: (B, C, D, H, W) float tensor (a numpy array is converted).
+        volume: (B, C, D, H, W) float tensor (a numpy array is converted; integer and float64 input, e.g.
+            nibabel's ``get_fdata()``, is cast to float32).
         roi_size: window size, one int for a cube or (D, H, W). Reference recipe: 128.
         overlap: fraction of a window shared with the next one, in [0, 1). The default
-            :data:`REFERENCE_OVERLAP` = 1 - 42/128 ~ 0.67 is the reference stride of 42 for 128^3 windows.
+            :data:`REFERENCE_OVERLAP` = 1 - 42/128 = 0.671875 is the reference stride of 42 for 128^3 windows.
         sw_batch_size: windows per model call.
         mode: ``"gaussian"`` or ``"constant"`` (plain average) blending.
         flip_tta: average over the 8 flip combinations.
@@ -680,7 +681,7 @@ def sliding_window_predict(
             f"volume must have shape (B, C, D, H, W); got {tuple(volume.shape)}. Add batch / channel axes "
             f"with volume[None] as needed."
         )
-    if not volume.is_floating_point():
+    if volume.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # integers, float64 (get_fdata)
         volume = volume.float()
     roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
     if len(roi) != 3 or not all(isinstance(r, int | np.integer) and r > 0 for r in roi):

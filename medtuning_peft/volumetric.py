@@ -170,8 +170,8 @@ def _segformer_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: 
 def plain_taps(num_blocks: int, num_levels: int = 4) -> list[int]:
     """Blocks tapped on a plain backbone: every ``num_blocks / num_levels``-th, ending at the last block.
 
-    12 blocks give 2, 5, 8, 11 (as in ViT-UperNet); fewer blocks give evenly spaced ones (4 give 0, 1, 2,
-    3; 2 give 0, 0, 1, 1).
+    12 blocks give 2, 5, 8, 11 (as in ViT-UperNet); fewer blocks give ``(i + 1) * num_blocks // num_levels - 1``
+    clamped at 0, so a short backbone repeats blocks (4 give 0, 1, 2, 3; 6 give 0, 2, 3, 5; 2 give 0, 0, 0, 1).
     """
     return [max((i + 1) * num_blocks // num_levels - 1, 0) for i in range(num_levels)]
 

@@ -319,6 +319,21 @@ def test_predict_batch_skips_bad_files_and_lists_them_as_a_subprocess(model_dir,
     assert nib.load(str(out / "good.nii.gz")).shape == KITS_SHAPE
 
 
+def test_predict_failure_names_the_cases_file_an_earlier_run_left_in_the_output(model_dir, tmp_path, capsys):
+    image = write_nifti(tmp_path / "in" / "scan.nii.gz", ct_volume())
+    out = tmp_path / "out"
+    command = ["predict", "--model", str(model_dir), "--input", str(tmp_path / "in"), "--output", str(out)]
+    assert main([*command, "--overlap", "0", "--preview", "--no-progress"]) == 0
+    earlier = (out / "scan.nii.gz").read_bytes()
+    image.write_bytes(image.read_bytes()[:100])  # the scan replaced by a truncated file
+    capsys.readouterr()
+    assert main([*command, "--overlap", "0", "--no-progress"]) == 1
+    summary = capsys.readouterr().err.split("case(s) failed:")[1]
+    assert "from an earlier run, not overwritten" in summary and "evaluate would score" in summary
+    assert f"'{out / 'scan.nii.gz'}'" in summary and f"'{out / 'scan.png'}'" in summary
+    assert (out / "scan.nii.gz").read_bytes() == earlier  # the user's files are named, not deleted
+
+
 def test_predict_on_an_empty_folder_fails_naming_it(model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
@@ -1301,7 +1316,7 @@ def test_predict_uses_the_window_overlap_training_validated_with(tmp_path, capsy
     write_nifti(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", ct_volume(3, shape=(30, 70, 70)))
     command = ["predict", "--model", str(fold), "--input", str(tmp_path / "kits"), "--no-progress"]
     assert main([*command, "--output", str(tmp_path / "recorded")]) == 0
-    assert "overlap 0.500" in capsys.readouterr().err
+    assert "overlap 0.5\n" in capsys.readouterr().err
     assert main([*command, "--output", str(tmp_path / "given"), "--overlap", "0.5"]) == 0
     assert main([*command, "--output", str(tmp_path / "reference"), "--overlap", str(REFERENCE_OVERLAP)]) == 0
     read = {k: np.asanyarray(nib.load(str(tmp_path / k / "case_00000.nii.gz")).dataobj) for k in
@@ -1328,6 +1343,37 @@ def test_predict_asks_for_an_overlap_when_the_models_validated_with_different_on
     assert main(command) == 1
     assert "validated with different window overlaps" in capsys.readouterr().err
     assert main([*command, "--overlap", "0.5", "--no-progress"]) == 0
+
+
+def test_predict_asks_for_an_overlap_when_only_some_models_recorded_one(tmp_path, capsys):
+    folds = [save_fold(tmp_path / "f0", 0, CROP, sw_overlap=0.5), save_fold(tmp_path / "f1", 1, CROP)]
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())
+    command = [
+        "predict",
+        "--model",
+        *map(str, folds),
+        "--input",
+        str(image),
+        "--output",
+        str(tmp_path / "o.nii.gz"),
+    ]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "validated with different window overlaps" in err and "'not recorded'" in err
+    assert "pass --overlap" in err and not (tmp_path / "o.nii.gz").exists()
+    assert main([*command, "--overlap", "0.5", "--no-progress"]) == 0
+
+
+def test_the_reference_overlap_shown_to_users_gives_stride_42_when_copied(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    shown = [help_text.split(", the reference stride 42")[0].split()[-1]]
+    image = write_nifti(tmp_path / "scan.nii.gz", ct_volume())  # the model records no overlap: the reference
+    command = ["predict", "--model", str(model_dir), "--input", str(image), "--no-progress"]
+    assert main([*command, "--output", str(tmp_path / "o.nii.gz")]) == 0
+    shown.append(capsys.readouterr().err.split(", overlap ")[1].split()[0])
+    assert [int(128 * (1 - float(text))) for text in shown] == [42, 42], shown
 
 
 def test_predict_refuses_a_recorded_overlap_outside_0_1_naming_the_field(tmp_path, capsys):
@@ -1452,6 +1498,40 @@ def test_predict_takes_a_folder_of_one_sequences_scans_as_one_case_per_file(mode
         assert main([*args, "--overlap", "0", "--no-progress"]) == 0, capsys.readouterr().err
         assert "NIfTI files" in capsys.readouterr().err
         assert sorted(p.name for p in out.iterdir()) == expected
+
+
+def test_predict_takes_one_kits_case_folder_as_that_case_and_segments_its_imaging(
+    model_dir, tmp_path, capsys
+):
+    case = tmp_path / "kits" / "case_00007"
+    write_nifti(case / "imaging.nii.gz", ct_volume(4))
+    write_nifti(case / "segmentation.nii.gz", label_map(0, KITS_SHAPE).astype(np.uint8))
+    run = ["predict", "--model", str(model_dir), "--overlap", "0", "--no-progress"]
+    assert main([*run, "--input", str(case), "--output", str(tmp_path / "one")]) == 0
+    assert "a KiTS19 case folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["case_00007.nii.gz"]
+    assert main([*run, "--input", str(tmp_path / "kits"), "--output", str(tmp_path / "all")]) == 0
+    read = [np.asanyarray(nib.load(str(tmp_path / k / "case_00007.nii.gz")).dataobj) for k in ("one", "all")]
+    np.testing.assert_array_equal(read[0], read[1])  # the imaging, as in the folder of case folders
+    assert main(["evaluate", "--pred", str(tmp_path / "one"), "--labels", str(case), "--task", "kits19"]) == 0
+    assert "case_00007" in capsys.readouterr().out
+
+
+def test_predict_skips_label_maps_in_a_folder_of_scans_by_their_names(model_dir, tmp_path, capsys):
+    write_nifti(tmp_path / "scans" / "x.nii.gz", ct_volume())
+    write_nifti(tmp_path / "scans" / "x_seg.nii.gz", label_map(0, KITS_SHAPE).astype(np.uint8))
+    write_nifti(tmp_path / "scans" / "segmentation.nii.gz", label_map(1, KITS_SHAPE).astype(np.uint8))
+    run = ["predict", "--model", str(model_dir), "--overlap", "0", "--no-progress"]
+    assert main([*run, "--input", str(tmp_path / "scans"), "--output", str(tmp_path / "out")]) == 0
+    assert "skipping 2 label map(s) by their names: ['segmentation.nii.gz', 'x_seg.nii.gz']" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.nii.gz"]
+
+    (tmp_path / "scans" / "x.nii.gz").unlink()  # label maps only: nothing to segment
+    assert main([*run, "--input", str(tmp_path / "scans"), "--output", str(tmp_path / "labels_only")]) == 1
+    assert f"--input folder '{tmp_path / 'scans'}' holds only label maps" in capsys.readouterr().err
+    assert not (tmp_path / "labels_only").exists()
 
 
 def test_predict_preview_shows_the_labels_written_after_the_brats_et_rule(tmp_path, monkeypatch):

@@ -436,6 +436,16 @@ def test_single_window_equals_whole_volume_softmax():
     torch.testing.assert_close(probs, _whole_volume_softmax(model, volume))
 
 
+def test_float64_volumes_as_nibabel_reads_them_are_predicted_in_float32():
+    model = _conv_model()  # float32 weights; nibabel's get_fdata() gives float64 voxels
+    volume = torch.randn(1, 2, 6, 5, 4)
+    expected = sliding_window_predict(model, volume, roi_size=4, overlap=0.5)
+    for given in (volume.double(), volume.double().numpy()):
+        probs = sliding_window_predict(model, given, roi_size=4, overlap=0.5)
+        assert probs.dtype == torch.float32
+        torch.testing.assert_close(probs, expected)
+
+
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_pointwise_model_is_unchanged_by_window_layout(mode):
     model = _conv_model(kernel_size=1)

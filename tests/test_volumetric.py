@@ -100,6 +100,7 @@ def test_plain_backbones_tap_every_third_block():
     assert plain_taps(12) == [2, 5, 8, 11]
     assert plain_taps(24) == [5, 11, 17, 23]
     assert plain_taps(4) == [0, 1, 2, 3]
+    assert plain_taps(6) == [0, 2, 3, 5] and plain_taps(2) == [0, 0, 0, 1]  # as the docstring says
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
