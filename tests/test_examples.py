@@ -154,7 +154,8 @@ def test_the_recipe_command_in_a_scripts_help_trains_the_reference_recipe_not_th
     assert rest in ([], ["--year", "2020"])  # train_brats.py's own flag
     settings = settings_from_args(args, dataset="msd")
     assert settings.samples_per_case == 1 and settings.epochs == 250 and settings.max_steps is None
-    assert settings.sw_overlap == pytest.approx(1 - 42 / 128, abs=1e-3) and settings.decoder_channels == 512
+    # MONAI's stride is int(window * (1 - overlap)): a rounded 0.672 would give 41.
+    assert int(128 * (1 - settings.sw_overlap)) == 42 and settings.decoder_channels == 512
     assert settings.backbone == "microsoft/swin-tiny-patch4-window7-224" and settings.data_dir is not None
 
 
