@@ -13,8 +13,8 @@ What a run does:
   (:class:`~medtuning_peft.data.CaseCache`) and draws foreground-biased random crops with flips and intensity
   jitter (:class:`~medtuning_peft.data.CropDataset`). Without ``data_dir`` a named built-in data set is written
   first (synthetic KiTS19-like CT or BraTS-like MRI in the real file layouts) and read through the same readers.
-- Distribution: Accelerate (DDP, bf16 autocast on CUDA, gradient accumulation). Each process gets whole crops
-  (volumes), never part of a volume's slices: optimizer step ``t`` consumes the global batch
+- Distribution: Accelerate (DDP, bf16 autocast of the training steps on CUDA, gradient accumulation). Each
+  process gets whole crops (volumes), never part of a volume's slices: optimizer step ``t`` consumes the global batch
   ``perm[t*G : (t+1)*G]`` of the epoch's seeded permutation, ``G = batch_size * num_processes * accumulation``,
   micro-batch ``m`` of process ``p`` taking the ``p``-th ``batch_size`` slice of the ``m``-th chunk
   (:class:`ShardedBatchSampler`). So N processes with per-process batch b see exactly the samples of one process
@@ -23,13 +23,16 @@ What a run does:
   adapters, linear warm-up over the first 10 % of the steps then cosine decay, MONAI ``DiceCELoss`` (softmax,
   one-hot targets, Dice on the foreground classes only, cross-entropy on all).
 - Validation: every ``val_every`` steps and at the end, sliding-window inference over whole validation volumes
-  (each process takes whole volumes), the challenge's metrics (:func:`~medtuning_peft.evaluation.evaluate_case`),
-  gathered and summarized on the main process. The final predictions are written as NIfTI on the original grids;
+  in float32 whatever the mixed precision, as ``medtuning predict`` runs (each process takes whole volumes), the
+  challenge's metrics (:func:`~medtuning_peft.evaluation.evaluate_case`), gathered and summarized on the main
+  process. The final predictions are written as NIfTI on the original grids;
   with ``target_spacing`` they are also scored there, against the label files, as ``medtuning evaluate`` scores
   them.
 - Checkpoints: ``accelerator.save_state`` into ``output_dir/checkpoints/.step_N.partial``, then renamed to
-  ``step_N`` once complete (with ``trainer_state.json``), keeping the last ``keep_checkpoints``. ``resume``
-  continues from the newest complete one with the same step, model, optimizer, scheduler and RNG states.
+  ``step_N`` once complete (with ``trainer_state.json``), keeping the last ``keep_checkpoints``; a step's checkpoint
+  (and at the end the model) is written before its validation, so a failure or Ctrl-C there loses no training.
+  ``resume`` continues from the newest checkpoint with the same step, model, optimizer, scheduler and RNG states
+  (validating a step whose validation did not finish).
   Accelerate writes model weights as safetensors but optimizer, scheduler and RNG states with ``torch.save``;
   those are this run's own files and are read back with ``weights_only=True``.
 - Outputs: ``output_dir/model`` (:meth:`~medtuning_peft.VolumetricSegmenter.save_pretrained`),
@@ -261,7 +264,7 @@ class TrainSettings:
     # Validation
     val_every: int = _opt(0, "Validate every N optimizer steps (0: only at the end).")
     sw_overlap: float = _opt(
-        1.0 - 42 / 128, "Sliding-window overlap (reference: stride 42 of 128, i.e. 0.672)."
+        1.0 - 42 / 128, "Sliding-window overlap (reference: stride 42 of 128, i.e. 0.671875 (1 - 42/128))."
     )
     sw_batch_size: int = _opt(1, "Windows per forward pass in validation.")
     flip_tta: bool = _opt(False, "8-way flip test-time augmentation in validation (8x slower).")
@@ -682,23 +685,35 @@ def complete_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, P
     N; the folder is renamed to that name only after everything was written, so a run killed while saving leaves a
     ``.step_N.partial`` folder that is ignored here (and removed by the next run).
     """
+    return [
+        (step, path) for step, path in _step_folders(checkpoint_dir) if _state_problem(path, step) is None
+    ]
+
+
+def _step_folders(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every folder ``step_N`` in ``checkpoint_dir`` as ``(N, folder)``, oldest first, complete or not (a partial
+    write is named ``.step_N.partial``, never ``step_N``)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []
     found = []
     for path in folder.iterdir():
         match = CHECKPOINT_PATTERN.match(path.name)
-        state_file = path / TRAINER_STATE_NAME
-        if not (match and path.is_dir() and state_file.is_file()):
-            continue
-        try:
-            step = json.loads(state_file.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            logger.warning("Ignoring checkpoint %s: unreadable %s", path, TRAINER_STATE_NAME)
-            continue
-        if step == int(match.group(1)):
-            found.append((step, path))
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _state_problem(folder: Path, step: int) -> str | None:
+    """What is wrong with the trainer state of checkpoint ``folder`` (named ``step_{step}``), or None."""
+    state_file = folder / TRAINER_STATE_NAME
+    if not state_file.is_file():
+        return f"{TRAINER_STATE_NAME} is missing"
+    try:
+        recorded = json.loads(state_file.read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{TRAINER_STATE_NAME} cannot be read ({type(error).__name__}: {_first_sentence(error)})"
+    return None if recorded == step else f"{TRAINER_STATE_NAME} records step {recorded}"
 
 
 def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, state: dict, keep: int) -> Path:
@@ -722,6 +737,13 @@ def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, state: d
     return final
 
 
+def _record_validation(accelerator: Any, folder: Path, state: dict) -> None:
+    """Rewrite the trainer state of checkpoint ``folder``, saved before its step was validated, with the validation
+    in its history (atomically: the checkpoint stays complete), so that a resume from it does not validate again."""
+    if accelerator.is_main_process:
+        _write_json(folder / TRAINER_STATE_NAME, state)
+
+
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON atomically, keys in the order given (serialized first: a value JSON cannot hold leaves the
     previous file, and no temporary one)."""
@@ -743,6 +765,9 @@ def _validate(
     predictions_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Predict whole volumes (each process takes every P-th case) and score them; gathered on every process.
+
+    ``model`` runs in float32, whatever the run's mixed precision (its forward must not carry Accelerate's autocast
+    wrapper), so the predictions are those ``medtuning predict`` writes with the saved model.
 
     A case resampled to ``target_spacing`` is scored on its original grid against its label file (``label_files``:
     case id -> path), as the challenges and ``medtuning evaluate`` score the written prediction: the resampled
@@ -772,18 +797,17 @@ def _validate(
         volume = torch.from_numpy(np.array(case.image, dtype=np.float32))[
             None
         ]  # (C, D, H, W) -> (1, C, D, H, W)
-        with accelerator.autocast():
-            probs = sliding_window_predict(
-                model,
-                volume.to(accelerator.device),
-                roi_size=tuple(settings.crop_size),
-                overlap=settings.sw_overlap,
-                sw_batch_size=settings.sw_batch_size,
-                flip_tta=settings.flip_tta,
-                num_classes=len(label_values),
-                device="cpu",
-                padding_value=case.background_value,  # what training crops were padded with
-            )
+        probs = sliding_window_predict(  # float32, without autocast, as `medtuning predict` runs
+            model,
+            volume.to(accelerator.device),
+            roi_size=tuple(settings.crop_size),
+            overlap=settings.sw_overlap,
+            sw_batch_size=settings.sw_batch_size,
+            flip_tta=settings.flip_tta,
+            num_classes=len(label_values),
+            device="cpu",
+            padding_value=case.background_value,  # what training crops were padded with
+        )
         pred = (
             probabilities_to_labels(probs, label_values)[0].numpy().astype(np.uint8)
         )  # (D, H, W) label values
@@ -841,7 +865,8 @@ class StepInfo:
         loss: mean training loss of the step over processes and micro-batches.
         lr: learning rate used for the step.
         accelerator: the run's ``Accelerator``.
-        model: the prepared model (DDP-wrapped in multi-process runs).
+        model: the prepared model (DDP-wrapped in multi-process runs); its forward runs in float32 unless called
+            under ``accelerator.autocast()``, as the training steps call it.
         optimizer: the prepared optimizer.
         checkpoint: the checkpoint folder written after this step, if any.
     """
@@ -884,8 +909,9 @@ _RESUME_KEYS = (
     "epochs",
 )
 """Settings that change the training itself (data order, crops, model, optimization): a resumed run must use the
-checkpoint's. Others (validation, checkpoint and logging cadence, workers, activation checkpointing, CUDA graphs)
-may change between the stopped and the resumed run."""
+checkpoint's. ``mixed_precision`` must be the same too, compared as resolved (``auto`` is bf16 on CUDA, no on CPU).
+Others (validation, checkpoint and logging cadence, workers, activation checkpointing, CUDA graphs) may change
+between the stopped and the resumed run."""
 
 
 class _ExistingRunError(SettingsError, FileExistsError):
@@ -1116,7 +1142,12 @@ def _use_cpu_processes() -> bool:
 
 
 def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, str]:
-    """The run's ``Accelerator`` and its mixed precision; sets up logging on the main process."""
+    """The run's ``Accelerator`` and its mixed precision; sets up logging on the main process.
+
+    Raises:
+        SettingsError: for ``mixed_precision="fp16"`` on a CPU (Accelerate would train in float32), or a
+            ``report_to`` tracker whose package is not installed (Accelerate would drop it and log nothing).
+    """
     from accelerate import Accelerator
     from accelerate.utils import (
         DistributedDataParallelKwargs,
@@ -1146,6 +1177,13 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
         # read); Adam skips them, and so must DDP.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SettingsError(
+            f"mixed_precision='fp16' needs a CUDA GPU; on {accelerator.device} Accelerate would train in "
+            "float32. Pass --mixed-precision bf16 (CPU autocast) or no.",
+            "mixed_precision",
+        )
+    _check_trackers(settings, accelerator)
     if accelerator.is_main_process and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -1160,6 +1198,30 @@ def _make_accelerator(settings: TrainSettings, output_dir: Path) -> tuple[Any, s
     if logging.getLogger("accelerate").level == logging.NOTSET:  # its per-file save/load lines
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     return accelerator, mixed_precision
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The package each ``report_to`` tracker needs (its pip name)."""
+
+
+def _check_trackers(settings: TrainSettings, accelerator: Any) -> None:
+    """Refuse a ``report_to`` tracker that Accelerate dropped because its package is not installed."""
+    if settings.report_to is None:
+        return
+    found = {str(tracker) for tracker in accelerator.log_with}
+    if settings.report_to == "all" and not found:
+        raise SettingsError(
+            f"report_to='all' logs to every tracker installed, but none is; install one (pip install "
+            f"{' or '.join(TRACKER_PACKAGES.values())}), or leave --report-to unset.",
+            "report_to",
+        )
+    if settings.report_to != "all" and settings.report_to not in found:
+        package = TRACKER_PACKAGES[settings.report_to]
+        raise SettingsError(
+            f"report_to={settings.report_to!r}: the {package} package is not installed, so the run would log "
+            f"nothing; install it (pip install {package}), or leave --report-to unset.",
+            "report_to",
+        )
 
 
 def _check_crop_holds_patches(settings: TrainSettings, segmenter: torch.nn.Module) -> None:
@@ -1214,14 +1276,16 @@ def _build_model(settings: TrainSettings, task: dict[str, Any]) -> torch.nn.Modu
 _TRAINER_STATE_KEYS = ("step", "total_steps", "num_processes", "history", "settings")
 _CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
 """What ``accelerator.save_state`` writes for this engine's model, optimizer and scheduler (RNG states apart)."""
+_SCALER_FILE = "scaler.pt"
+"""The gradient scaler's state, which ``accelerator.save_state`` writes with fp16 only."""
 
 
 def _check_checkpoint(folder: Path, process_index: int, previous: Path | None) -> dict[str, Any]:
     """The trainer state of checkpoint ``folder`` after checking that it can be resumed from.
 
     The trainer state must hold every key resume reads, the model weights must be a complete safetensors file, and
-    the optimizer and scheduler files must load. A missing RNG state only warns: the run goes on, but no longer
-    repeats an uninterrupted one exactly.
+    the optimizer, scheduler and (fp16) gradient scaler files must load. A missing RNG state only warns: the run
+    goes on, but no longer repeats an uninterrupted one exactly.
 
     Raises:
         CorruptFileError: naming the folder, what is wrong, and how to go on (remove it: resume then takes
@@ -1247,7 +1311,11 @@ def _check_checkpoint(folder: Path, process_index: int, previous: Path | None) -
         check_safetensors(folder / "model.safetensors")
     except CorruptFileError as error:
         raise damaged(_first_sentence(error)) from error
-    for name in _CHECKPOINT_FILES[1:]:  # read as load_state reads them, to name the file that fails
+    scaler = (_SCALER_FILE,) if (folder / _SCALER_FILE).is_file() else ()
+    for name in (
+        *_CHECKPOINT_FILES[1:],
+        *scaler,
+    ):  # read as load_state reads them, to name the file that fails
         try:
             torch.load(folder / name, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or overwritten file: torch and pickle raise many kinds
@@ -1306,20 +1374,32 @@ def _check_same_patch_embedding(
 
 
 def _resume(
-    accelerator: Any, settings: TrainSettings, checkpoint_dir: Path, task: dict[str, Any]
+    accelerator: Any,
+    settings: TrainSettings,
+    checkpoint_dir: Path,
+    task: dict[str, Any],
+    mixed_precision: str,
 ) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None.
+    """Load the newest checkpoint into the prepared objects; its trainer state, or None.
 
-    A damaged newest checkpoint stops the run rather than falling back to an older one: going back silently
-    would discard the steps since then and hide a disk problem; the error names the folder to remove.
+    A damaged newest checkpoint (a folder ``step_N`` whose files are missing, truncated or unreadable, its trainer
+    state included) stops the run rather than falling back to an older one: going back silently would discard the
+    steps since then and hide a disk problem; the error names the folder to remove.
 
     Raises:
         CorruptFileError: for a damaged newest checkpoint (naming it and the fix).
-        SettingsError: for a checkpoint written with other settings or another number of processes, or on
-            other data: the split of the cases listed now differs from the checkpoint's (a case added or
-            removed reshuffles the split, and cases trained on would be validated on).
+        SettingsError: for a checkpoint written with other settings, another (resolved) mixed precision or another
+            number of processes, or on other data: the split of the cases listed now differs from the checkpoint's
+            (a case added or removed reshuffles the split, and cases trained on would be validated on).
+        RuntimeError: when Accelerate cannot load a checkpoint whose files were all found readable (naming it and
+            Accelerate's error).
     """
     checkpoints = complete_checkpoints(checkpoint_dir)
+    folders = _step_folders(checkpoint_dir)
+    if folders and (not checkpoints or folders[-1][0] > checkpoints[-1][0]):
+        newest = folders[-1][1]
+        problem = _state_problem(newest, folders[-1][0])
+        raise _damaged_checkpoint(newest, problem, checkpoints[-1][1] if checkpoints else None)
     if not checkpoints:
         logger.info("--resume: no complete checkpoint in %s; starting from step 0.", checkpoint_dir)
         return None
@@ -1330,6 +1410,10 @@ def _resume(
     saved = {**_default_settings(), **state["settings"]}
     current = settings.to_dict()
     changed = {k: (saved[k], current[k]) for k in _RESUME_KEYS if saved[k] != current[k]}
+    # Checkpoints written before the resolved precision was recorded hold the setting: "auto" was bf16 or no.
+    saved_precision = state.get("mixed_precision", saved["mixed_precision"])
+    if saved_precision != mixed_precision and not (saved_precision == "auto" and mixed_precision != "fp16"):
+        changed["mixed_precision"] = (saved_precision, mixed_precision)
     if state["num_processes"] != accelerator.num_processes:
         changed["num_processes"] = (state["num_processes"], accelerator.num_processes)
     if changed:
@@ -1345,9 +1429,11 @@ def _resume(
         accelerator.load_state(
             str(folder)
         )  # model, optimizer, scheduler, RNG; torch files read with weights_only
-    except Exception as error:  # a truncated or overwritten file: torch and pickle raise many kinds
-        problem = f"loading it failed ({type(error).__name__}: {_first_sentence(error)})"
-        raise _damaged_checkpoint(folder, problem, previous) from error
+    except Exception as error:  # its files were found readable above: not damage, so not for removal
+        raise RuntimeError(
+            f"Resuming from checkpoint {folder} failed: accelerator.load_state raised {type(error).__name__}: "
+            f"{error}. Its files are complete and readable; the checkpoint does not fit what this run prepared."
+        ) from error
     logger.info("Resumed from %s at step %d of %d.", folder, step, state["total_steps"])
     return state
 
@@ -1463,6 +1549,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             raises one that is also a ``FileExistsError``, a missing ``data_dir`` one that is also a
             ``FileNotFoundError``.
         CorruptFileError: when ``resume`` finds the newest checkpoint damaged (naming it and the fix).
+        RuntimeError: when ``resume`` cannot load a checkpoint whose files are readable (naming it and the error).
         FloatingPointError: when the training loss of a step is not finite (naming the step, the loss and the
             learning rate); that step is not saved, earlier complete checkpoints stay.
         TrainingInterrupted: (a ``KeyboardInterrupt``) on Ctrl-C during training, with the step reached and the
@@ -1534,11 +1621,14 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     model, optimizer, scheduler = accelerator.prepare(segmenter, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    # Validation runs in float32, as `medtuning predict` does, so that predict writes the run's predictions again:
+    # the autocast wrapper prepare() put on the model's forward is removed, and training forwards enter the run's
+    # autocast themselves (below).
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     checkpoint_every = settings.checkpoint_every or settings.val_every or total_steps
 
-    state = _resume(accelerator, settings, checkpoint_dir, task) if settings.resume else None
+    state = _resume(accelerator, settings, checkpoint_dir, task, mixed_precision) if settings.resume else None
     step = state["step"] if state else 0
     history = state["history"] if state else {"loss": [], "validation": []}
     elapsed_before = state.get("wall_time_s", 0.0) if state else 0.0
@@ -1570,15 +1660,56 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     train_started = time.time()
     final_validation: tuple[dict, dict] | None = None
     running = torch.zeros((), device=accelerator.device)
+    model_dir = output_dir / MODEL_DIR_NAME
+
+    def validate(at_step: int, final: bool) -> tuple[dict, dict]:
+        """Validate the model of step ``at_step`` and record it in the history (replacing an earlier record of
+        that step: a finished run resumed). The final validation writes the predictions."""
+        predictions = (
+            _fresh_predictions_dir(accelerator, output_dir) if final and settings.save_predictions else None
+        )
+        per_case, summary = _validate(
+            accelerator, unwrapped, val_cases, settings, task, label_files, predictions
+        )
+        model.train()
+        history["validation"] = [v for v in history["validation"] if v["step"] != at_step]
+        history["validation"].append({"step": at_step, "summary": summary})
+        if settings.report_to:
+            accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=at_step)
+        if is_main:
+            progress.write(
+                f"validation at step {at_step} ({len(per_case)} cases): {_format_summary(summary)}"
+            )
+        return per_case, summary
+
+    def save_model_and_validate() -> tuple[dict, dict]:
+        """The end of the run: the model is saved before its validation, which a failure or Ctrl-C may stop."""
+        if is_main:
+            # An earlier save's metrics (a finished run resumed) describe it only until it is replaced.
+            (output_dir / METRICS_NAME).unlink(missing_ok=True)
+            unwrapped.save_pretrained(model_dir)
+        accelerator.wait_for_everyone()
+        return validate(total_steps, final=True)
+
     model.train()
     try:
+        if (
+            state
+            and step < total_steps
+            and settings.val_every
+            and step % settings.val_every == 0
+            and all(v["step"] != step for v in history["validation"])
+        ):  # the checkpoint was saved before its step's validation, which did not finish
+            validate(step, final=False)
+            _record_validation(accelerator, checkpoint_dir / f"step_{step}", state)
         while step < total_steps:
             epoch, first = divmod(step, steps_per_epoch)
             for batch in _epoch_loader(dataset, settings, accelerator, epoch, steps_per_epoch, first):
                 with accelerator.accumulate(model):
                     images = batch["image"].to(accelerator.device, non_blocking=True)  # (b, C, D, H, W)
                     labels = batch["label"].to(accelerator.device, non_blocking=True)  # (b, D, H, W) classes
-                    logits = model(images)  # (b, K, D, H, W)
+                    with accelerator.autocast():
+                        logits = model(images)  # (b, K, D, H, W)
                     loss = loss_fn(logits.float(), labels[:, None])  # targets (b, 1, D, H, W)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and settings.max_grad_norm is not None:
@@ -1610,25 +1741,8 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                     progress.write(f"step {step}/{total_steps}  loss {recent:.4f}  lr {lr:.2e}")
 
                 is_last = step == total_steps
-                if (settings.val_every and step % settings.val_every == 0) or is_last:
-                    predictions = (
-                        _fresh_predictions_dir(accelerator, output_dir)
-                        if is_last and settings.save_predictions
-                        else None
-                    )
-                    per_case, summary = _validate(
-                        accelerator, unwrapped, val_cases, settings, task, label_files, predictions
-                    )
-                    model.train()
-                    history["validation"].append({"step": step, "summary": summary})
-                    final_validation = (per_case, summary) if is_last else None
-                    if settings.report_to:
-                        accelerator.log({f"val/{k}": v["mean"] for k, v in summary.items()}, step=step)
-                    if is_main:
-                        progress.write(
-                            f"validation at step {step} ({len(per_case)} cases): {_format_summary(summary)}"
-                        )
                 checkpoint = None
+                # The checkpoint is saved before the step's validation: a failure or Ctrl-C there keeps the step.
                 if step % checkpoint_every == 0 or is_last:
                     trainer_state = {
                         "step": step,
@@ -1640,11 +1754,20 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         "settings": settings.to_dict(),
                         "split": _split(task),
                         "train_patch_embedding": _trains_patch_embedding(settings, task),
+                        "mixed_precision": mixed_precision,  # resolved: resume compares it
                         "wall_time_s": elapsed_before + time.time() - train_started,
                     }
                     checkpoint = _save_checkpoint(
                         accelerator, checkpoint_dir, step, trainer_state, settings.keep_checkpoints
                     )
+                validates = is_last or (settings.val_every > 0 and step % settings.val_every == 0)
+                if is_last:
+                    final_validation = save_model_and_validate()
+                elif validates:
+                    validate(step, final=False)
+                if checkpoint is not None and validates:
+                    trainer_state["wall_time_s"] = elapsed_before + time.time() - train_started
+                    _record_validation(accelerator, checkpoint, trainer_state)
                 if on_step_end is not None:
                     on_step_end(
                         StepInfo(step, total_steps, step_loss, lr, accelerator, model, optimizer, checkpoint)
@@ -1654,13 +1777,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         progress.close()
         train_time = time.time() - train_started
 
-        if final_validation is None:  # a finished run resumed: validate the loaded model again
-            predictions = (
-                _fresh_predictions_dir(accelerator, output_dir) if settings.save_predictions else None
-            )
-            final_validation = _validate(
-                accelerator, unwrapped, val_cases, settings, task, label_files, predictions
-            )
+        if final_validation is None:  # a finished run resumed: save and validate the loaded model again
+            final_validation = save_model_and_validate()
+            _record_validation(accelerator, checkpoint_dir / f"step_{step}", state)
     except KeyboardInterrupt as interrupt:
         progress.close()
         newest = complete_checkpoints(checkpoint_dir) if is_main else []
@@ -1669,10 +1788,6 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         ) from interrupt
     per_case, summary = final_validation
 
-    model_dir = output_dir / MODEL_DIR_NAME
-    if is_main:
-        unwrapped.save_pretrained(model_dir)
-    accelerator.wait_for_everyone()
     losses = [h["loss"] for h in history["loss"]]
     window = max(1, min(10, len(losses) // 4))
     metrics = {

@@ -362,6 +362,18 @@ def test_checkpoints_hold_no_pickle_for_the_model(easy_run):
     assert state["param_groups"][0]["amsgrad"] is True and state["param_groups"][0]["weight_decay"] == 1e-5
 
 
+def test_checkpoints_record_the_validation_of_their_step(easy_run):
+    # Saved before their step's validation, then updated with it: a resume does not validate again.
+    output_dir, metrics = easy_run
+    for step in (15, 30):
+        state = json.loads((output_dir / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+        assert state["history"]["validation"] == [
+            v for v in metrics["history"]["validation"] if v["step"] <= step
+        ]
+        assert state["mixed_precision"] == metrics["run"]["mixed_precision"]  # resolved, compared on resume
+    assert metrics["summary"] == metrics["history"]["validation"][-1]["summary"]
+
+
 def test_an_earlier_run_needs_resume_or_overwrite(easy_run, data_dir, cache_dir):
     output_dir, _ = easy_run
     with pytest.raises(FileExistsError, match="--resume"):
@@ -397,7 +409,7 @@ def test_resume_continues_from_the_saved_step_with_the_same_optimizer_and_final_
     GradientState._reset_state()
     # A half-written checkpoint (killed while saving) and a foreign folder: both ignored by resume.
     (tmp_path / "interrupted" / "checkpoints" / ".step_6.partial").mkdir()
-    (tmp_path / "interrupted" / "checkpoints" / "step_9").mkdir()
+    (tmp_path / "interrupted" / "checkpoints" / "step_9.old").mkdir()
     assert [s for s, _ in complete_checkpoints(tmp_path / "interrupted" / "checkpoints")] == [3]
 
     seen = {}
@@ -477,6 +489,48 @@ def test_data_loader_workers_give_the_same_training(data_dir, cache_dir, tmp_pat
     torch.testing.assert_close(_losses(workers), _losses(plain))
 
 
+def test_validation_runs_in_float32_so_predict_gives_the_runs_predictions(
+    data_dir, cache_dir, tmp_path, monkeypatch
+):
+    # Mixed precision is for the training steps; validation predicts as `medtuning predict` does, in float32 with
+    # the saved model, so predict writes the run's predictions/ again. CPU autocast in bf16 stands in for CUDA's.
+    import medtuning_peft
+    from medtuning_peft.data import default_preprocessing, list_kits19_cases, load_case
+    from medtuning_peft.evaluation import probabilities_to_labels, sliding_window_predict
+
+    autocast = {True: set(), False: set()}  # training mode -> autocast states of the forwards
+    build_model = training._build_model
+
+    def recording_build_model(settings, task):
+        model = build_model(settings, task)
+        model.register_forward_pre_hook(
+            lambda module, args: autocast[module.training].add(torch.is_autocast_enabled(args[0].device.type))
+        )
+        return model
+
+    monkeypatch.setattr(training, "_build_model", recording_build_model)
+    settings = tiny_settings(
+        data_dir, cache_dir, tmp_path / "run", max_steps=2, mixed_precision="bf16", val_hd95=False
+    )
+    metrics = train(settings)
+    assert metrics["run"]["mixed_precision"] == "bf16" and autocast == {True: {True}, False: {False}}
+    model = medtuning_peft.from_pretrained(tmp_path / "run" / "model").to(metrics["run"]["device"])
+    config = model.segmenter_config
+    files = {c.case_id: c for c in list_kits19_cases(data_dir)}
+    for case_id in metrics["data"]["val_cases"]:
+        case = load_case(files[case_id], default_preprocessing("CT", "kits19"))
+        probs = sliding_window_predict(
+            model,
+            torch.from_numpy(np.array(case.image))[None],  # (C, D, H, W) -> (1, C, D, H, W)
+            roi_size=tuple(config["crop_size"]),
+            overlap=config["sw_overlap"],
+            padding_value=case.background_value,
+        )
+        predicted = probabilities_to_labels(probs, config["label_values"])[0].numpy().astype(np.uint8)
+        written = np.asarray(nib.load(tmp_path / "run" / "predictions" / f"{case_id}.nii.gz").dataobj)
+        np.testing.assert_array_equal(case.geometry.to_original(predicted), written)
+
+
 def test_cuda_graphs_off_cuda_are_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -540,6 +594,7 @@ def stopped_run(data_dir, cache_dir, tmp_path_factory):
         {"crop_size": [16, 32, 48]},
         {"max_grad_norm": 1.0},  # clipped gradients: another optimization
         {"foreground_probability": 0.1},  # other crops
+        {"mixed_precision": "no" if torch.cuda.is_available() else "bf16"},  # not what "auto" resolved to
     ],
     ids=lambda change: next(iter(change)),
 )
@@ -553,6 +608,16 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings_naming_the_fiel
         train(replace(stopped_run, output_dir=str(run), resume=True, **change))
     assert error.value.field == name
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [1]  # nothing trained or written
+
+
+def test_resume_compares_the_mixed_precision_as_resolved(stopped_run, tmp_path):
+    # The checkpoint was written with "auto": the same precision spelled out is no change.
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run.output_dir, run)
+    resolved = "bf16" if torch.cuda.is_available() else "no"
+    settings = replace(stopped_run, output_dir=str(run), resume=True, val_hd95=False, save_predictions=False)
+    metrics = train(replace(settings, mixed_precision=resolved))
+    assert metrics["resumed_from_step"] == 1 and metrics["run"]["mixed_precision"] == resolved
 
 
 def test_resume_takes_a_setting_newer_than_the_checkpoint_as_its_default(stopped_run, tmp_path):
@@ -878,6 +943,35 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(
     assert error.value.field == "output_dir" and str(output_dir) in str(error.value) and not steps
 
 
+@pytest.mark.parametrize("report_to", ["tensorboard", "wandb", "all"])
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_deleted(
+    data_dir, cache_dir, tmp_path, monkeypatch, report_to
+):
+    # Accelerate drops a tracker whose package is missing (a debug log): the run would log nothing for hours.
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])  # as with neither package installed
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")  # an earlier run, which --overwrite would delete
+    settings = tiny_settings(data_dir, cache_dir, run, max_steps=1, report_to=report_to, overwrite=True)
+    steps = []
+    with pytest.raises(SettingsError, match=r"report_to=.*pip install") as error:
+        train(settings, on_step_end=steps.append)
+    assert error.value.field == "report_to" and not steps
+    assert [p.name for p in run.iterdir()] == ["metrics.json"]
+
+
+def test_fp16_without_cuda_is_refused_before_anything_is_written(data_dir, cache_dir, tmp_path):
+    # Accelerate would train in float32 on the CPU, and metrics.json would say fp16.
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    settings = tiny_settings(data_dir, cache_dir, tmp_path / "run", max_steps=1, mixed_precision="fp16")
+    with pytest.raises(SettingsError, match="mixed_precision='fp16' needs a CUDA GPU.*bf16.*no") as error:
+        train(settings)
+    assert error.value.field == "mixed_precision" and not (tmp_path / "run").exists()
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_lr_without_saving_that_step(
     data_dir, cache_dir, tmp_path, monkeypatch
 ):
@@ -914,6 +1008,52 @@ def test_ctrl_c_during_training_reports_the_step_and_the_newest_checkpoint(data_
         pytest.fail("the interruption reached the caller as a bare KeyboardInterrupt")
     assert (error.value.step, error.value.total_steps) == (3, 4)
     assert error.value.checkpoint == tmp_path / "run" / "checkpoints" / "step_2"
+
+
+@pytest.mark.parametrize(
+    ("stop", "max_steps", "val_every", "validated"),
+    [(KeyboardInterrupt, 2, 0, [2]), (RuntimeError, 4, 2, [2, 4])],
+    ids=["ctrl_c_in_the_final_validation", "failure_in_a_validation_during_training"],
+)
+def test_a_stopped_validation_keeps_the_trained_step_and_resume_validates_it(
+    data_dir, cache_dir, tmp_path, monkeypatch, stop, max_steps, val_every, validated
+):
+    # With val_every=0 the only checkpoint is the final one: it is written (and the model saved) before the final
+    # validation, so Ctrl-C or a failure there loses no training.
+    validate = training._validate
+
+    def stopped_once(*args, **kwargs):
+        monkeypatch.setattr(training, "_validate", validate)
+        raise stop("validation stopped")
+
+    monkeypatch.setattr(training, "_validate", stopped_once)
+    run = tmp_path / "run"
+    settings = tiny_settings(
+        data_dir, cache_dir, run, max_steps=max_steps, val_every=val_every, val_hd95=False
+    )
+    with pytest.raises(TrainingInterrupted if stop is KeyboardInterrupt else RuntimeError) as error:
+        train(settings)
+    stopped_at = validated[0]
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [stopped_at]
+    if stop is KeyboardInterrupt:
+        assert (
+            error.value.step == stopped_at
+            and error.value.checkpoint == run / "checkpoints" / f"step_{stopped_at}"
+        )
+        assert (run / "model" / "segmenter_config.json").is_file()  # saved before its validation
+    assert not (run / "metrics.json").exists()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    metrics = train(replace(settings, resume=True))
+    assert metrics["resumed_from_step"] == stopped_at
+    assert [h["step"] for h in metrics["history"]["loss"]] == list(range(1, max_steps + 1))
+    assert [v["step"] for v in metrics["history"]["validation"]] == validated
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["summary"] == metrics["history"]["validation"][-1]["summary"] == metrics["summary"]
+    final = json.loads((run / "checkpoints" / f"step_{max_steps}" / "trainer_state.json").read_text())
+    assert final["history"]["validation"] == metrics["history"]["validation"]
+    straight = _train_again(settings, tmp_path / "straight")  # resumed, the run is the uninterrupted one
+    assert metrics["history"] == straight["history"]
 
 
 def test_ctrl_c_in_an_example_script_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
@@ -976,6 +1116,9 @@ DAMAGE = {
         lambda f: (f / "scheduler.bin").write_bytes(b"x\n"),
         "scheduler.bin cannot be read",
     ),
+    "garbage scaler": (lambda f: (f / "scaler.pt").write_bytes(b"x\n"), "scaler.pt cannot be read"),
+    "truncated state": (lambda f: _cut(f / "trainer_state.json"), "trainer_state.json cannot be read"),
+    "deleted state": (lambda f: (f / "trainer_state.json").unlink(), "trainer_state.json is missing"),
     "state without settings": (lambda f: _drop_state_key(f, "settings"), r"lacks \['settings'\]"),
     "state without history": (lambda f: _drop_state_key(f, "history"), r"lacks \['history'\]"),
 }
@@ -999,6 +1142,30 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_how_to_go_on(
     ):
         train(replace(two_checkpoints, output_dir=str(run), resume=True))
     assert "Resumed" not in caplog.text
+
+
+def test_a_checkpoint_that_accelerate_cannot_load_is_not_called_damaged(
+    two_checkpoints, tmp_path, monkeypatch
+):
+    # fp16 on CUDA has a gradient scaler, whose scaler.pt a bf16 or fp32 checkpoint lacks: its files are sound,
+    # and removing it, as advice for a damaged checkpoint would say, would throw good training away.
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints.output_dir, run)
+    make_accelerator = training._make_accelerator
+
+    def with_a_scaler(settings, output_dir):
+        accelerator, mixed_precision = make_accelerator(settings, output_dir)
+        accelerator.scaler = torch.amp.GradScaler("cpu")  # what Accelerate sets up for fp16 on CUDA
+        return accelerator, mixed_precision
+
+    monkeypatch.setattr(training, "_make_accelerator", with_a_scaler)
+    folder = run / "checkpoints" / "step_2"
+    with pytest.raises(
+        RuntimeError, match=rf"Resuming from checkpoint {folder} failed: .*scaler\.pt"
+    ) as error:
+        train(replace(two_checkpoints, output_dir=str(run), resume=True))
+    assert not isinstance(error.value, CorruptFileError) and "damaged" not in str(error.value)
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [1, 2]
 
 
 def test_resume_without_the_rng_state_warns_that_it_is_not_exact(two_checkpoints, tmp_path, caplog):
