@@ -130,6 +130,8 @@ def markdown(result: dict) -> str:
             f"step time). Validation: sliding window over whole volumes (overlap {c['sw_overlap']}), Dice and "
             f"HD95 (mm) per class, mean over the {c['num_val']} validation cases.",
             "",
+            f"Preprocessing: `{json.dumps(c.get('preprocessing'))}`.",
+            "",
             "| method | Dice anterior | Dice posterior | Dice mean ± sd | HD95 ant. | HD95 post. | HD95 mean | "
             "tuned params | total params | adapter file | s/step | steps | train s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             "num_train": data["num_train_cases"],
             "num_val": data["num_val_cases"],
             "val_cases": data["val_cases"],
+            "preprocessing": data["preprocessing"],
         },
         "runs": runs,
         "best_dice_mean": max((r["summary"]["dice_mean"]["mean"], r["method"]) for r in runs),
