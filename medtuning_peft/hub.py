@@ -386,7 +386,9 @@ def build_model_card(
 ) -> str:
     """A Hub ``README.md`` for a saved segmenter: YAML metadata, then what, how well, how to use and cite.
 
-    The metadata is written by ``huggingface_hub.ModelCardData``: ``library_name: peft``, ``base_model`` (only
+    The metadata is written by ``huggingface_hub.ModelCardData``: ``library_name: peft`` (only for a peft adapter:
+    ``med_adapter``, ``lora``; the ``full`` and ``decoder_only`` weights load with medtuning_peft alone, so no
+    library is named), the method as a tag (``med-adapter``, ``lora``, ...), ``base_model`` (only
     for a backbone re-loaded by Hub id), ``license``, ``pipeline_tag``, ``tags``, ``datasets`` (for a known
     data set, or one named by Hub id) and, when the metrics hold a ``summary`` and the data set is known,
     a ``model-index`` with the mean of each summary metric (on the validation split, for a training run's
@@ -442,20 +444,17 @@ def build_model_card(
     card_license = license or (info.hub_license if info else "other")
     repo = repo_id or "<user>/<model>"
 
-    tags = [
-        "medtuning_peft",
-        "peft",
-        "med-adapter",
-        "medical-imaging",
-        "3d-segmentation",
-        "image-segmentation",
-    ]
-    tags += [method.replace("_", "-")] + ([info.tag] if info else [])
+    # A peft adapter (med_adapter, lora) loads with peft; full / decoder_only save a model.safetensors that only
+    # medtuning_peft loads: no library is named (nor tagged: the Hub reads a library's name from the tags too).
+    library = "peft" if adapter_path.is_file() else None
+    tags = ["medtuning_peft", *([library] if library else [])]
+    tags += ["medical-imaging", "3d-segmentation", "image-segmentation"]
+    tags += [method.replace("_", "-")] + ([info.tag] if info else [])  # med-adapter, lora, full, decoder-only
     tags = list(dict.fromkeys(tags))  # unique, in order
     dataset_id = info.tag if info else (dataset if _is_repo_id(dataset) else None)
     eval_results = _eval_results(metrics, dataset_id, data_name) if dataset_id else []
     meta = ModelCardData(
-        library_name="peft",
+        library_name=library,
         base_model=_base_model(config),
         license=card_license,
         pipeline_tag="image-segmentation",

@@ -24,6 +24,7 @@ import difflib
 import importlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from .io_utils import (
     safetensors_header,
 )
 from .tuners.med_adapter import MedAdapterConfig
+from .tuners.med_adapter.layer import concurrent_forward_error
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -185,6 +187,26 @@ def _record_tap(module: nn.Module, args: Any, output: Any) -> None:
         setattr(module, _TAP_OUTPUT, output[0] if isinstance(output, tuple) else output)
 
 
+_TAP_LOCK = threading.Lock()
+
+
+def _start_taps(model: nn.Module, tapped: list[nn.Module]) -> None:
+    """Make the tapped blocks record their outputs for one pass (hooks installed at the first pass).
+
+    Raises:
+        RuntimeError: when a pass of another thread is recording through them (checked before any change: its
+            outputs and flags are left alone).
+    """
+    # Traced by torch.compile, which cannot trace a lock; a compiled pass applies its changes when it ends.
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else _TAP_LOCK:
+        if any(getattr(block, _TAP_ACTIVE, False) for block in tapped):
+            raise concurrent_forward_error(type(model).__name__)
+        for block in tapped:
+            if _record_tap not in block._forward_hooks.values():
+                block.register_forward_hook(_record_tap)
+            setattr(block, _TAP_ACTIVE, True)
+
+
 def _plain_features(
     model: nn.Module, pixel_values: torch.Tensor, *, block_list: str, **kwargs: Any
 ) -> list[torch.Tensor]:
@@ -198,10 +220,7 @@ def _plain_features(
     levels = plain_taps(len(blocks))  # one block per pyramid level; a short backbone repeats blocks
     taps = sorted(set(levels))
     tapped = [blocks[i] for i in taps]
-    for block in tapped:
-        if _record_tap not in block._forward_hooks.values():
-            block.register_forward_hook(_record_tap)
-        setattr(block, _TAP_ACTIVE, True)
+    _start_taps(model, tapped)
     try:
         model(pixel_values=pixel_values, **kwargs)
         captured = {i: getattr(block, _TAP_OUTPUT) for i, block in zip(taps, tapped)}
@@ -639,10 +658,9 @@ def load_backbone(
     local = Path(source).is_dir()
     if not local:
         # Pin the commit the config came from (a branch such as "main" moves): the weights are read from it,
-        # and a saved model records it. The snapshot folder of huggingface_hub's cache is named by the commit;
-        # the config is in the cache already, so this reads no more than the ref online and nothing offline.
-        # (transformers 5.25 no longer keeps it in ``config._commit_hash``.)
-        revision = Path(hf_hub_download(source, transformers.CONFIG_NAME, revision=revision)).parent.name
+        # and a saved model records it. The config is in the cache already, so this reads no more than the ref
+        # online and nothing offline.
+        revision = _hub_commit(source, revision)
     if with_weights:
         model = cls.from_pretrained(
             source, config=config, revision=revision, use_safetensors=True, dtype=torch.get_default_dtype()
@@ -659,14 +677,42 @@ def load_backbone(
     return model, info
 
 
+def _hub_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit that ``revision`` (default: the main branch) of Hub model ``repo_id`` is at.
+
+    Read from huggingface_hub's cache, whose snapshot folders are named by commit (transformers 5.25 no longer
+    keeps it in ``config._commit_hash``): offline, where the cached ref points; online, where the Hub's does
+    (the config is downloaded once if it is not cached).
+
+    Raises:
+        OSError: when the repository or revision cannot be found (offline: not in the cache).
+        ValueError: when ``repo_id`` is not a valid Hub id.
+    """
+    return Path(hf_hub_download(repo_id, transformers.CONFIG_NAME, revision=revision)).parent.name
+
+
 def _object_info(model: PreTrainedModel) -> dict[str, Any]:
+    """What a segmenter records about a backbone given as an object.
+
+    It is re-loaded by Hub id (its weights are not saved) when its ``name_or_path`` is a Hub id whose commit is
+    found (:func:`_hub_commit`, or ``config._commit_hash`` before transformers 5.25); otherwise, e.g. offline
+    with a model loaded from another cache folder, its weights are saved with the segmenter.
+    """
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or ""
-    reloadable = bool(name) and name not in TINY_BACKBONES and not Path(name).exists()
+    reloadable = (
+        bool(name) and name not in TINY_BACKBONES and not _looks_like_path(name) and not Path(name).exists()
+    )
+    revision = getattr(model.config, "_commit_hash", None) if reloadable else None
+    if reloadable and revision is None:
+        try:
+            revision = _hub_commit(name)
+        except (OSError, ValueError):  # unresolved: "main" may hold other weights when the model is loaded
+            reloadable = False
     out_features = getattr(model, "out_features", None)  # a transformers *Backbone keeps its stages
     return {
         "backbone": name or None,
         "backbone_class": type(model).__name__,
-        "backbone_revision": getattr(model.config, "_commit_hash", None) if reloadable else None,
+        "backbone_revision": revision,
         "backbone_config_overrides": {"out_features": list(out_features)} if out_features else None,
         "backbone_reloadable": reloadable,
     }
@@ -1167,7 +1213,9 @@ class VolumetricSegmenter(nn.Module):
         method = self.method
         if method not in METHODS:
             raise ValueError(_unknown("segmenter_config['method']", method, METHODS))
-        config = dict(self.segmenter_config)
+        # The versions that write these files (a loaded model keeps those of its first save): from_pretrained
+        # names them when saved tensors do not fit the modules of the running transformers.
+        config = {**self.segmenter_config, "versions": _versions()}
         save_backbone = not config.get("backbone_reloadable", False)
         config["backbone_weights"] = BACKBONE_SUBFOLDER if save_backbone else "hub"
         with _atomic_directory(Path(save_directory)) as tmp:
@@ -1186,6 +1234,15 @@ class VolumetricSegmenter(nn.Module):
                         str(tmp / BACKBONE_SUBFOLDER), state_dict=_base_state_dict(self.backbone)
                     )
             (tmp / SEGMENTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _versions() -> dict[str, str | None]:
+    """The package versions a saved model's tensor names and layouts depend on."""
+    return {
+        "medtuning_peft": getattr(importlib.import_module("medtuning_peft"), "__version__", None),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1317,8 +1374,9 @@ def build_segmenter(
         preprocessing: JSON-serializable preprocessing settings, saved with the model.
         revision: Hub revision of ``backbone``.
         save_backbone: whether :meth:`VolumetricSegmenter.save_pretrained` stores the base backbone weights.
-            None (default) stores them unless the backbone re-loads by Hub id (a Hub id, or a model object
-            whose ``name_or_path`` is one: pass True when such an object's weights were changed).
+            None (default) stores them unless the backbone re-loads by Hub id from a known commit (a Hub id, or
+            a model object whose ``name_or_path`` is one with a commit in huggingface_hub's cache, or on the Hub
+            when online: pass True when such an object's weights were changed).
         train_patch_embedding: for ``med_adapter`` and ``lora``, train the backbone's patch embedding in full
             with the adapters (peft's ``modules_to_save``; saved with them). None (default): when
             ``in_channels > 1``. The adapted embedding starts with the same filters for every channel, so
@@ -1402,11 +1460,7 @@ def build_segmenter(
         "num_slices": num_slices,
         "crop_size": crop_size,
         "preprocessing": preprocessing,
-        "versions": {
-            "medtuning_peft": getattr(importlib.import_module("medtuning_peft"), "__version__", None),
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
+        "versions": _versions(),
     }
     segmenter = VolumetricSegmenter(model, head, config)
     options = dict(method_kwargs)

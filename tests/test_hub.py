@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
+from fake_hub import empty_hub_cache, folder_contents, put_in_hub_cache
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 import medtuning_peft
@@ -193,8 +193,27 @@ def test_card_says_what_was_tuned(tmp_path, method, in_channels, tuned):
     assert f"with a {backbone.get(method, 'frozen')} 2D backbone" in card
 
 
-def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path):
+@pytest.mark.parametrize(
+    ("method", "library", "method_tag"),
+    [("med_adapter", "peft", "med-adapter"), ("lora", "peft", "lora"), ("full", None, "full"),
+     ("decoder_only", None, "decoder-only")],
+)  # fmt: skip
+def test_card_names_the_library_and_method_of_what_was_saved(tmp_path, method, library, method_tag):
+    # Only med_adapter / lora save a peft adapter; full / decoder_only save a model.safetensors that peft does not
+    # load (the Hub also reads a library from the tags).
+    model = build_segmenter("tiny-swin", 1, 3, decoder="fpn", decoder_kwargs={"channels": 16}, method=method)
+    model.save_pretrained(tmp_path / "model")
+    meta = front_matter(build_model_card(tmp_path / "model"))
+    assert meta.get("library_name") == library
+    assert ("peft" in meta["tags"]) == (library == "peft")
+    assert method_tag in meta["tags"] and {"medtuning_peft", "image-segmentation"} <= set(meta["tags"])
+    assert ("med-adapter" in meta["tags"]) == (method == "med_adapter")
+
+
+def test_card_of_a_hub_backbone_names_it_as_base_model(tmp_path, hub_cache):
     base, _ = load_backbone("tiny-swin")
+    base.save_pretrained(tmp_path / "base")
+    put_in_hub_cache(hub_cache, "example-org/swin-tiny", "a" * 40, folder_contents(tmp_path / "base"))
     base.config._name_or_path = "example-org/swin-tiny"  # as if loaded from the Hub
     build(base).save_pretrained(tmp_path / "model")
     card = build_model_card(tmp_path / "model", dataset="Our hospital's scans")
@@ -335,10 +354,6 @@ def test_push_command_revision_creates_the_branch(tmp_path, recorded):
     assert recorded["create_branch"]["branch"] == "v2" and recorded["create_commit"]["revision"] == "v2"
 
 
-def folder_contents(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def saved(tmp_path: Path) -> Path:
     model_dir = tmp_path / "model"
     build().save_pretrained(model_dir)
@@ -435,32 +450,10 @@ def test_failed_push_leaves_the_model_folder_unchanged(tmp_path, recorded, monke
     assert folder_contents(model_dir) == before
 
 
-def put_in_hub_cache(
-    cache: Path, repo_id: str, commit: str, files: dict[str, bytes], ref: str = "main"
-) -> None:
-    """Store a commit the way huggingface_hub's downloads do: blobs, a snapshot of links, a ref."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache, read by huggingface_hub and transformers (offline)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
+    return empty_hub_cache(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("backbone_source", ["tiny-swin", "hub-id"])
@@ -566,19 +559,25 @@ def test_dry_run_refuses_what_a_real_push_refuses(tmp_path, recorded, capsys, ca
     assert recorded == {}
 
 
-def test_a_hub_backbone_is_pinned_to_the_commit_it_was_loaded_from(tmp_path, hub_cache):
+@pytest.mark.parametrize("given", ["hub_id", "loaded_object"])
+def test_a_hub_backbone_is_pinned_to_the_commit_it_was_loaded_from(tmp_path, hub_cache, given):
     """A saved model re-loads its Hub backbone from the commit it was trained on, not from where the branch is
-    now: a moved `main` would silently give other outputs."""
+    now: a moved `main` would silently give other outputs. Also for a backbone object loaded from the Hub by
+    the user (transformers 5.25 no longer records its commit in the config)."""
     for seed, commit in ((1, "a" * 40), (2, "b" * 40)):  # `main` at commit a, later moved to b
         torch.manual_seed(seed)
         base, _ = load_backbone("tiny-swin")
         base.save_pretrained(tmp_path / f"base-{seed}")
         if seed == 1:
             put_in_hub_cache(hub_cache, "example-org/swin-tiny", commit, folder_contents(tmp_path / "base-1"))
+            backbone = "example-org/swin-tiny"
+            if given == "loaded_object":
+                backbone = transformers.SwinModel.from_pretrained(backbone)
             torch.manual_seed(0)
-            model = build("example-org/swin-tiny").eval()
+            model = build(backbone).eval()
             assert model.segmenter_config["backbone_revision"] == commit
             model.save_pretrained(tmp_path / "model")
+            assert not (tmp_path / "model" / "backbone").exists()  # re-loaded from the Hub, not saved
             volumes = torch.randn(1, 1, 8, 32, 32)
             with torch.no_grad():
                 expected = model(volumes)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from held_forward import held_inside, in_thread
 from packaging.version import Version
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
@@ -333,6 +334,28 @@ def test_merge_and_unload_is_refused_with_the_reason():
         model.merge_and_unload()
     with pytest.raises(NotImplementedError, match="not a weight delta"):
         model.merge_adapter()
+
+
+def test_per_sample_adapter_names_are_refused_not_ignored():
+    # peft's PeftModel.forward drops `adapter_names` before calling the model: without a refusal the active
+    # adapter would silently run on every sample.
+    model = adapted("swin")
+    model.add_adapter("other", MedAdapterConfig(num_slices=D, reduction_ratio=2))
+    x = slices(1, D)
+    with torch.no_grad():
+        expected = run(model, x)
+        for names in (["other"] * D, ["default", "other", "default"]):
+            with pytest.raises(ValueError, match=r"adapter_names=.*set_adapter"):
+                run(model, x, adapter_names=names)
+        torch.testing.assert_close(run(model, x), expected, rtol=0, atol=0)  # nothing left behind
+
+
+def test_weighted_combination_of_adapters_is_refused_with_the_reason():
+    model = adapted("swin")
+    model.add_adapter("other", MedAdapterConfig(num_slices=D))
+    with pytest.raises(NotImplementedError, match="add_weighted_adapter.*not a weight delta.*set_adapter"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mixed")
+    assert list(model.peft_config) == ["default", "other"]
 
 
 def test_add_set_and_delete_adapters():
@@ -867,6 +890,64 @@ def test_data_parallel_replicas_are_refused():
     replica = model.base_model.model._replicate_for_data_parallel()  # what nn.DataParallel runs on each GPU
     with pytest.raises(RuntimeError, match="does not support torch.nn.DataParallel"):
         replica(pixel_values=slices(1, D))
+
+
+@pytest.mark.parametrize(
+    ("held", "other"), [("model", "model"), ("model", "backbone"), ("backbone", "model")]
+)
+def test_a_forward_from_another_thread_is_refused_while_one_runs(held, other):
+    # The adapters' per-forward context (slice count, inter-stage features) is one per model: a second thread's
+    # forward would overwrite the running one's. "backbone": the adapted backbone called on its own.
+    model = adapted("upernet_swin")
+    backbone = model.base_model.model.backbone
+    x = slices(2, D)
+
+    def call(which: str, num_slices: int) -> torch.Tensor:
+        with torch.no_grad():
+            if which == "model":
+                return run(model, x, num_slices=num_slices)
+            return output_tensor(backbone(pixel_values=x, num_slices=num_slices))
+
+    expected = {(which, n): call(which, n) for which in ("model", "backbone") for n in (D, 2 * D)}
+    layers = [m for m in model.modules() if isinstance(m, MedAdapterLayer)]
+    # Held in the last stage: the inter-stage features of the stages before it are in the context.
+    refused = r"already running a forward in another thread.*one forward at a time.*copy\.deepcopy\(model\)"
+    with (
+        held_inside(layers[-2].base_layer, lambda: call(held, 2 * D)) as result,
+        pytest.raises(RuntimeError, match=refused),
+    ):
+        call(other, D)
+    assert "error" not in result, result
+    torch.testing.assert_close(result["value"], expected[held, 2 * D], rtol=0, atol=0)
+    # Both done: the model runs from either thread.
+    other_thread = in_thread(lambda: call(other, D))
+    torch.testing.assert_close(other_thread.get("value"), expected[other, D], rtol=0, atol=0)
+    torch.testing.assert_close(call(held, 2 * D), expected[held, 2 * D], rtol=0, atol=0)
+
+
+def test_a_thread_that_ended_inside_a_forward_does_not_hold_the_model():
+    # A KeyboardInterrupt skips the hooks that end a forward: the context still names the thread that ran it.
+    model = adapted("swin")
+    x = slices(1, D)
+    with torch.no_grad():
+        expected = run(model, x)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    def interrupted():
+        layer = next(m for m in model.modules() if isinstance(m, MedAdapterLayer))
+        handle = layer.base_layer.register_forward_pre_hook(interrupt)
+        try:
+            run(model, x)
+        except KeyboardInterrupt:
+            return "interrupted"
+        finally:
+            handle.remove()
+
+    assert in_thread(interrupted) == {"value": "interrupted"}
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, x), expected, rtol=0, atol=0)
 
 
 def test_a_model_without_supported_blocks_is_refused():

@@ -14,9 +14,12 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from fake_hub import empty_hub_cache, folder_contents, put_in_hub_cache
+from held_forward import held_inside, in_thread
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
+import medtuning_peft
 from medtuning_peft import volumetric
 from medtuning_peft.volumetric import (
     TINY_BACKBONES,
@@ -297,6 +300,30 @@ def test_torch_compile_traces_the_whole_segmenter_as_one_graph_after_the_first_p
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("method", ["decoder_only", "med_adapter"])
+def test_a_segmenter_refuses_a_second_thread_while_one_runs_and_keeps_its_outputs(method):
+    # A plain backbone's feature taps keep the running pass's block outputs on the blocks; Med-Adapters keep the
+    # slice count and inter-stage features on the model: a second thread's pass would overwrite or clear them.
+    model = make("vit", method=method, num_slices=4).eval()
+    x, y = torch.randn(1, 1, 4, 32, 32), torch.randn(2, 1, 2, 32, 32)
+
+    def call(volumes: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(volumes)
+
+    expected_x, expected_y = call(x), call(y)
+    refused = r"already running a forward in another thread.*copy\.deepcopy\(model\)"
+    with (
+        held_inside(model.backbone.layers[3], lambda: call(x)) as result,
+        pytest.raises(RuntimeError, match=refused),
+    ):
+        call(y)  # the held pass has recorded three of its four taps (blocks 0, 1, 2, 3)
+    assert "error" not in result, result
+    torch.testing.assert_close(result["value"], expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(in_thread(lambda: call(y)).get("value"), expected_y, rtol=0, atol=0)
+    torch.testing.assert_close(call(x), expected_x, rtol=0, atol=0)
+
+
 def test_med_adapter_receives_the_slice_count():
     # Built for 3 slices; a forward with D = 5 only works when the segmenter passes num_slices=D.
     model = make("vit", method="med_adapter", num_slices=3).eval()
@@ -425,9 +452,22 @@ def test_loaded_model_is_frozen_unless_trainable(saved_models):
     }
 
 
-def test_hub_backbone_is_referenced_not_saved(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, read by huggingface_hub and transformers (offline)."""
+    return empty_hub_cache(tmp_path, monkeypatch)
+
+
+def as_if_loaded_from_the_hub(model, repo_id: str, cache: Path, folder: Path) -> None:
+    """Name ``model`` by ``repo_id`` and put it in the Hub cache (at commit a...a), as ``from_pretrained`` would."""
+    model.save_pretrained(folder)
+    put_in_hub_cache(cache, repo_id, "a" * 40, folder_contents(folder))
+    model.name_or_path = model.config._name_or_path = repo_id
+
+
+def test_hub_backbone_is_referenced_not_saved(tmp_path, monkeypatch, hub_cache):
     base, _ = load_backbone("tiny-swin")
-    base.config._name_or_path = "example-org/swin-tiny"  # as if loaded from the Hub
+    as_if_loaded_from_the_hub(base, "example-org/swin-tiny", hub_cache, tmp_path / "base")
     pristine = copy.deepcopy(base)
     model = build_segmenter(base, 1, 3, method="lora", decoder_kwargs=SMALL_DECODER)
     x = torch.randn(1, 1, 2, 32, 32)
@@ -450,9 +490,28 @@ def test_hub_backbone_is_referenced_not_saved(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_backbone_class_and_stages_survive_a_reload_by_id(tmp_path, monkeypatch):
+def test_a_backbone_object_whose_hub_commit_is_unknown_is_saved_with_the_model(
+    tmp_path, monkeypatch, hub_cache
+):
+    # Named by a Hub id that is not in the cache (offline; e.g. loaded with another cache_dir): reloading it from
+    # `main` might give other weights, so they are saved with the model and the Hub is never asked.
+    base, _ = load_backbone("tiny-swin")
+    base.config._name_or_path = "example-org/swin-tiny"
+    model = build_segmenter(base, 1, 3, method="lora", decoder_kwargs=SMALL_DECODER)
+    config = model.segmenter_config
+    assert not config["backbone_reloadable"] and config["backbone_revision"] is None
+    x = torch.randn(1, 1, 2, 32, 32)
+    perturb_trained_parameters(model, x)
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
+    monkeypatch.setattr(volumetric, "load_backbone", lambda *a, **k: pytest.fail("Hub"))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path / "out")(x), model(x))
+
+
+def test_backbone_class_and_stages_survive_a_reload_by_id(tmp_path, monkeypatch, hub_cache):
     base, _ = load_backbone("tiny-swin-backbone")
-    base.name_or_path = "example-org/swin-tiny"
+    as_if_loaded_from_the_hub(base, "example-org/swin-tiny", hub_cache, tmp_path / "base")
     model = build_segmenter(base, 1, 3, method="decoder_only", decoder_kwargs=SMALL_DECODER)
     model.save_pretrained(tmp_path / "out")
     received = {}
@@ -471,9 +530,10 @@ def test_backbone_class_and_stages_survive_a_reload_by_id(tmp_path, monkeypatch)
     }
 
 
-def test_save_backbone_forces_saving_a_hub_backbone(tmp_path):
+def test_save_backbone_forces_saving_a_hub_backbone(tmp_path, hub_cache):
     base, _ = load_backbone("tiny-vit")
-    base.name_or_path = "example-org/vit-tiny"
+    as_if_loaded_from_the_hub(base, "example-org/vit-tiny", hub_cache, tmp_path / "base")
+    assert build_segmenter(base, 1, 3, method="decoder_only").segmenter_config["backbone_reloadable"]
     model = build_segmenter(
         base, 1, 3, method="decoder_only", decoder_kwargs=SMALL_DECODER, save_backbone=True
     )
@@ -644,6 +704,25 @@ def test_adapter_weights_saved_under_other_module_names_are_refused(saved_models
     with pytest.raises(ValueError, match=r"tensor\(s\) the model expects are not in the file.*re-save it"):
         from_pretrained(copy)
     assert from_pretrained(root / "vit-lora") is not None  # the original still loads
+
+
+def test_every_save_records_the_versions_that_wrote_it(tmp_path):
+    # A model first saved with older versions, loaded and saved again: its files are those of this save, which
+    # from_pretrained names when the saved tensors do not fit (module names change between transformers versions).
+    make("vit", method="lora").save_pretrained(tmp_path / "first")
+    config_file = tmp_path / "first" / "segmenter_config.json"
+    config = json.loads(config_file.read_text())
+    current = dict(config["versions"])
+    config["versions"] = {"medtuning_peft": "0.0.1", "transformers": "5.0.0", "peft": "0.14.0"}
+    config_file.write_text(json.dumps(config))
+    from_pretrained(tmp_path / "first").save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "segmenter_config.json").read_text())
+    versions = {
+        "medtuning_peft": medtuning_peft.__version__,
+        "transformers": volumetric.transformers.__version__,
+        "peft": peft.__version__,
+    }
+    assert saved["versions"] == current == versions
 
 
 def test_a_mistyped_tiny_backbone_name_lists_the_known_ones(monkeypatch):

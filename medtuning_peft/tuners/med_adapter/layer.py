@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,30 @@ except ImportError:  # pragma: no cover - other transformers versions record the
     _active_collector = None
 
 
+_CLAIM_LOCK = threading.Lock()
+
+
+def _thread_alive(ident: int) -> bool:
+    return any(t.ident == ident and t.is_alive() for t in threading.enumerate())
+
+
+def concurrent_forward_error(what: str, owner: int | None = None) -> RuntimeError:
+    """The error for a forward that starts while another thread's forward of the same model runs."""
+    thread, note = "", ""
+    if owner is not None:
+        thread = f" (thread {owner})"
+        note = (
+            " A thread whose forward was stopped by KeyboardInterrupt holds the model until it runs a forward "
+            "again or ends."
+        )
+    return RuntimeError(
+        f"{what} is already running a forward in another thread{thread}. One model runs one forward at a time: "
+        "it keeps the running forward's state (slice count, inter-stage features, tapped block outputs) on "
+        "itself. Give each thread its own copy (`copy.deepcopy(model)`), or serialize the calls with a "
+        f"`threading.Lock`.{note}"
+    )
+
+
 @dataclass
 class ForwardContext:
     """Per-forward state shared by the adapters of one model (a plain object: peft saves every module).
@@ -35,6 +60,9 @@ class ForwardContext:
         in_root: True while the base model's forward runs (its hooks reset the context when it ends).
         backbone_calls: backbone forwards in progress; the outermost one outside the base model's forward resets
             the context when it ends.
+        owner: ``threading.get_ident()`` of the thread whose forward is running (the base model's, or an outermost
+            backbone call on its own), None when none is. A forward from another thread is refused
+            (:meth:`claim`): it would overwrite this one's slice count and inter-stage features.
     """
 
     num_slices: int | None = None
@@ -44,6 +72,36 @@ class ForwardContext:
     recomputing: bool = False
     in_root: bool = False
     backbone_calls: int = 0
+    owner: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) runs no forward yet, whatever the original was doing.
+        return {**self.__dict__, "owner": None}
+
+    def claim(self, what: str) -> None:
+        """Make the calling thread the one whose forward this context serves.
+
+        Not under torch.compile, which cannot trace thread identities (a compiled forward applies its changes to
+        the context when it ends).
+
+        Args:
+            what: the model, for the error message.
+
+        Raises:
+            RuntimeError: when a forward of another thread, still alive, is running.
+        """
+        with _CLAIM_LOCK:  # two threads starting together: one claims, the other sees its claim
+            if self.used_by_other_thread():
+                raise concurrent_forward_error(what, self.owner)
+            self.owner = threading.get_ident()
+
+    def used_by_other_thread(self) -> bool:
+        """Whether a forward of another live thread is running (a dead owner was stopped by KeyboardInterrupt,
+        which skips the hooks that end a forward). Always False under torch.compile."""
+        if torch.compiler.is_compiling():
+            return False
+        owner = self.owner
+        return owner is not None and owner != threading.get_ident() and _thread_alive(owner)
 
     def start_backbone(self, pixel_values: Any) -> None:
         self.prev.clear()

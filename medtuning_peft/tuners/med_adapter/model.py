@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Callable
+import reprlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
@@ -318,15 +321,24 @@ class MedAdapterModel(BaseTuner):
                 "context across threads, and it splits the slice batch without regard to volumes. Use "
                 "DistributedDataParallel (e.g. `accelerate launch --multi_gpu`), sharding by volume."
             )
-        self._context.end()
+        context = self._context
+        if not torch.compiler.is_compiling():
+            context.claim(type(module).__name__)  # before any change: another thread's forward may be running
+        context.end()
         # No backbone call is in progress when the root's forward starts: clear a count left by a call whose
         # post-hooks did not run (torch skips them on a KeyboardInterrupt).
-        self._context.in_root, self._context.backbone_calls = True, 0
+        context.in_root, context.backbone_calls = True, 0
         self._pop_num_slices(kwargs, keep=self._root_takes_num_slices)
         return args, kwargs
 
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._context.backbone_calls += 1  # first: the post-hook runs even when this one raises
+        context = self._context
+        if not torch.compiler.is_compiling() and context.owner != threading.get_ident():
+            # A backbone called on its own (inside the root's forward, this thread owns the context already).
+            context.claim(type(module).__name__)
+            # No forward was running: what an interrupted one (KeyboardInterrupt) left behind does not count.
+            context.in_root, context.backbone_calls = False, 0
+        context.backbone_calls += 1  # first: the post-hook runs even when this one raises
         if module is not self.model:  # on a bare backbone, _root_pre_hook has read it
             self._pop_num_slices(kwargs)
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
@@ -336,17 +348,23 @@ class MedAdapterModel(BaseTuner):
         return args, kwargs
 
     def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self._restore_suspended_checkpointing()
         context = self._context
+        if context.used_by_other_thread():  # this call was refused: leave the running forward's state alone
+            return
+        self._restore_suspended_checkpointing()
         context.backbone_calls = max(context.backbone_calls - 1, 0)
         if not context.backbone_calls and not context.in_root:
             # A backbone called on its own (feature extraction, probing inside a larger model): no root hook
             # resets its num_slices and inter-stage features.
             context.end()
+            context.owner = None
 
     def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self._context.end()
-        self._context.in_root = False
+        context = self._context
+        if context.used_by_other_thread():  # this call was refused: leave the running forward's state alone
+            return
+        context.end()
+        context.in_root, context.owner = False, None
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Adapters are created in float32 (float64 on a float64 model) whatever their block's dtype, which is what
@@ -435,6 +453,36 @@ class MedAdapterModel(BaseTuner):
             fn = module.__dict__.get("_gradient_checkpointing_func")
             if fn is not None and hasattr(fn, "med_adapter_original"):
                 module._gradient_checkpointing_func = fn.med_adapter_original
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        # PeftModel.forward enters this with the call's arguments, then drops peft's special ones before calling
+        # the base model: refuse them here instead of running the active adapter on the whole batch.
+        names = kwargs.get("adapter_names")
+        if names is not None:
+            raise ValueError(
+                f"Med-Adapter does not support `adapter_names=` (got {reprlib.repr(names)}): mixed-adapter batches "
+                "are not supported, as the adapters mix the slices of each volume. Call `model.set_adapter(name)` "
+                "and run one batch per adapter (or `with model.disable_adapter():` for the base model)."
+            )
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError(
+                "`alora_offsets=` is an option of activated LoRA (aLoRA), not of Med-Adapter; leave it out."
+            )
+        yield
+
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """Refused: a weighted combination of Med-Adapters is not defined.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "Med-Adapter does not support add_weighted_adapter: each adapter is a residual branch with its own "
+            "BatchNorm statistics and spectral filter along the slices, not a weight delta, so a weighted sum of "
+            "adapters is not defined. Train a new adapter, switch between adapters with `model.set_adapter(name)`, "
+            "or average the outputs of the adapters you would combine."
+        )
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
