@@ -1048,20 +1048,33 @@ def _verify_case(files: Any, require_label: bool) -> list[str]:
         channels += data.shape[3] if data.ndim == 4 else 1
         del data
     if readable and files.channel_names and channels != len(files.channel_names):
+        declared = len(files.channel_names)
+        fix = "add the missing modalities" if channels < declared else f"pass images of {declared} channel(s)"
+        if files.dataset == "msd":
+            fix += " or fix dataset.json 'modality'"
         problems.append(
             case_error(
                 files.case_id,
                 files.images[0],
-                f"found {channels} channel(s) but the data set declares {len(files.channel_names)} "
-                f"{list(files.channel_names)}",
-                "add the missing modalities or fix dataset.json 'modality'",
+                f"found {channels} channel(s) but the data set declares {declared} {list(files.channel_names)}",
+                fix,
             )
         )
 
     if files.label is None:
         if require_label:
+            # Where the reader looks for it (KiTS19: segmentation.nii.gz; BraTS: <case>_seg.nii.gz).
+            expected = {"kits19": "segmentation.nii.gz", "brats": f"{files.case_id}_seg.nii.gz"}.get(
+                files.dataset
+            )
+            where = Path(files.images[0]).parent / expected if expected else None
             problems.append(
-                case_error(files.case_id, None, "has no label file", "add the segmentation or drop the case")
+                case_error(
+                    files.case_id,
+                    where,
+                    "label file not found" if where else "has no label file",
+                    "add the segmentation or drop the case",
+                )
             )
         return problems
     try:
@@ -1105,8 +1118,9 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .data import CaseLoadError, list_brats_cases, list_kits19_cases, read_msd_task
-    from .data.kits19 import skipped_kits19_folders
+    from .data import CaseLoadError, brats_case_files, kits19_case_files, read_msd_task
+    from .data.brats import brats_case_dirs
+    from .data.kits19 import kits19_case_dirs, skipped_kits19_folders
 
     if args.output:  # before any case: a bad destination would otherwise show only at the end
         _check_output_file("--output", Path(args.output))
@@ -1118,22 +1132,32 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
         )
     skipped: list[Path] = []
     unlabeled_by_design: set[str] = set()  # MSD test images: the Decathlon gives them no label
+    problems: dict[str, list[str]] = {}
+    cases = []
     try:
         if args.task == "kits19":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the skipped folders are reported as problems below
-                cases = list_kits19_cases(data_dir)
+                case_dirs = kits19_case_dirs(data_dir)
             skipped = skipped_kits19_folders(data_dir)
         elif args.task == "brats":
-            cases = list_brats_cases(data_dir)
+            case_dirs = brats_case_dirs(data_dir)
         else:
             task = read_msd_task(data_dir)
             cases = [*task.training, *task.test]
             unlabeled_by_design = {c.case_id for c in task.test}
     except (CaseLoadError, FileNotFoundError) as error:
         raise CommandError(f"--data-dir '{data_dir}' ({args.task}): {error}") from error
+    if args.task != "msd":
+        # Case by case: one folder that cannot be listed (two files for one role) is one problem among the others.
+        case_files = kits19_case_files if args.task == "kits19" else brats_case_files
+        for folder in case_dirs:
+            try:
+                cases.append(case_files(folder))
+            except CaseLoadError as error:
+                problems[folder.name] = [str(error)]
+    listed = len(cases) + len(problems)
 
-    problems: dict[str, list[str]] = {}
     for files in tqdm(cases, desc="verify-data", unit="case", disable=args.no_progress or None):
         found = _verify_case(files, args.require_labels and files.case_id not in unlabeled_by_design)
         if found:
@@ -1148,11 +1172,11 @@ def _cmd_verify_data(args: argparse.Namespace) -> int:
     )
     count = sum(len(v) for v in problems.values())
     note = f", {unlabeled} without label (prediction-only)" if unlabeled else ""
-    print(f"medtuning verify-data: checked {len(cases)} {args.task} case(s) in '{data_dir}'{note}.")
+    print(f"medtuning verify-data: checked {listed} {args.task} case(s) in '{data_dir}'{note}.")
     if args.output:
         atomic_write_json(
             args.output,
-            {"task": args.task, "data_dir": str(data_dir), "cases": len(cases), "problems": problems},
+            {"task": args.task, "data_dir": str(data_dir), "cases": listed, "problems": problems},
         )
     if not problems:
         print("No problems found.")

@@ -1012,6 +1012,19 @@ def _load_task(
         if settings.max_cases is not None:
             labelled = labelled[: settings.max_cases]
         if len(labelled) < 2:
+            available = sum(1 for c in listed if c.has_label)
+            if settings.max_cases is not None and available >= 2:
+                raise SettingsError(
+                    f"max_cases={settings.max_cases} keeps {len(labelled)} of the {available} labelled cases of "
+                    f"data_dir '{data_dir}'; training with validation needs at least 2.",
+                    "max_cases",
+                )
+            if settings.data_dir is None:
+                raise SettingsError(
+                    f"synthetic_cases={settings.synthetic_cases}: the built-in data ({note}) has {available} "
+                    "labelled case(s); training with validation needs at least 2.",
+                    "synthetic_cases",
+                )
             raise SettingsError(
                 f"data_dir '{data_dir}' has {len(labelled)} labelled case(s); training with validation needs at "
                 f"least 2.",

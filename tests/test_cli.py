@@ -833,6 +833,60 @@ def test_verify_data_passes_a_clean_kits_folder(tmp_path, capsys):
     assert main(["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--require-labels"]) == 1
 
 
+def test_verify_data_lists_a_case_with_two_files_for_one_role_among_the_other_problems(tmp_path, capsys):
+    # A case folder holding imaging.nii next to imaging.nii.gz (a file gunzipped to look at it) cannot be listed;
+    # it is one problem of that case, and the other cases are still checked.
+    for i in range(3):
+        write_nifti(tmp_path / f"case_0000{i}" / "imaging.nii.gz", ct_volume(i, (10, 12, 14)))
+        write_nifti(tmp_path / f"case_0000{i}" / "segmentation.nii.gz", label_map(i))
+    (tmp_path / "case_00001" / "imaging.nii").write_bytes(
+        gzip.decompress((tmp_path / "case_00001" / "imaging.nii.gz").read_bytes())
+    )
+    bad = label_map(2)
+    bad[0, 0, 0] = 7
+    write_nifti(tmp_path / "case_00002" / "segmentation.nii.gz", bad)
+    report = tmp_path / "report.json"
+    command = ["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--output", str(report)]
+    assert main([*command, "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(report.read_text())
+    assert result["cases"] == 3 and sorted(result["problems"]) == ["case_00001", "case_00002"]
+    assert "imaging" in result["problems"]["case_00001"][0] and ".nii" in result["problems"]["case_00001"][0]
+    assert "values [7]" in result["problems"]["case_00002"][0]
+    assert "checked 3 kits19 case(s)" in captured.out and "2 problem(s) in 2 case(s)" in captured.err
+
+
+def test_verify_data_lists_a_brats_case_with_two_files_for_one_modality_among_the_others(tmp_path, capsys):
+    for n in (1, 2):
+        name = f"BraTS20_Training_00{n}"
+        modalities = (
+            ("flair", "t1", "t1ce", "t2") if n == 1 else ("flair", "t1", "t1ce")
+        )  # case 2: t2 missing
+        for modality in modalities:
+            write_nifti(tmp_path / name / f"{name}_{modality}.nii.gz", ct_volume(n, (10, 12, 14)), np.eye(4))
+        seg = label_map(n)
+        seg[seg == 2] = 4
+        write_nifti(tmp_path / name / f"{name}_seg.nii.gz", seg, np.eye(4))
+    shutil.copy(
+        tmp_path / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii.gz",
+        tmp_path / "BraTS20_Training_001" / "BraTS20_Training_001_T1.nii",
+    )
+    assert main(["verify-data", "--task", "brats", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s) in 2 case(s)" in err and "BraTS20_Training_002_t2.nii.gz" in err
+    assert "BraTS20_Training_001_T1.nii" in err
+
+
+def test_verify_data_require_labels_names_where_the_label_was_looked_for(tmp_path, capsys):
+    write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", ct_volume(0, (10, 12, 14)))
+    write_nifti(tmp_path / "case_00000" / "segmentation.nii.gz", label_map(0))
+    write_nifti(tmp_path / "case_00001" / "imaging.nii.gz", ct_volume(1, (10, 12, 14)))
+    command = ["verify-data", "--task", "kits19", "--data-dir", str(tmp_path), "--require-labels"]
+    assert main([*command, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"file '{tmp_path / 'case_00001' / 'segmentation.nii.gz'}': label file not found" in err
+
+
 # -----------------------------------------------------------------------------------------------------
 # cache
 # -----------------------------------------------------------------------------------------------------

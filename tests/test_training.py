@@ -63,7 +63,7 @@ def cache_dir(tmp_path_factory):
 def tiny_settings(data_dir, cache_dir, output_dir, **overrides) -> TrainSettings:
     options = {
         "dataset": "kits19",
-        "data_dir": str(data_dir),
+        "data_dir": None if data_dir is None else str(data_dir),
         "cache_dir": str(cache_dir),
         "output_dir": str(output_dir),
         "backbone": "tiny-swin",
@@ -903,11 +903,20 @@ def test_checkpoints_models_and_built_in_data_have_the_umask_modes(data_dir, cac
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"num_folds": 9, "fold": 0}, "num_folds"), ({"batch_size": 16}, "samples_per_case")],
+    [
+        ({"num_folds": 9, "fold": 0}, "num_folds"),
+        ({"batch_size": 16}, "samples_per_case"),
+        # Too few cases because of a setting: the error names it, not data_dir.
+        ({"max_cases": 1}, "max_cases"),
+        ({"data_dir": None, "default_data": "synthetic-kits19", "synthetic_cases": 1}, "synthetic_cases"),
+    ],
 )
 def test_settings_that_do_not_fit_the_data_leave_no_run_folder(
     data_dir, cache_dir, tmp_path, overrides, field
 ):
+    overrides = dict(overrides)
+    if "data_dir" in overrides:
+        data_dir = overrides.pop("data_dir")
     with pytest.raises(SettingsError) as error:
         train(tiny_settings(data_dir, cache_dir, tmp_path / "run", **overrides))
     assert error.value.field == field and f"{field}=" in str(error.value)

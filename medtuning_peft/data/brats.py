@@ -151,24 +151,16 @@ def is_one_brats_case(path: str | Path) -> bool:
     return len(cases) == 1 and (len(sequences) > 1 or cases == {path.name})
 
 
-def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> list[CaseFiles]:
-    """Finds BraTS 2019 (``HGG/``, ``LGG/``) or 2020 case folders under ``data_dir``.
+def brats_case_dirs(data_dir: str | Path) -> list[Path]:
+    """The BraTS case folders under ``data_dir``, sorted by case id (what :func:`list_brats_cases` lists).
 
     A case folder is any folder up to three levels below ``data_dir`` holding a file named
     ``*_{flair,t1,t1ce,t2}.nii(.gz)``; symbolic links to folders are followed (each folder is listed once).
-
-    Args:
-        data_dir: Release folder (e.g. ``MICCAI_BraTS2020_TrainingData``) or a folder above it.
-        require_label: Raise for a case without segmentation instead of listing it as prediction-only.
-
-    Returns:
-        One :class:`CaseFiles` per case, sorted by case id.
 
     Raises:
         FileNotFoundError: If ``data_dir`` does not exist.
         NoCasesError: If no case folder is found (a CaseLoadError).
         CaseLoadError: If two case folders share a name.
-        CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
     data_dir = Path(data_dir)
     check_folder(data_dir, "BraTS data_dir", "pass the release folder.")
@@ -203,7 +195,29 @@ def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> li
                 "Fix: keep one copy of each case under data_dir."
             )
         names[path.name] = path
-    return [brats_case_files(names[n], require_label=require_label) for n in sorted(names)]
+    return [names[n] for n in sorted(names)]
+
+
+def list_brats_cases(data_dir: str | Path, *, require_label: bool = False) -> list[CaseFiles]:
+    """Finds BraTS 2019 (``HGG/``, ``LGG/``) or 2020 case folders under ``data_dir``.
+
+    A case folder is any folder up to three levels below ``data_dir`` holding a file named
+    ``*_{flair,t1,t1ce,t2}.nii(.gz)``; symbolic links to folders are followed (each folder is listed once).
+
+    Args:
+        data_dir: Release folder (e.g. ``MICCAI_BraTS2020_TrainingData``) or a folder above it.
+        require_label: Raise for a case without segmentation instead of listing it as prediction-only.
+
+    Returns:
+        One :class:`CaseFiles` per case, sorted by case id.
+
+    Raises:
+        FileNotFoundError: If ``data_dir`` does not exist.
+        NoCasesError: If no case folder is found (a CaseLoadError).
+        CaseLoadError: If two case folders share a name, or a case holds two files of one role.
+        CaseFileMissingError: If ``require_label`` and a case has no segmentation.
+    """
+    return [brats_case_files(d, require_label=require_label) for d in brats_case_dirs(data_dir)]
 
 
 def load_brats_case(case: str | Path | CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:

@@ -103,6 +103,38 @@ def kits19_case_files(case_dir: str | Path, *, require_label: bool = False) -> C
     )
 
 
+def kits19_case_dirs(data_dir: str | Path) -> list[Path]:
+    """The ``case_XXXXX`` folders of a KiTS19 data directory, sorted (what :func:`list_kits19_cases` lists).
+
+    Warns:
+        UserWarning: For folders that look like cases but are not named ``case_XXXXX`` (see
+            :func:`skipped_kits19_folders`); they are not listed.
+
+    Raises:
+        FileNotFoundError: If ``data_dir`` does not exist.
+        CaseLoadError: If it holds no ``case_XXXXX`` folder.
+    """
+    data_dir = Path(data_dir)
+    check_folder(data_dir, "KiTS19 data_dir", "pass the folder of case_XXXXX.")
+    case_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and KITS19_CASE_PATTERN.match(p.name))
+    skipped = [p.name for p in skipped_kits19_folders(data_dir)]
+    if not case_dirs:
+        raise CaseLoadError(
+            f"KiTS19 data_dir '{data_dir}' holds no case_XXXXX folder"
+            + (f" (skipped folders not named case_XXXXX: {skipped})" if skipped else "")
+            + ". Fix: pass the folder that contains case_00000/, case_00001/, ... (in the KiTS19 "
+            "repository that is 'data/')."
+        )
+    if skipped:
+        warnings.warn(
+            f"KiTS19 data_dir '{data_dir}': skipping {len(skipped)} folder(s) not named case_XXXXX "
+            f"(5 digits): {skipped}. Rename a folder to case_XXXXX if it is a case, or move it out of "
+            "data_dir.",
+            stacklevel=3,
+        )
+    return case_dirs
+
+
 def list_kits19_cases(data_dir: str | Path, *, require_label: bool = False) -> list[CaseFiles]:
     """Lists the ``case_XXXXX`` folders of a KiTS19 data directory, sorted by case id.
 
@@ -123,25 +155,7 @@ def list_kits19_cases(data_dir: str | Path, *, require_label: bool = False) -> l
             ``.nii.gz`` files for the imaging or the segmentation.
         CaseFileMissingError: If ``require_label`` and a case has no segmentation.
     """
-    data_dir = Path(data_dir)
-    check_folder(data_dir, "KiTS19 data_dir", "pass the folder of case_XXXXX.")
-    case_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and KITS19_CASE_PATTERN.match(p.name))
-    skipped = [p.name for p in skipped_kits19_folders(data_dir)]
-    if not case_dirs:
-        raise CaseLoadError(
-            f"KiTS19 data_dir '{data_dir}' holds no case_XXXXX folder"
-            + (f" (skipped folders not named case_XXXXX: {skipped})" if skipped else "")
-            + ". Fix: pass the folder that contains case_00000/, case_00001/, ... (in the KiTS19 "
-            "repository that is 'data/')."
-        )
-    if skipped:
-        warnings.warn(
-            f"KiTS19 data_dir '{data_dir}': skipping {len(skipped)} folder(s) not named case_XXXXX "
-            f"(5 digits): {skipped}. Rename a folder to case_XXXXX if it is a case, or move it out of "
-            "data_dir.",
-            stacklevel=2,
-        )
-    return [kits19_case_files(d, require_label=require_label) for d in case_dirs]
+    return [kits19_case_files(d, require_label=require_label) for d in kits19_case_dirs(data_dir)]
 
 
 def load_kits19_case(case: str | Path | CaseFiles, preprocessing: Preprocessing | None = None) -> VolumeCase:
