@@ -89,13 +89,19 @@ def build(hidden: int, slices: int, form: str, device: torch.device) -> MedAdapt
     return adapter
 
 
+# Launches in the ``call`` function of inductor's output code, one per line, indented on that line ([ \t], not
+# \s, which would reach back over blank lines to a kernel's definition at column 0): a generated C++ kernel is
+# called by name, a Triton kernel through ``.run(``; library calls go through extern_kernels or aten. The kernels'
+# own sources (strings in the same file) hold no such line: ``tmp0 = triton_helpers.maximum(...)`` or a decorator's
+# ``triton_meta=`` are not launches.
 _KERNEL_CALL = re.compile(
-    r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+)", re.M
+    r"^[ \t]+(?:\w+ = )?(cpp_fused_\w+(?=\()|triton_\w+(?=\.run\()|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+)",
+    re.M,
 )
 
 
 def generated_calls(codes: list[str]) -> dict[str, int]:
-    """Fused kernels and external (library) calls in inductor's generated code of one compiled call."""
+    """Fused kernel launches and external (library) calls in inductor's generated code of one compiled call."""
     calls = [m.group(1) for code in codes for m in _KERNEL_CALL.finditer(code)]
     fused = [c for c in calls if c.startswith(("cpp_fused_", "triton_"))]
     return {"generated_kernels": len(fused), "external_calls": len(calls) - len(fused)}

@@ -286,6 +286,69 @@ def test_adapter_kernels_benchmark_code_path(tmp_path):
     assert DepthwiseBranch.forward.__name__ == "forward"  # the native form's patch was undone
 
 
+# Excerpts in the shape of inductor's output code: kernel definitions at column 0 after blank lines, the kernels'
+# own sources (lines such as `tmp0 = triton_helpers.maximum(...)`, a decorator's `triton_meta=`), and the launches
+# inside `call`.
+_CPP_CODE = """
+cpp_fused_add_relu_0 = async_compile.cpp_pybinding(['float*', 'const float*'], \'\'\'
+extern "C" void kernel(float* out_ptr0, const float* in_ptr0)
+{
+    out_ptr0[0] = in_ptr0[0];
+}
+\'\'\')
+
+
+cpp_fused_mul_1 = async_compile.cpp_pybinding(['float*'], \'\'\'
+extern "C" void kernel(float* out_ptr0) {}
+\'\'\')
+
+
+def call(args):
+    arg0_1, = args
+    buf0 = empty_strided_cpu((4, 8), (8, 1), torch.float32)
+    cpp_fused_add_relu_0(buf0, arg0_1)
+    buf1 = extern_kernels.convolution(buf0, arg0_1, stride=(1, 1))
+    cpp_fused_mul_1(buf1)
+    buf2 = torch.ops.aten.convolution_backward.default(buf1, buf0)
+    return (buf2, )
+"""
+_TRITON_CODE = """
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', \'\'\'
+@triton_heuristics.pointwise(
+    size_hints={'x': 1024},
+    triton_meta={'signature': {'in_ptr0': '*fp32'}},
+)
+@triton.jit
+def triton_poi_fused_add_0(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    tmp0 = tl.load(in_ptr0 + (x0), xmask)
+    tmp1 = triton_helpers.maximum(tmp0, tmp0)
+    tl.store(out_ptr0 + (x0), tmp1, xmask)
+\'\'\', device_str='cuda')
+
+
+def call(args):
+    arg0_1, = args
+    with torch.cuda._DeviceGuard(0):
+        buf0 = empty_strided_cuda((4, 8), (8, 1), torch.float32)
+        stream0 = get_raw_stream(0)
+        triton_poi_fused_add_0.run(arg0_1, buf0, 32, stream=stream0)
+        triton_poi_fused_add_0.run(buf0, arg0_1, 32, stream=stream0)
+        extern_kernels.mm(buf0, arg0_1, out=buf0)
+    return (buf0, )
+"""
+
+
+def test_generated_calls_count_launches_not_definitions_or_kernel_sources():
+    import adapter_kernels
+
+    assert adapter_kernels.generated_calls([_CPP_CODE]) == {"generated_kernels": 2, "external_calls": 2}
+    assert adapter_kernels.generated_calls([_TRITON_CODE]) == {"generated_kernels": 2, "external_calls": 1}
+    assert adapter_kernels.generated_calls([_CPP_CODE, _TRITON_CODE]) == {
+        "generated_kernels": 4,
+        "external_calls": 3,
+    }
+
+
 @pytest.mark.slow
 def test_adapter_kernels_compiled_forms_count_what_inductor_generates(tmp_path):
     import adapter_kernels
@@ -406,7 +469,9 @@ def test_a_run_with_another_decoder_trains_it_in_every_method_and_writes_its_own
     assert step_time.cpu_peak_memory(args, "vit-tiny", "med_adapter")["decoder"] == "FPNDecoder"
 
 
-def _gpu_session(tmp_path: Path, steps: list[str], pytest_exit: int) -> tuple[int, list[str]]:
+def _gpu_session(
+    tmp_path: Path, steps: list[str], pytest_exit: int, env: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
     """Run benchmarks/gpu_session.sh with an interpreter that records its calls: tests exit with
     ``pytest_exit``, the benchmarks exit 0, the method-list query runs in this Python. Returns the script's
     exit status and the recorded calls."""
@@ -425,7 +490,7 @@ def _gpu_session(tmp_path: Path, steps: list[str], pytest_exit: int) -> tuple[in
     fake.chmod(0o755)
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(tmp_path / "out"), *steps],
-        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "HOME": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "HOME": str(tmp_path), **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -442,9 +507,35 @@ def test_gpu_session_measures_cuda_graphs_only_after_their_tests_passed(tmp_path
     # The default command: the graph tests, the cost benchmark with every default method, the kernel comparison.
     code, calls = _gpu_session(tmp_path / "pass", [], pytest_exit=0)
     assert code == 0
-    assert "-k cuda_graphs" in calls[0] and calls[-1].startswith(
+    assert "-k cuda_graphs and not compiled_adapters" in calls[0] and calls[-1].startswith(
         "benchmarks/adapter_kernels.py --device cuda --json"
     )
+    # That selection, collected for real: every CUDA graph test but the compiled adapters' (a cold inductor
+    # compile, run by the compile step), from the files named.
+    files = [f for f in calls[0].split() if f.startswith("tests/")]
+    collected = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-m",
+            "gpu",
+            "-k",
+            "cuda_graphs and not compiled_adapters",
+            "-p",
+            "no:cacheprovider",
+            *files,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    selected = [line for line in collected.splitlines() if "::" in line]
+    assert len(selected) >= 20 and not any("compiled" in line for line in selected)
+    assert any("test_graphed_training_matches_eager_training" in line for line in selected)
     assert "--setting paper --device cuda" in _benchmark_call(calls)
     assert "--methods" not in _benchmark_call(calls)  # the default methods: CUDA graphs included on CUDA
     # Failed graph tests: the standard figures are still measured, without the graph method.
@@ -478,6 +569,12 @@ def test_gpu_session_measures_compiled_adapters_only_after_both_tests_passed(tmp
     for folder, steps, pytest_exit in (("fail", ["graph-tests", "compile"], 1), ("alone", ["compile"], 0)):
         code, calls = _gpu_session(tmp_path / folder, steps, pytest_exit=pytest_exit)
         assert code != 0 and not [c for c in calls if c.startswith("benchmarks/step_time.py")]
+        assert not any("test_compiled_adapter_graphs.py" in c for c in calls)  # nor its test: graphs untested
+    # Graph tests passed in an earlier command on the same machine: measured without running them again.
+    code, calls = _gpu_session(
+        tmp_path / "earlier", ["compile"], pytest_exit=0, env={"CUDA_GRAPHS_TESTED": "1"}
+    )
+    assert code == 0 and "tests/test_compiled_adapter_graphs.py" in calls[0] and _benchmark_call(calls)
 
 
 def test_gpu_session_fpn_step_runs_the_light_decoder_comparison(tmp_path):
@@ -493,6 +590,9 @@ def test_gpu_session_fpn_step_runs_the_light_decoder_comparison(tmp_path):
     code, calls = _gpu_session(tmp_path / "alone", ["fpn"], pytest_exit=0)
     methods = _benchmark_call(calls).split("--methods ")[1].split(" --json")[0].split()
     assert code == 0 and "med_adapter+cuda_graphs" not in methods and "med_adapter" in methods
+    code, calls = _gpu_session(tmp_path / "earlier", ["fpn"], pytest_exit=0, env={"CUDA_GRAPHS_TESTED": "1"})
+    methods = _benchmark_call(calls).split("--methods ")[1].split(" --json")[0].split()
+    assert code == 0 and methods == expected and not any(c.startswith("-m pytest") for c in calls)
 
 
 def test_gpu_session_optimizer_step_times_adam_on_cuda(tmp_path):
