@@ -204,17 +204,13 @@ def _prediction_cases(input_path: Path, split: str) -> tuple[list[Any], str]:
 
 
 def _preprocessing(config: dict[str, Any], model: str, modality: str | None, files: Any) -> Any:
-    from .data import CTPreprocessing, MRIPreprocessing, default_preprocessing
+    from .data import default_preprocessing, preprocessing_from_dict
 
     saved = config.get("preprocessing")
     if isinstance(saved, dict) and saved.get("kind") in ("ct", "mri"):
-        options = {k: v for k, v in saved.items() if k != "kind"}
-        for key in ("window", "target_spacing"):
-            if options.get(key) is not None:
-                options[key] = tuple(options[key])
         try:
-            return (CTPreprocessing if saved["kind"] == "ct" else MRIPreprocessing)(**options)
-        except (TypeError, ValueError) as error:
+            return preprocessing_from_dict(saved)
+        except ValueError as error:
             raise CommandError(
                 f"segmenter_config.json of --model '{model}' has preprocessing {saved} that this version "
                 f"cannot rebuild ({error}); install the medtuning_peft version that saved the model."

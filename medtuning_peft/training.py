@@ -982,14 +982,31 @@ def _delete_earlier_run(paths: list[Path]) -> None:
             path.unlink()
 
 
+def _resumed_preprocessing(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The preprocessing the newest complete checkpoint was trained with (``{}``: a checkpoint written before it
+    was recorded), or None without a readable one (resume then starts over or reports the damage)."""
+    checkpoints = complete_checkpoints(checkpoint_dir)
+    if not checkpoints:
+        return None
+    try:
+        state = json.loads((checkpoints[-1][1] / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = state.get("preprocessing", {})
+    return recorded if isinstance(recorded, dict) else None
+
+
 def _load_task(
-    settings: TrainSettings, accelerator: Any
+    settings: TrainSettings, accelerator: Any, resumed: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[Any], list[Any], dict[str, Path]]:
     """Resolve the data, split it and load the cases through the cache (main process first).
 
+    ``resumed``: the preprocessing of the checkpoint a resumed run continues (:func:`_resumed_preprocessing`); the
+    run keeps it, whatever the defaults are now.
+
     Returns the task description, the training and validation cases, and the validation cases' label files.
     """
-    from .data import CaseCache, default_preprocessing, split_cases
+    from .data import CaseCache, MRIPreprocessing, default_preprocessing, preprocessing_from_dict, split_cases
 
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
     note = settings.data_note
@@ -1052,6 +1069,20 @@ def _load_task(
             )
         if settings.target_spacing is not None:
             preprocessing = dataclasses.replace(preprocessing, target_spacing=tuple(settings.target_spacing))
+        if resumed == {} and isinstance(preprocessing, MRIPreprocessing) and preprocessing.mask == "auto":
+            # A checkpoint written before the preprocessing was recorded: MRI was then z-scored over each channel's
+            # non-zero voxels by default (BraTS over the brain, as now).
+            preprocessing = dataclasses.replace(preprocessing, mask="channel")
+        elif resumed and resumed != preprocessing.to_dict():
+            try:
+                preprocessing = preprocessing_from_dict(resumed)
+            except ValueError as error:
+                raise SettingsError(
+                    f"the checkpoint to resume records {error}; resume with the medtuning_peft version that wrote "
+                    "it, or start a new --output-dir.",
+                    "resume",
+                ) from error
+            logger.info("--resume: keeping the checkpoint's preprocessing %s.", resumed)
         cache = CaseCache(cache_dir / "arrays")
         train_cases = cache.load_many([by_id[i] for i in train_ids], preprocessing)
         val_cases = cache.load_many([by_id[i] for i in val_ids], preprocessing)
@@ -1587,7 +1618,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     # for its settings leaves the earlier one in place.
     earlier_run = _check_output_dir(output_dir, settings)
 
-    task, train_cases, val_cases, label_files = _load_task(settings, accelerator)
+    # A resumed run keeps the preprocessing it was trained with, whatever the defaults are now.
+    resumed = _resumed_preprocessing(checkpoint_dir) if settings.resume else None
+    task, train_cases, val_cases, label_files = _load_task(settings, accelerator, resumed)
     val_cases = sorted(val_cases, key=lambda c: c.case_id)
     set_seed(settings.seed)
     segmenter = _build_model(settings, task)
@@ -1768,6 +1801,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                         "split": _split(task),
                         "train_patch_embedding": _trains_patch_embedding(settings, task),
                         "mixed_precision": mixed_precision,  # resolved: resume compares it
+                        "preprocessing": task["preprocessing"],  # resume keeps it
                         "wall_time_s": elapsed_before + time.time() - train_started,
                     }
                     checkpoint = _save_checkpoint(

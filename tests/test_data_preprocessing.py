@@ -3,6 +3,7 @@ MRI z-scored over the whole volume unless an empty background marks a masked (sk
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -11,11 +12,13 @@ import pytest
 
 from medtuning_peft.data import (
     CaseFiles,
+    CTPreprocessing,
     MRIPreprocessing,
     ct_preprocessing_from_cases,
     list_msd_cases,
     load_case,
     load_msd_case,
+    preprocessing_from_dict,
 )
 from medtuning_peft.data.preprocessing import nonzero_box_fraction
 
@@ -132,3 +135,18 @@ def test_mri_channel_mask_and_bad_mask():
     assert (MRIPreprocessing().normalize(np.zeros((1, 4, 4, 4)))[0] == 0).all()
     with pytest.raises(ValueError, match="mask='brain'.*'auto', 'any', 'channel', 'none'"):
         MRIPreprocessing(mask="brain")
+
+
+def test_preprocessing_is_rebuilt_from_its_dict_as_saved_with_a_model():
+    for preprocessing in (
+        CTPreprocessing(window=(-79.0, 304.0), mean=101.0, std=76.9, target_spacing=(3.0, 1.5, 1.5)),
+        MRIPreprocessing(mask="none"),
+    ):
+        saved = json.loads(json.dumps(preprocessing.to_dict()))  # lists, as in segmenter_config.json
+        assert preprocessing_from_dict(saved) == preprocessing
+    with pytest.raises(ValueError, match="no 'kind'"):
+        preprocessing_from_dict({"mask": "auto"})
+    with pytest.raises(ValueError, match="fields this version does not take"):
+        preprocessing_from_dict({"kind": "mri", "mask": "auto", "bias_field": True})
+    with pytest.raises(ValueError, match="mask='brain'"):
+        preprocessing_from_dict({"kind": "mri", "mask": "brain"})

@@ -610,6 +610,38 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings_naming_the_fiel
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [1]  # nothing trained or written
 
 
+@pytest.mark.parametrize(("recorded", "expected"), [(None, "channel"), ("none", "none")])
+def test_resume_keeps_the_preprocessing_the_checkpoint_was_trained_with(
+    cache_dir, tmp_path, recorded, expected
+):
+    # MRI's default z-score changed (each channel's non-zero voxels -> nnU-Net's rule): a resumed run goes on with
+    # the preprocessing its checkpoint recorded, or, for a checkpoint written before it was recorded, with the
+    # default of that time, so the input distribution does not change mid-training.
+    sample = Path(__file__).resolve().parents[1] / "examples" / "data" / "msd_hippocampus_sample"
+    settings = tiny_settings(
+        sample, cache_dir, tmp_path / "run", dataset="msd", max_steps=2, checkpoint_every=1
+    )
+    with pytest.raises(Stop):
+        train(settings, on_step_end=stop_after(1))
+    state_file = tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["preprocessing"]["kind"] == "mri" and state["preprocessing"]["mask"] == "auto"
+    if recorded is None:
+        del state["preprocessing"]
+    else:
+        state["preprocessing"]["mask"] = recorded
+    state_file.write_text(json.dumps(state))
+    resumed = _train_again(settings, tmp_path / "run", resume=True)
+    assert resumed["resumed_from_step"] == 1
+    assert resumed["data"]["preprocessing"]["mask"] == expected
+    saved = json.loads((tmp_path / "run" / "model" / "segmenter_config.json").read_text())
+    assert saved["preprocessing"]["mask"] == expected  # what medtuning predict applies
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    fresh = train(replace(settings, output_dir=str(tmp_path / "fresh")))
+    assert fresh["data"]["preprocessing"]["mask"] == "auto"
+
+
 def test_resume_compares_the_mixed_precision_as_resolved(stopped_run, tmp_path):
     # The checkpoint was written with "auto": the same precision spelled out is no change.
     run = tmp_path / "run"

@@ -37,6 +37,7 @@ from .preprocessing import (
     Preprocessing,
     ct_preprocessing_from_cases,
     default_preprocessing,
+    preprocessing_from_dict,
 )
 from .splits import patient_id, split_cases
 from .synthetic import synthetic_kits19_case, write_synthetic_kits19
@@ -78,6 +79,7 @@ __all__ = [
     "classes_to_labels",
     "ct_preprocessing_from_cases",
     "default_preprocessing",
+    "preprocessing_from_dict",
     "is_brats_case_dir",
     "is_one_brats_case",
     "kits19_case_files",

@@ -225,6 +225,27 @@ def default_preprocessing(modality: str, dataset: str = "") -> Preprocessing:
     return DEFAULT_PREPROCESSING.get((dataset, modality), DEFAULT_PREPROCESSING[("", modality)])
 
 
+def preprocessing_from_dict(saved: dict[str, Any]) -> Preprocessing:
+    """The preprocessing that ``CTPreprocessing.to_dict()`` or ``MRIPreprocessing.to_dict()`` described.
+
+    Raises:
+        ValueError: For a dict without a known ``kind`` or with fields this version does not take.
+    """
+    kind = saved.get("kind") if isinstance(saved, dict) else None
+    if kind not in ("ct", "mri"):
+        raise ValueError(f"preprocessing {saved!r} has no 'kind' 'ct' or 'mri'")
+    options = {k: v for k, v in saved.items() if k != "kind"}
+    for key in ("window", "target_spacing"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    try:
+        return (CTPreprocessing if kind == "ct" else MRIPreprocessing)(**options)
+    except TypeError as error:
+        raise ValueError(
+            f"preprocessing {saved!r} has fields this version does not take ({error})"
+        ) from error
+
+
 def ct_preprocessing_from_cases(
     training_cases: Sequence[CaseFiles],
     *,
