@@ -498,3 +498,31 @@ def test_entry_of_a_source_edited_while_it_was_decoded_is_listed_stale_and_prune
     assert [(e.path, e.current) for e in cache.entries()] == [(folders[0], False)]  # not an unlisted orphan
     cache.prune(stale=True)
     assert not folders[0].exists()
+
+
+@pytest.mark.parametrize(
+    ("limits", "open_now", "cap", "expected"),
+    [
+        ((300, 20000), None, None, 600),  # descriptors not countable (none left to list them): still raised
+        ((8192, None), 8000, 10240, 8258),  # macOS: 2 x soft is above OPEN_MAX, what is needed is taken
+        ((1024, 1024), 900, None, None),  # the hard limit reached: nothing to raise (loading then says so)
+    ],
+)
+def test_the_soft_limit_on_open_files_is_raised_as_far_as_the_system_allows(
+    monkeypatch, limits, open_now, cap, expected
+):
+    resource = pytest.importorskip("resource")
+    soft, hard = limits
+    hard = resource.RLIM_INFINITY if hard is None else hard
+    calls = []
+
+    def setrlimit(which, values):
+        if cap is not None and values[0] > cap:
+            raise ValueError("current limit exceeds maximum limit")
+        calls.append(values)
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    monkeypatch.setattr(cache_module, "_open_descriptors", lambda: open_now)
+    cache_module._reserve_descriptors(2)
+    assert calls == ([] if expected is None else [(expected, hard)])

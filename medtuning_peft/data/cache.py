@@ -90,21 +90,26 @@ def _reserve_descriptors(count: int) -> None:
     except ImportError:  # Windows: no such limit on handles
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    open_now = _open_descriptors()
-    if soft == resource.RLIM_INFINITY or open_now is None:
+    if soft == resource.RLIM_INFINITY:
         return
-    needed = open_now + count + _DESCRIPTOR_MARGIN
+    open_now = _open_descriptors()  # None: not countable here, or no descriptor left to list them with
+    needed = (open_now if open_now is not None else soft) + count + _DESCRIPTOR_MARGIN
     if needed <= soft:
         return
     # Doubling keeps the number of raises small as a data set is loaded case by case.
     wanted = max(needed, 2 * soft)
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
-    if wanted > soft:
-        with contextlib.suppress(
-            ValueError, OSError
-        ):  # e.g. macOS caps the soft limit below an infinite hard one
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    # macOS refuses a soft limit above its kernel's cap (OPEN_MAX) even under an infinite hard limit: then what is
+    # needed, at least, is tried.
+    for candidate in dict.fromkeys((wanted, min(needed, wanted))):
+        if candidate <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (candidate, hard))
+        except (ValueError, OSError):
+            continue
+        break
 
 
 def _descriptor_error(entry: Path, error: OSError) -> OSError:
