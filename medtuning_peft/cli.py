@@ -94,8 +94,10 @@ def _nifti_files(directory: Path) -> dict[str, list[Path]]:
 
 
 def _is_one_kits19_case(directory: Path, role: str = "imaging") -> bool:
-    """Whether ``directory`` is one KiTS19 case folder: it holds ``imaging.nii(.gz)`` (or ``role``'s file)."""
-    return any((directory / f"{role}{suffix}").is_file() for suffix in NIFTI_SUFFIXES)
+    """Whether ``directory`` is one KiTS19 case folder: it holds ``imaging.nii(.gz)`` (or ``role``'s file) and no
+    other NIfTI file than ``imaging`` and ``segmentation`` (a folder of scans, one of them named imaging, is not)."""
+    names = set(_nifti_files(directory))
+    return role in names and names <= {"imaging", "segmentation"}
 
 
 def _unique(found: dict[str, list[Path]], what: str) -> dict[str, Path]:

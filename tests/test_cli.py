@@ -1569,6 +1569,15 @@ def test_predict_takes_one_kits_case_folder_as_that_case_and_segments_its_imagin
     np.testing.assert_array_equal(read[0], read[1])  # the imaging, as in the folder of case folders
     assert main(["evaluate", "--pred", str(tmp_path / "one"), "--labels", str(case), "--task", "kits19"]) == 0
     assert "case_00007" in capsys.readouterr().out
+    # A folder of scans that happens to hold one named imaging is a folder of scans: every one is segmented.
+    scans = tmp_path / "scans"
+    shutil.copytree(case, scans)
+    write_nifti(scans / "patient_a.nii.gz", ct_volume(5))
+    assert main([*run, "--input", str(scans), "--output", str(tmp_path / "scans_out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "scans_out").iterdir()) == [
+        "imaging.nii.gz",
+        "patient_a.nii.gz",
+    ]
 
 
 def test_predict_skips_label_maps_in_a_folder_of_scans_by_their_names(model_dir, tmp_path, capsys):
