@@ -36,8 +36,8 @@ def concurrent_forward_error(what: str, owner: int | None = None) -> RuntimeErro
     if owner is not None:
         thread = f" (thread {owner})"
         note = (
-            " A thread whose forward was stopped by KeyboardInterrupt holds the model until it runs a forward "
-            "again or ends."
+            " A thread whose forward was stopped by KeyboardInterrupt holds the model until it calls the whole "
+            "model again or ends."
         )
     return RuntimeError(
         f"{what} is already running a forward in another thread{thread}. One model runs one forward at a time: "
