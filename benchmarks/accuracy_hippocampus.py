@@ -95,6 +95,22 @@ def machine() -> dict[str, str | int]:
     return {"cpu": model, "cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads()}
 
 
+def paired_differences(result: dict) -> list[str]:
+    """The first method's per-case mean Dice minus each other method's, over the same validation cases: mean and
+    standard error of the paired differences."""
+    first, *others = result["runs"]
+    lines = []
+    for other in others:
+        diffs = np.array(
+            [first["per_case"][k]["dice_mean"] - other["per_case"][k]["dice_mean"] for k in first["per_case"]]
+        )
+        error = diffs.std(ddof=1) / np.sqrt(len(diffs))
+        lines.append(
+            f"{first['method']} minus {other['method']}: {diffs.mean():+.3f} (standard error {error:.3f})"
+        )
+    return lines
+
+
 def markdown(result: dict) -> str:
     rows = []
     for r in result["runs"]:
@@ -141,6 +157,10 @@ def markdown(result: dict) -> str:
             " + configs; for `full` and `decoder_only` `model.safetensors`). nnU-Net reports about 0.89 mean Dice on "
             "the full task with full 3D training on a GPU; these rows are minutes of CPU time on a tiny backbone "
             "without pretraining.",
+            "",
+            f"Paired over the {c['num_val']} validation cases (per-case mean Dice): "
+            + "; ".join(paired_differences(result))
+            + ".",
             "",
             result.get("notes", ""),
             "",

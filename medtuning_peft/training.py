@@ -1708,6 +1708,9 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
     running = torch.zeros((), device=accelerator.device)
     model_dir = output_dir / MODEL_DIR_NAME
 
+    def validates_at(at_step: int) -> bool:
+        return at_step == total_steps or (settings.val_every > 0 and at_step % settings.val_every == 0)
+
     def validate(at_step: int, final: bool) -> tuple[dict, dict]:
         """Validate the model of step ``at_step`` and record it in the history (replacing an earlier record of
         that step: a finished run resumed). The final validation writes the predictions."""
@@ -1742,8 +1745,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
         if (
             state
             and step < total_steps
-            and settings.val_every
-            and step % settings.val_every == 0
+            and validates_at(step)
             and all(v["step"] != step for v in history["validation"])
         ):  # the checkpoint was saved before its step's validation, which did not finish
             validate(step, final=False)
@@ -1807,7 +1809,7 @@ def train(settings: TrainSettings, on_step_end: Callable[[StepInfo], None] | Non
                     checkpoint = _save_checkpoint(
                         accelerator, checkpoint_dir, step, trainer_state, settings.keep_checkpoints
                     )
-                validates = is_last or (settings.val_every > 0 and step % settings.val_every == 0)
+                validates = validates_at(step)
                 if is_last:
                     final_validation = save_model_and_validate()
                 elif validates:

@@ -39,7 +39,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,24 +112,28 @@ def _reserve_descriptors(count: int) -> None:
         break
 
 
-def _descriptor_error(entry: Path, error: OSError) -> OSError:
-    """The error to raise for an entry that could not be opened for lack of descriptors or memory."""
-    if error.errno not in (errno.EMFILE, errno.ENFILE):
-        return error
+@contextlib.contextmanager
+def _named_descriptor_errors(entry: Path) -> Iterator[None]:
+    """Re-raise running out of open files while handling ``entry`` as an error that says what to raise."""
     try:
-        import resource
+        yield
+    except OSError as error:
+        if error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        try:
+            import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        limits = f"soft limit {soft}, hard limit {hard}"
-    except ImportError:
-        limits = "the system's limit"
-    return OSError(
-        error.errno,
-        f"cannot open cache entry '{entry}': {error.strerror}. Each loaded case keeps its cached arrays "
-        f"memory-mapped, one open file per array (two per labelled case), and this process reached {limits} on "
-        "open files. Raise the hard limit (`ulimit -Hn` as root, `LimitNOFILE=` of a systemd unit, `--ulimit "
-        "nofile=` of docker) and run again; the entry itself is fine and was kept",
-    )
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limits = f"soft limit {soft}, hard limit {hard}"
+        except ImportError:
+            limits = "the system's limit"
+        raise OSError(
+            error.errno,
+            f"cannot open cache entry '{entry}': {error.strerror}. Each loaded case keeps its cached arrays "
+            f"memory-mapped, one open file per array (two per labelled case), and this process reached {limits} "
+            "on open files. Raise the hard limit (`ulimit -Hn` as root, `LimitNOFILE=` of a systemd unit, "
+            "`--ulimit nofile=` of docker) and run again; the entry itself is fine and was kept",
+        ) from error
 
 
 def _sha256(path: Path) -> str:
@@ -308,50 +312,51 @@ class CaseCache:
         Raises:
             CaseFileMissingError, CaseLoadError: As :func:`~medtuning_peft.data.nifti.load_case`.
         """
+        _reserve_descriptors(2)  # the image and label maps
+        return self._load(files, preprocessing)
+
+    def load_many(
+        self, files: Iterable[CaseFiles], preprocessing: Preprocessing | None = None
+    ) -> list[VolumeCase]:
+        """:meth:`load` for each case, in order."""
+        files = list(files)
+        _reserve_descriptors(2 * len(files))  # once for the whole list: counting open files lists them all
+        return [self._load(f, preprocessing) for f in files]
+
+    def _load(self, files: CaseFiles, preprocessing: Preprocessing | None) -> VolumeCase:
         preprocessing = preprocessing or default_preprocessing(files.modality, files.dataset)
         try:
             key = self.key(files, preprocessing)
         except FileNotFoundError:
             return load_case(files, preprocessing)  # raises the case-naming missing-file error
         entry = self.cache_dir / _entry_name(files.case_id, key)
-        _reserve_descriptors(2)  # the image and label maps
-        if entry.exists():
+        with _named_descriptor_errors(entry):
+            if entry.exists():
+                try:
+                    case = self._read_entry(entry, files)
+                except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as error:
+                    if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+                        raise  # the process's limits, not the entry's fault: kept
+                    warnings.warn(f"rebuilding corrupt cache entry '{entry}': {error}", stacklevel=3)
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    _mark_used(entry)
+                    return case
+            case = load_case(files, preprocessing)
+            # Keyed on the sources as they were before decoding: a file edited meanwhile makes the entry stale.
             try:
-                case = self._read_entry(entry, files)
-            except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as error:
-                if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
-                    raise _descriptor_error(entry, error) from error
-                warnings.warn(f"rebuilding corrupt cache entry '{entry}': {error}", stacklevel=2)
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                _mark_used(entry)
+                self._write_entry(entry, key, case, files, preprocessing)
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    raise
+                # A full disk, a quota or a read-only shared cache: the case is decoded, so it is used from memory.
+                warnings.warn(
+                    f"cannot write cache entry '{entry}' ({error}); case '{files.case_id}' is used from memory "
+                    "this time and decoded again next time",
+                    stacklevel=3,
+                )
                 return case
-        case = load_case(files, preprocessing)
-        # Keyed on the sources as they were before decoding: a file edited meanwhile makes the entry stale.
-        try:
-            self._write_entry(entry, key, case, files, preprocessing)
-        except OSError as error:
-            if error.errno in _RESOURCE_ERRNOS:
-                raise _descriptor_error(entry, error) from error
-            # A full disk, a quota or a read-only shared cache: the case is decoded, so it is used from memory.
-            warnings.warn(
-                f"cannot write cache entry '{entry}' ({error}); case '{files.case_id}' is used from memory "
-                "this time and decoded again next time",
-                stacklevel=2,
-            )
-            return case
-        try:
             return self._read_entry(entry, files)
-        except OSError as error:
-            if error.errno in _RESOURCE_ERRNOS:
-                raise _descriptor_error(entry, error) from error
-            raise
-
-    def load_many(
-        self, files: Iterable[CaseFiles], preprocessing: Preprocessing | None = None
-    ) -> list[VolumeCase]:
-        """:meth:`load` for each case, in order."""
-        return [self.load(f, preprocessing) for f in files]
 
     def entries(
         self, cases: Iterable[CaseFiles] | None = None, preprocessing: Preprocessing | None = None

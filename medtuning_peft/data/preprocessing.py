@@ -113,7 +113,11 @@ def nonzero_box_fraction(image: np.ndarray) -> float:
     Returns:
         A value in ``[0, 1]``; 0 for an image without a non-zero voxel.
     """
-    union = np.any(image != 0, axis=0)  # (C, D, H, W) -> (D, H, W)
+    return _box_fraction(np.any(image != 0, axis=0))  # (C, D, H, W) -> (D, H, W)
+
+
+def _box_fraction(union: np.ndarray) -> float:
+    """:func:`nonzero_box_fraction` of the ``(D, H, W)`` mask of voxels non-zero in any channel."""
     if not union.any():
         return 0.0
     fraction = 1.0
@@ -175,22 +179,18 @@ class MRIPreprocessing:
         """
         image = image.astype(np.float32, copy=True)
         mask = self.mask
+        union = np.any(image != 0, axis=0) if mask in ("auto", "any") else None  # (C, D, H, W) -> (D, H, W)
         if mask == "auto":
-            mask = "any" if nonzero_box_fraction(image) < _MASKED_FRACTION else "none"
-        union = np.any(image != 0, axis=0) if mask == "any" else None  # (C, D, H, W) -> (D, H, W)
+            mask = "any" if _box_fraction(union) < _MASKED_FRACTION else "none"
         for c in range(image.shape[0]):
-            if mask == "none":
-                values = image[c]
-                std = float(values.std())
-                image[c] = (values - float(values.mean())) / (std if std > 0 else 1.0)
-                continue
-            inside = union if mask == "any" else image[c] != 0
-            values = image[c][inside]
+            inside = None if mask == "none" else union if mask == "any" else image[c] != 0
+            values = image[c] if inside is None else image[c][inside]
             if values.size == 0:
                 image[c] = 0.0
                 continue
             std = float(values.std())
-            image[c] = np.where(inside, (image[c] - float(values.mean())) / (std if std > 0 else 1.0), 0.0)
+            scaled = (image[c] - float(values.mean())) / (std if std > 0 else 1.0)
+            image[c] = scaled if inside is None else np.where(inside, scaled, 0.0)
         return image, 0.0
 
 
